@@ -1,0 +1,136 @@
+"""DPO and IPO, offline on a fixed preference set or online on the policy's own samples.
+
+With h = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x)]:
+
+    DPO (sigmoid, Rafailov et al. 2023, arXiv 2305.18290):
+        L = -[ p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h) ]
+    IPO (Azar et al. 2023, arXiv 2310.12036), token-averaged log-ratios as in TRL:
+        L = (h_avg - 1 / (2 beta))^2
+
+p is the probability that ``chosen`` wins (1 with hard labels: TRL's sigmoid loss). With
+soft Bradley-Terry labels p = sigmoid(r_c - r_r) over every pair, the minimiser of the
+DPO loss is exactly pi* = pi_ref exp(r / beta) / Z: the RLHF optimum (claim C6).
+
+Online DPO samples G = 2 completions per prompt from the current policy, ranks them by
+the reward (gold or a reward model) and applies the same loss; ties carry no loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from torch import Tensor
+
+from .common import AlgoConfig
+from .spec import AlgorithmSpec, Rollout
+
+
+class PreferenceOptions(BaseModel):
+    """How the fixed preference set is built from the task's Bradley-Terry labeller."""
+
+    pairs: Literal["auto", "all", "random"] = Field(
+        "auto", description="'all': every pair of completions (enumerable tasks); 'random': n_pairs uniform pairs; 'auto': all if at most 20,000 pairs"
+    )  # fmt: skip
+    n_pairs: int = Field(2048, ge=1, description="pairs drawn when pairs='random'")
+    labels: Literal["soft", "sampled"] = Field("soft", description="'soft': store P(chosen wins); 'sampled': draw a winner")
+    bt_temperature: float = Field(1.0, ge=0, description="label noise: P = sigmoid(dr / temperature); 0 = noiseless")
+    coverage: float = Field(1.0, gt=0, le=1, description="fraction of the action set that appears in the pairs")
+
+
+class DPOConfig(AlgoConfig, PreferenceOptions):
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO (sigmoid) or IPO (squared)")
+    batch_size: int = Field(64, ge=1, description="preference pairs per gradient step (offline)")
+
+
+class OnlineDPOConfig(AlgoConfig):
+    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO (sigmoid) or IPO (squared)")
+
+
+def dpo_loss(
+    logp_c: Tensor, logp_r: Tensor, ref_logp_c: Tensor, ref_logp_r: Tensor, mask_c: Tensor, mask_r: Tensor,
+    p_chosen: Tensor, cfg, beta: float,
+) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    """Per-token log-probs ``(B, T)`` of chosen and rejected under the policy and the reference.
+
+    Returns ``(loss, per_sequence_loss (B, 1), stats)``.
+    """
+    lr_c = ((logp_c - ref_logp_c) * mask_c).sum(-1)  # log pi/pi_ref (y_c)
+    lr_r = ((logp_r - ref_logp_r) * mask_r).sum(-1)  # log pi/pi_ref (y_r)
+    h = lr_c - lr_r
+    if cfg.loss_type == "sigmoid":
+        per_seq = -(p_chosen * F.logsigmoid(beta * h) + (1 - p_chosen) * F.logsigmoid(-beta * h))
+    else:
+        h_avg = lr_c / mask_c.sum(-1).clamp(min=1) - lr_r / mask_r.sum(-1).clamp(min=1)
+        per_seq = (h_avg - 1 / (2 * beta)) ** 2
+    loss = per_seq.mean()
+    stats = {
+        "loss/dpo": loss.item(),
+        "rewards/chosen": (beta * lr_c).mean().item(),  # implicit reward beta log pi/pi_ref, as in TRL
+        "rewards/rejected": (beta * lr_r).mean().item(),
+        "rewards/accuracies": (h > 0).float().mean().item(),
+        "rewards/margins": (beta * h).mean().item(),
+    }
+    return loss, per_seq[:, None], stats
+
+
+def preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator):
+    pairs = cfg.pairs
+    if pairs == "auto":
+        n_all = len(task.eval_prompts()) * task.n_completions * (task.n_completions - 1) // 2 if task.enumerable else None
+        pairs = "all" if n_all is not None and n_all <= 20_000 else "random"
+    data = task.preferences(cfg.n_pairs, generator, pairs, cfg.labels, cfg.bt_temperature, cfg.coverage)
+    return {"prompts": data.prompts, "chosen": data.chosen, "rejected": data.rejected, "p_chosen": data.p_chosen}
+
+
+def step(policy, ref, batch, cfg: DPOConfig, beta: float):
+    B = batch["prompts"].shape[0]
+    prompts = torch.cat([batch["prompts"], batch["prompts"]])
+    comps = torch.cat([batch["chosen"], batch["rejected"]])
+    logp = policy(prompts, comps, values=False).logp  # one pass for chosen and rejected
+    with torch.no_grad():
+        ref_logp = ref(prompts, comps).logp
+    ones = torch.ones_like(logp[:B])
+    return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], ones, ones, batch["p_chosen"], cfg, beta)
+
+
+def prepare_online(roll: Rollout, cfg: OnlineDPOConfig, beta: float) -> dict[str, Tensor]:
+    s = roll.scores.view(-1, 2)  # (B/2, 2) the two samples of a prompt
+    first_wins = (s[:, 0] > s[:, 1]).float()
+    tie = (s[:, 0] == s[:, 1]).float()
+    return {"first_wins": first_wins, "weight": 1 - tie, "ref_logp": roll.ref_logp, "mask": roll.mask}
+
+
+def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
+    logp = out.logp.view(-1, 2, out.logp.shape[-1])  # (B/2, 2, T)
+    ref = batch["ref_logp"].view_as(logp)
+    mask = batch["mask"].view_as(logp)
+    w = batch["first_wins"].bool()[:, None]
+    pick = lambda x, first: torch.where(w == first, x[:, 0], x[:, 1])  # noqa: E731
+    loss, per_seq, stats = dpo_loss(
+        pick(logp, True), pick(logp, False), pick(ref, True), pick(ref, False), pick(mask, True), pick(mask, False),
+        torch.ones_like(batch["weight"]), cfg, beta,
+    )  # fmt: skip
+    per_seq = per_seq * batch["weight"][:, None]  # ties carry no loss
+    loss = per_seq.sum() / batch["weight"].sum().clamp(min=1)
+    stats["loss/dpo"] = loss.item()
+    stats["online_dpo/tie_fraction"] = 1 - batch["weight"].mean().item()
+    return loss, per_seq, stats
+
+
+SPEC = AlgorithmSpec(
+    name="dpo", Config=DPOConfig, kind="offline", summary="DPO/IPO on a fixed preference set",
+    dataset=preference_dataset, step=step,
+)  # fmt: skip
+
+IPO_SPEC = AlgorithmSpec(
+    name="ipo", Config=DPOConfig, kind="offline", summary="IPO on a fixed preference set",
+    dataset=preference_dataset, step=step, defaults={"algo.loss_type": "ipo"},
+)  # fmt: skip
+
+ONLINE_SPEC = AlgorithmSpec(
+    name="online_dpo", Config=OnlineDPOConfig, kind="online", summary="DPO on pairs sampled from the policy",
+    prepare=prepare_online, loss=loss_online, min_group_size=2, defaults={"group_size": 2},
+)  # fmt: skip

@@ -1,0 +1,90 @@
+"""REINFORCE (Williams 1992) on the KL-regularised objective, with an optional baseline.
+
+With the per-token KL estimate kl_t = k(log pi_ref(y_t|s_t) - log pi(y_t|s_t)) and
+per-step rewards r_t (the task score at the last token unless the task is dense):
+
+    G_t  = sum_{t' >= t} (r_t' - beta kl_t')               return-to-go, KL in the reward
+    b_t  = 0 | mean_i G_it (batch) | mean over the group   baseline
+    A_t  = G_t - b_t
+    L_t  = -A_t log pi(y_t | s_t)        (+ beta kl_t when the KL acts in the loss instead)
+
+With k1 in the reward this is an unbiased estimate of grad(E[r] - beta KL(pi || pi_ref)),
+whose maximiser is pi* = pi_ref exp(r / beta) / Z. The batch-mean baseline includes the
+sample itself (the textbook form); RLOO removes that bias.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..analysis.kl import kl_estimate
+from .common import AlgoConfig, Aggregation, aggregate
+from .spec import AlgorithmSpec, Rollout
+
+KLPlace = Literal["reward", "loss"]
+KLEstimator = Literal["k1", "k2", "k3"]
+
+
+class ReinforceConfig(AlgoConfig):
+    baseline: Literal["none", "mean", "group_mean"] = Field("none", description="baseline b subtracted from the return")
+    kl_in: KLPlace = Field("reward", description="where the beta-KL acts: subtracted from the reward, or added to the loss")
+    kl_estimator: KLEstimator = Field("k1", description="KL estimator (k1 in the reward is unbiased)")
+    aggregation: Aggregation = Field("sequence_sum", description="loss aggregation; sequence_sum is grad log pi(y|x)")
+
+
+def returns_to_go(step_rewards: Tensor, mask: Tensor) -> Tensor:
+    """G_t = sum_{t' >= t} r_t' over a ``(B, T)`` reward, masked."""
+    r = step_rewards * mask
+    return r.flip(-1).cumsum(-1).flip(-1) * mask
+
+
+def kl_shaped_rewards(roll: Rollout, beta: float, kl_in: str, estimator: str) -> tuple[Tensor, Tensor]:
+    """``(rewards (B, T), kl (B, T))``: the per-step reward with -beta kl_t added when the KL acts in the reward."""
+    kl = kl_estimate(roll.old_logp, roll.ref_logp, estimator) * roll.mask  # kl_t
+    r = roll.step_rewards - beta * kl if kl_in == "reward" else roll.step_rewards
+    return r, kl
+
+
+def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> dict[str, Tensor]:
+    r, kl = kl_shaped_rewards(roll, beta, cfg.kl_in, cfg.kl_estimator)
+    G = returns_to_go(r, roll.mask)  # (B, T)
+    if cfg.baseline == "mean":
+        b = G.mean(dim=0, keepdim=True)  # (1, T)
+    elif cfg.baseline == "group_mean":
+        B, T = G.shape
+        g = roll.group_size
+        if B % g:
+            raise ValueError(f"batch {B} is not a multiple of group size {g}")
+        b = G.view(-1, g, T).mean(1, keepdim=True).expand(-1, g, T).reshape(B, T)  # mean over the group
+    else:
+        b = torch.zeros_like(G)
+    return {"advantages": (G - b) * roll.mask, "mask": roll.mask, "ref_logp": roll.ref_logp, f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl}
+
+
+def reinforce_loss(
+    logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: ReinforceConfig, beta: float
+) -> tuple[Tensor, Tensor, dict]:
+    """logp, ref_logp, advantages, mask: ``(B, T)``. Returns ``(loss, per_token_loss, stats)``."""
+    per_token = -advantages * logp  # -A_t log pi(y_t|s_t)
+    stats = {}
+    if cfg.kl_in == "loss":
+        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        per_token = per_token + beta * kl  # + beta kl_t
+        stats[f"kl/{cfg.kl_estimator}_loss"] = (kl * mask).sum(-1).mean().item()
+    loss = aggregate(per_token, mask, cfg.aggregation)
+    stats["loss/policy"] = loss.item()
+    return loss, per_token * mask, stats
+
+
+def loss(out, batch, cfg: ReinforceConfig, beta: float):
+    return reinforce_loss(out.logp, batch["ref_logp"], batch["advantages"], batch["mask"], cfg, beta)
+
+
+SPEC = AlgorithmSpec(
+    name="reinforce", Config=ReinforceConfig, kind="online", summary="REINFORCE, optional baseline",
+    prepare=prepare, loss=loss, defaults={"group_size": 1},
+)  # fmt: skip

@@ -1,0 +1,44 @@
+"""Supervised fine-tuning: masked negative log-likelihood on demonstration completions.
+
+    L = - sum_{i,t} m_it log pi(y_it | x_i, y_i<t) / sum_{i,t} m_it
+
+(the completion-only loss of TRL's ``SFTTrainer``: prompt tokens carry no loss, the mean
+is over completion tokens of the whole batch). Targets are the task's demonstrations.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .common import AlgoConfig, Aggregation, aggregate
+from .spec import AlgorithmSpec
+
+
+class SFTConfig(AlgoConfig):
+    batch_size: int = Field(64, ge=1, description="demonstrations per gradient step")
+    n_demos: int = Field(4096, ge=1, description="size of the fixed demonstration set")
+    aggregation: Aggregation = Field("token_mean", description="loss aggregation over tokens (TRL: token mean)")
+
+
+def sft_loss(logp: Tensor, mask: Tensor, cfg: SFTConfig) -> tuple[Tensor, Tensor, dict]:
+    """logp, mask: ``(B, T)``. Returns ``(loss, per_token_loss (B, T), stats)``."""
+    per_token = -logp  # -log pi(y_t | s_t)
+    loss = aggregate(per_token, mask, cfg.aggregation)
+    return loss, per_token * mask, {"loss/sft": loss.item()}
+
+
+def dataset(task, cfg: SFTConfig, generator: torch.Generator):
+    prompts = task.sample_prompts(cfg.n_demos, generator)
+    return {"prompts": prompts, "completions": task.demonstrations(prompts)}
+
+
+def step(policy, ref, batch, cfg: SFTConfig, beta: float):
+    out = policy(batch["prompts"], batch["completions"], values=False)
+    return sft_loss(out.logp, torch.ones_like(out.logp), cfg)
+
+
+SPEC = AlgorithmSpec(
+    name="sft", Config=SFTConfig, kind="offline", summary="masked NLL on demonstrations", dataset=dataset, step=step
+)

@@ -1,0 +1,1 @@
+"""Measurements against exact truth: enumeration, KL estimators, gradients, credit."""

@@ -1,0 +1,167 @@
+"""Typed run configuration: defaults, ``--set key=value`` overrides, validation, hash.
+
+A run config is data::
+
+    {"task": {"name": "bandit", "n_arms": 8}, "algo": {"name": "ppo", "clip_eps": 0.2},
+     "model": {"n_layer": 2, "n_embd": 64}, "seed": 0, "steps": 300, "beta": 0.1, ...}
+
+Layers, later wins: ``RunConfig`` field defaults, the algorithm's ``defaults``, the task's
+``run_defaults``, then the user's overrides. ``task`` and ``algo`` parameters are
+validated by the registered task's and algorithm's own pydantic models, which forbid
+unknown keys, so a typo is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .policy import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration; ``str()`` is a message for a person, no traceback needed."""
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task: dict[str, Any] = Field(description="task name and its parameters")
+    algo: dict[str, Any] = Field(description="algorithm name and its parameters")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    seed: int = Field(0, description="seeds initial weights, prompts, sampling and data")
+    steps: int = Field(200, ge=0, description="gradient-update rounds (one rollout or one minibatch each)")
+    beta: float = Field(0.1, ge=0, description="KL coefficient of E[r] - beta KL(pi || pi_ref); defines pi*")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip")
+    batch_size: int = Field(64, ge=1, description="online: completions sampled per step (prompts x group_size)")
+    group_size: int = Field(8, ge=1, description="online: completions per prompt")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
+    reward_model: str | None = Field(None, description="reward-model checkpoint to optimise instead of the gold reward")
+    eval_every: int = Field(10, ge=1, description="steps between exact/eval measurements")
+    n_logged_samples: int = Field(4, ge=0, description="completions written to samples.jsonl per eval")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    save_checkpoint: bool = Field(True, description="write the final model to checkpoint/")
+
+
+@dataclass
+class Resolved:
+    run: RunConfig
+    task: Any  # the Task instance
+    spec: Any  # the AlgorithmSpec
+    algo_cfg: Any  # the algorithm's config instance
+
+    def to_dict(self) -> dict:
+        d = self.run.model_dump()
+        d["task"] = {"name": self.task.name, **self.task.cfg.model_dump()}
+        d["algo"] = {"name": self.spec.name, **self.algo_cfg.model_dump()}
+        return d
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash(self.to_dict())
+
+
+def config_hash(d: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no whitespace), first 16 hex digits."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def parse_value(text: str) -> Any:
+    """``--set`` values: JSON when it parses (numbers, true/false, null, lists), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"cannot set {key!r}: {p!r} is not a section")
+    d[parts[-1]] = value
+
+
+def _fmt_errors(err: ValidationError, where: str, model_for) -> str:
+    """One line per error: the dotted key path and what is allowed there."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        key = f"{where}.{loc}" if where else loc
+        if e["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(model_for(e["loc"]).model_fields))
+            lines.append(f"unknown key {key!r}; allowed here: {allowed}")
+        else:
+            got = f" (got {e['input']!r})" if e["type"] != "missing" else ""
+            lines.append(f"{key}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
+    """Validate a raw config (plus dotted overrides) against the registries. Raises ``ConfigError``."""
+    from .registry import ALGORITHMS, TASKS
+
+    raw = copy.deepcopy(raw)
+    for k, v in (overrides or {}).items():
+        set_dotted(raw, k, v)
+    task_name = raw.get("task", {}).get("name") if isinstance(raw.get("task"), dict) else raw.get("task")
+    algo_name = raw.get("algo", {}).get("name") if isinstance(raw.get("algo"), dict) else raw.get("algo")
+    if task_name not in TASKS:
+        raise ConfigError(f"unknown task {task_name!r}; allowed: {', '.join(sorted(TASKS))}")
+    if algo_name not in ALGORITHMS:
+        raise ConfigError(f"unknown algorithm {algo_name!r}; allowed: {', '.join(sorted(ALGORITHMS))}")
+    spec, task_cls = ALGORITHMS[algo_name], TASKS[task_name]
+    if not isinstance(raw.get("task"), dict):
+        raw["task"] = {"name": task_name}
+    if not isinstance(raw.get("algo"), dict):
+        raw["algo"] = {"name": algo_name}
+
+    # defaults: algorithm's, then task's, unless the user set the key
+    layered: dict = {}
+    for k, v in {**spec.defaults, **getattr(task_cls, "run_defaults", {})}.items():
+        set_dotted(layered, k, v)
+    merged = _merge(layered, raw)
+
+    task_params = {k: v for k, v in merged["task"].items() if k != "name"}
+    algo_params = {k: v for k, v in merged["algo"].items() if k != "name"}
+    try:
+        task_cfg = task_cls.Config(**task_params)
+    except ValidationError as e:
+        raise ConfigError(_fmt_errors(e, "task", lambda loc: task_cls.Config)) from None
+    try:
+        algo_cfg = spec.Config(**algo_params)
+    except ValidationError as e:
+        raise ConfigError(_fmt_errors(e, "algo", lambda loc: spec.Config)) from None
+    try:
+        run = RunConfig(**merged)
+    except ValidationError as e:
+        model_for = lambda loc: ModelConfig if loc[:1] == ("model",) else RunConfig  # noqa: E731
+        raise ConfigError(_fmt_errors(e, "", model_for)) from None
+    try:
+        task = task_cls(task_cfg)
+    except ValueError as e:
+        raise ConfigError(f"task {task_name!r}: {e}") from None
+    if spec.kind == "online":
+        if run.group_size < spec.min_group_size:
+            raise ConfigError(f"{algo_name} needs group_size >= {spec.min_group_size}, got {run.group_size}")
+        if run.batch_size % run.group_size:
+            raise ConfigError(f"batch_size {run.batch_size} must be a multiple of group_size {run.group_size}")
+    return Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out

@@ -1,0 +1,8 @@
+"""Toy tasks, one file each; ``workbench.registry.TASKS`` maps names to classes."""
+
+from .arithmetic import Arithmetic
+from .bandit import Bandit
+from .base import PreferenceData, Task, TaskConfig
+from .sequence import Sequence
+
+__all__ = ["Arithmetic", "Bandit", "PreferenceData", "Sequence", "Task", "TaskConfig"]

@@ -1,0 +1,86 @@
+"""``bandit``: one-token completions over K arms, optionally under several contexts.
+
+Prompt: one context token ``c<i>``; completion: one arm token ``a<k>``; reward
+``R[i, k]`` in [0, 1] from a table fixed by ``reward_shape`` and ``seed``:
+
+- ``linear``:   R[i, k] = k / (K - 1)
+- ``peak``:     R[i, k] = exp(-(k - m_i)^2 / (2 w^2)), m_i a seeded arm per context
+- ``far_peak``: one arm (the last) pays 1, the rest ``base``; with ``prior_mass`` the
+                reference policy puts its mass on the *first* arms, far from the peak
+- ``random``:   R[i, k] ~ U(0, 1), seeded
+
+The completion space is K per context, so everything is enumerable and
+pi*(k | i) = pi_ref(k | i) exp(R[i, k] / beta) / Z(i) is exact.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from .base import Task, TaskConfig
+
+
+class BanditConfig(TaskConfig):
+    n_arms: int = Field(8, ge=2, le=4096, description="K, the number of arms (one token each)")
+    n_contexts: int = Field(1, ge=1, le=1024, description="number of distinct prompts (contexts)")
+    reward_shape: Literal["linear", "peak", "far_peak", "random"] = Field("random", description="reward table shape")
+    peak_width: float = Field(1.0, gt=0, description="w for the 'peak' shape")
+    base: float = Field(0.2, description="reward of the non-peak arms for 'far_peak'")
+    seed: int = Field(0, description="seed of the reward table (not of training)")
+
+
+class Bandit(Task):
+    name = "bandit"
+    Config = BanditConfig
+
+    def __init__(self, cfg: BanditConfig):
+        super().__init__(cfg)
+        g = torch.Generator().manual_seed(cfg.seed)
+        K, C = cfg.n_arms, cfg.n_contexts
+        k = torch.arange(K, dtype=torch.float32)
+        if cfg.reward_shape == "linear":
+            table = (k / (K - 1)).expand(C, K).clone()
+        elif cfg.reward_shape == "peak":
+            centers = torch.randint(0, K, (C, 1), generator=g).float()
+            table = torch.exp(-((k - centers) ** 2) / (2 * cfg.peak_width**2))
+        elif cfg.reward_shape == "far_peak":
+            table = torch.full((C, K), cfg.base)
+            table[:, -1] = 1.0
+        else:
+            table = torch.rand(C, K, generator=g)
+        self.table = table  # (C, K)
+
+    @property
+    def prompt_words(self) -> list[str]:
+        return [f"c{i}" for i in range(self.cfg.n_contexts)]
+
+    @property
+    def action_words(self) -> list[str]:
+        return [f"a{k}" for k in range(self.cfg.n_arms)]
+
+    @property
+    def prompt_len(self) -> int:
+        return 1
+
+    @property
+    def completion_len(self) -> int:
+        return 1
+
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
+        return torch.randint(0, self.cfg.n_contexts, (n, 1), generator=generator)
+
+    def eval_prompts(self) -> Tensor:
+        return torch.arange(self.cfg.n_contexts)[:, None]
+
+    def reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        return self.table[prompts[:, 0].cpu(), completions[:, 0].cpu()].to(completions.device)
+
+    def process_reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        return self.reward(prompts, completions)[:, None]
+
+    def demonstrations(self, prompts: Tensor) -> Tensor:
+        return self.table.argmax(dim=1)[prompts[:, 0].cpu()][:, None].to(prompts.device)

@@ -1,0 +1,206 @@
+"""The toy-task interface shared by every task.
+
+A task owns its tokens, its prompt stream, its gold reward and its data. Everything is
+expressed in *indices*, never strings, so the training loop never round-trips through a
+tokenizer:
+
+- prompts are ``(B, Tp)`` indices into ``task.prompt_words``;
+- completions are ``(B, T)`` indices into ``task.action_words`` (the action set the policy
+  samples from; its logits are restricted to these tokens);
+- ``reward`` returns ``(B,)``; ``process_reward`` returns ``(B, T)`` per-step rewards whose
+  sum over ``T`` equals the outcome reward (so outcome- and process-reward runs optimise
+  the same total).
+
+Every prompt has the same length and every completion has ``completion_len`` tokens, so no
+padding exists on the toy path. When the completion space ``A ** T`` is small the task is
+*enumerable*: the exact expected reward, KL and optimal policy are computed by summing
+over all completions of every prompt in ``eval_prompts()``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import Tensor
+
+MAX_ENUMERABLE = 100_000  # completions per prompt above which a task is not enumerated
+
+
+class TaskConfig(BaseModel):
+    """Base of every task's typed parameters; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PreferenceData:
+    """A fixed preference set: ``chosen`` preferred over ``rejected`` with probability ``p_chosen``.
+
+    Shapes: prompts ``(N, Tp)``, chosen/rejected ``(N, T)``, p_chosen ``(N,)``. With hard
+    labels ``p_chosen`` is all ones; with soft labels it is the Bradley-Terry probability
+    sigmoid((r_c - r_r) / temperature) itself.
+    """
+
+    prompts: Tensor
+    chosen: Tensor
+    rejected: Tensor
+    p_chosen: Tensor
+
+    def __len__(self) -> int:
+        return self.prompts.shape[0]
+
+
+class Task(ABC):
+    """One toy task. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: str
+    Config: type[TaskConfig] = TaskConfig
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+
+    # -- vocabulary -----------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def prompt_words(self) -> list[str]:
+        """Words that appear in prompts; prompt tensors index this list."""
+
+    @property
+    @abstractmethod
+    def action_words(self) -> list[str]:
+        """Words a completion is made of; completion tensors index this list."""
+
+    @property
+    @abstractmethod
+    def prompt_len(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def completion_len(self) -> int: ...
+
+    @property
+    def vocab(self) -> list[str]:
+        """Every word of the task, prompt words first, without duplicates (the tokenizer's vocabulary)."""
+        return list(dict.fromkeys(self.prompt_words + self.action_words))
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.action_words)
+
+    @property
+    def n_completions(self) -> int:
+        """Size of the completion space per prompt, A ** T."""
+        return self.n_actions**self.completion_len
+
+    @property
+    def enumerable(self) -> bool:
+        return self.n_completions <= MAX_ENUMERABLE
+
+    @property
+    def dense_reward(self) -> bool:
+        """Whether RL methods are trained on ``process_reward`` (per step) instead of ``reward``."""
+        return False
+
+    # -- prompts and rewards ----------------------------------------------------------------
+    @abstractmethod
+    def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
+        """``(n, Tp)`` prompts drawn from the task's prompt distribution."""
+
+    @abstractmethod
+    def eval_prompts(self) -> Tensor:
+        """``(P, Tp)`` a fixed prompt set; for enumerable tasks, the whole prompt distribution."""
+
+    @abstractmethod
+    def reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        """Gold (outcome) reward ``(B,)`` for prompts ``(B, Tp)`` and completions ``(B, T)``."""
+
+    def process_reward(self, prompts: Tensor, completions: Tensor) -> Tensor | None:
+        """Per-step rewards ``(B, T)`` summing to ``reward``; ``None`` if the task has none."""
+        return None
+
+    @abstractmethod
+    def demonstrations(self, prompts: Tensor) -> Tensor:
+        """``(B, T)`` a best completion for each prompt: the SFT targets."""
+
+    # -- generic helpers --------------------------------------------------------------------
+    def all_completions(self) -> Tensor:
+        """``(A ** T, T)`` every completion in lexicographic order (enumerable tasks only)."""
+        if not self.enumerable:
+            raise ValueError(f"task {self.name!r} has {self.n_completions} completions per prompt: not enumerable")
+        grid = itertools.product(range(self.n_actions), repeat=self.completion_len)
+        return torch.tensor(list(grid), dtype=torch.long)
+
+    def random_completions(self, n: int, generator: torch.Generator) -> Tensor:
+        """``(n, T)`` completions drawn uniformly from the action set."""
+        return torch.randint(0, self.n_actions, (n, self.completion_len), generator=generator)
+
+    def preferences(
+        self,
+        n_pairs: int,
+        generator: torch.Generator,
+        pairs: str = "random",
+        labels: str = "sampled",
+        temperature: float = 1.0,
+        coverage: float = 1.0,
+    ) -> PreferenceData:
+        """Preference pairs labelled by a Bradley-Terry model over the gold reward.
+
+        P(a > b) = sigmoid((r(a) - r(b)) / temperature); ``temperature`` is the noise knob
+        (0 gives noiseless labels). ``pairs="all"`` takes every unordered pair of distinct
+        completions of every eval prompt (enumerable tasks; ``n_pairs`` ignored);
+        ``"random"`` draws ``n_pairs`` prompts and two uniform completions each, restricted
+        to the first ``ceil(coverage * A)`` actions at every position when ``coverage < 1``
+        (limited preference coverage). ``labels="soft"`` stores the BT probability itself;
+        ``"sampled"`` draws a winner.
+        """
+        if pairs == "all":
+            comps = self.all_completions()
+            keep = _covered(comps, self.n_actions, coverage)
+            comps = comps[keep]
+            i, j = torch.triu_indices(len(comps), len(comps), offset=1)
+            ps = self.eval_prompts()
+            prompts = ps.repeat_interleave(len(i), dim=0)
+            a, b = comps[i].repeat(len(ps), 1), comps[j].repeat(len(ps), 1)
+        elif pairs == "random":
+            prompts = self.sample_prompts(n_pairs, generator)
+            k = max(1, math.ceil(coverage * self.n_actions))
+            a = torch.randint(0, k, (n_pairs, self.completion_len), generator=generator)
+            b = torch.randint(0, k, (n_pairs, self.completion_len), generator=generator)
+        else:
+            raise ValueError(f"pairs must be 'all' or 'random', got {pairs!r}")
+        ra, rb = self.reward(prompts, a), self.reward(prompts, b)
+        p_a = bradley_terry(ra, rb, temperature)
+        if labels == "soft":
+            a_wins = p_a >= 0.5
+            p_chosen = torch.where(a_wins, p_a, 1 - p_a)
+        elif labels == "sampled":
+            a_wins = torch.rand(p_a.shape, generator=generator) < p_a
+            p_chosen = torch.ones_like(p_a)
+        else:
+            raise ValueError(f"labels must be 'soft' or 'sampled', got {labels!r}")
+        chosen = torch.where(a_wins[:, None], a, b)
+        rejected = torch.where(a_wins[:, None], b, a)
+        return PreferenceData(prompts, chosen, rejected, p_chosen.float())
+
+    def render(self, prompt: Tensor, completion: Tensor) -> str:
+        """Human-readable ``prompt -> completion`` for logs and sample files."""
+        p = " ".join(self.prompt_words[i] for i in prompt.tolist())
+        c = " ".join(self.action_words[i] for i in completion.tolist())
+        return f"{p} -> {c}"
+
+
+def bradley_terry(r_a: Tensor, r_b: Tensor, temperature: float) -> Tensor:
+    """P(a preferred over b) = sigmoid((r_a - r_b) / temperature); temperature 0 is a hard comparison."""
+    if temperature <= 0:
+        return (r_a > r_b).float() + 0.5 * (r_a == r_b).float()
+    return torch.sigmoid((r_a - r_b) / temperature)
+
+
+def _covered(comps: Tensor, n_actions: int, coverage: float) -> Tensor:
+    k = max(1, math.ceil(coverage * n_actions))
+    return (comps < k).all(dim=1)

@@ -1,0 +1,272 @@
+"""The two training loops: online (sample, score, update) and offline (fixed dataset).
+
+    online:  prompts -> rollout -> reward -> prepare (advantages) -> epochs x minibatches of loss/step -> log
+    offline: fixed dataset -> minibatch -> loss -> step -> log
+
+Algorithms plug in through ``AlgorithmSpec``; neither loop knows any algorithm's maths.
+Every ``eval_every`` steps (and at step 0 and at the end) the run measures the policy:
+exactly by enumeration on enumerable tasks (``workbench.analysis.exact``), by sampling
+on the eval prompts otherwise. Files written to the run folder:
+
+    config.json      the resolved config, its hash, the model summary
+    metrics.jsonl    one JSON object per logged step: ``step``, ``samples`` and namespaced metrics
+    samples.jsonl    a few rendered completions per eval
+    status.json      {"status": "done" | "diverged", "step": ..., "reason": ...}
+    checkpoint/      the final model (Hugging Face layout, safetensors)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .algorithms.spec import Rollout
+from .analysis.exact import ExactEvaluator
+from .analysis.kl import kl_estimate
+from .config import Resolved
+from .policy import build_policy, build_reward_model, describe, resolve_device
+
+
+class Diverged(RuntimeError):
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"diverged at step {step}: {reason}")
+        self.step, self.reason = step, reason
+
+
+class RunWriter:
+    """Appends metrics and samples to the run folder, one flushed line at a time."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.metrics = open(out / "metrics.jsonl", "w")
+        self.samples = open(out / "samples.jsonl", "w")
+
+    def config(self, d: dict) -> None:
+        _write_json(self.out / "config.json", d)
+
+    def log(self, row: dict) -> None:
+        row = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}  # NaN -> null
+        self.metrics.write(json.dumps(row, sort_keys=True) + "\n")
+        self.metrics.flush()
+
+    def log_samples(self, rows: list[dict]) -> None:
+        for r in rows:
+            self.samples.write(json.dumps(r) + "\n")
+        self.samples.flush()
+
+    def status(self, d: dict) -> None:
+        _write_json(self.out / "status.json", d)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.samples.close()
+
+
+def _write_json(path: Path, d: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
+    """Run one configuration to completion. Returns ``{"status", "step", "final": metrics}``."""
+    run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
+    out = Path(out)
+    device = resolve_device(run.device)
+    torch.manual_seed(run.seed)
+    gen = torch.Generator(device=device).manual_seed(run.seed)  # sampling
+    data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)  # prompts and datasets
+
+    if spec.trains == "reward_model":
+        model = build_reward_model(task, run.model, run.seed).to(device)
+        ref = None
+    else:
+        value_head = spec.value_head and getattr(acfg, "use_value_head", True)
+        model = build_policy(task, run.model, run.seed, value_head, device)
+        ref = model.frozen_copy()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+
+    writer = RunWriter(out)
+    cfg_dict = res.to_dict()
+    writer.config({"config": cfg_dict, "config_hash": res.config_hash, "model": describe(model) if ref else {}})
+    evaluator = Evaluator(res, ref, device)
+
+    rm = None
+    if run.reward_model and spec.kind == "online":
+        rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
+
+    dataset = spec.dataset(task, acfg, data_gen) if spec.kind == "offline" else None
+    consumed = 0
+    status = {"status": "done", "step": run.steps}
+    final: dict = {}
+    bar = tqdm(total=run.steps, desc=f"{spec.name}/{task.name}/s{run.seed}", disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    try:
+        for step in range(run.steps + 1):
+            row = {"step": step}
+            if step % run.eval_every == 0 or step == run.steps:
+                row.update(evaluator(model, step, writer, gen))
+            if step < run.steps:  # the last iteration only measures
+                if spec.kind == "online":
+                    stats, n = online_step(res, model, ref, rm, opt, gen, data_gen, device, step)
+                else:
+                    stats, n = offline_step(res, model, ref, opt, dataset, data_gen, device, step)
+                consumed += n
+                row.update(stats)
+            row["samples"] = consumed
+            row["time/elapsed_s"] = time.perf_counter() - t0
+            writer.log(row)
+            final.update(row)
+            if step < run.steps:
+                bar.update(1)
+                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in ("reward/mean", "reward/exact", "kl/exact") if k in row})
+    except Diverged as d:
+        status = {"status": "diverged", "step": d.step, "reason": d.reason}
+    finally:
+        bar.close()
+    if run.save_checkpoint and status["status"] == "done":
+        model.save(out / "checkpoint")
+    writer.status(status)
+    writer.close()
+    return {**status, "final": final}
+
+
+class Evaluator:
+    """Measures the policy: exact metrics where enumerable, sampled gold reward on eval prompts otherwise."""
+
+    def __init__(self, res: Resolved, ref, device):
+        self.res = res
+        task = res.task
+        self.exact = ExactEvaluator(task, ref, res.run.beta) if (ref is not None and task.enumerable) else None
+        self.prompts = task.eval_prompts().to(device)
+
+    @torch.no_grad()
+    def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:
+        task, run = self.res.task, self.res.run
+        if self.res.spec.trains == "reward_model":
+            return self._reward_model_metrics(model)
+        out = {}
+        if self.exact is not None:
+            out.update(self.exact.measure(model))
+            if step == 0:
+                out.update(self.exact.optimum())
+        comps, _ = model.sample(self.prompts, gen)
+        gold = task.reward(self.prompts, comps)
+        out["reward/eval"] = gold.float().mean().item()
+        n = min(run.n_logged_samples, len(comps))
+        writer.log_samples(
+            [{"step": step, "text": task.render(self.prompts[i].cpu(), comps[i].cpu()), "reward": gold[i].item()} for i in range(n)]
+        )
+        return out
+
+    def _reward_model_metrics(self, rm) -> dict:
+        task = self.res.task
+        if not task.enumerable:
+            return {}
+        comps = task.all_completions().to(self.prompts.device)
+        P, N = len(self.prompts), len(comps)
+        prompts = self.prompts.repeat_interleave(N, 0)
+        scores = rm(prompts, comps.repeat(P, 1)).cpu()
+        gold = task.reward(prompts.cpu(), comps.repeat(P, 1).cpu())
+        if gold.std() == 0 or scores.std() == 0:
+            return {}
+        corr = torch.corrcoef(torch.stack([scores, gold]))[0, 1].item()
+        return {"rm/gold_correlation": corr}
+
+
+def score(res: Resolved, rm, prompts, comps) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(scores (B,), step_rewards (B, T), gold (B,))`` for a batch of completions."""
+    task = res.task
+    gold = task.reward(prompts, comps).float()
+    if rm is not None:
+        scores = rm(prompts, comps)
+        steps = torch.zeros(comps.shape, device=comps.device)
+        steps[:, -1] = scores
+        return scores, steps, gold
+    if task.dense_reward:
+        steps = task.process_reward(prompts, comps).float()
+    else:
+        steps = torch.zeros(comps.shape, device=comps.device)
+        steps[:, -1] = gold
+    return gold, steps, gold
+
+
+def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, device, step: int) -> tuple[dict, int]:
+    run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
+    G = run.group_size
+    prompts = task.sample_prompts(run.batch_size // G, data_gen).repeat_interleave(G, 0).to(device)  # (B, Tp)
+    # rollout: sample with the KV cache, then one no-grad pass for old log-probs/values and one for the reference
+    comps, _ = policy.sample(prompts, gen, run.temperature)  # (B, T)
+    with torch.no_grad():
+        old = policy(prompts, comps)
+        ref_logp = ref(prompts, comps).logp
+    scores, step_rewards, gold = score(res, rm, prompts, comps)
+    roll = Rollout(
+        prompts=prompts, completions=comps, mask=torch.ones_like(old.logp), old_logp=old.logp, ref_logp=ref_logp,
+        scores=scores, step_rewards=step_rewards, gold=gold, group_size=G, old_values=old.values,
+    )  # fmt: skip
+    with torch.no_grad():
+        batch = spec.prepare(roll, acfg, run.beta)
+    stats: dict = {}
+    B = comps.shape[0]
+    n_mb = spec.minibatches(acfg)
+    for _ in range(spec.epochs(acfg)):
+        perm = torch.randperm(B, generator=data_gen).to(device) if n_mb > 1 else torch.arange(B, device=device)
+        for idx in perm.chunk(n_mb):
+            if "first_wins" in batch:  # pairwise losses keep their pairs whole
+                idx = torch.arange(B, device=device)
+            mb = {k: (v[idx] if v.shape[:1] == (B,) else v) for k, v in batch.items()}
+            out = policy(prompts[idx], comps[idx])
+            loss, _, s = spec.loss(out, mb, acfg, run.beta)
+            stats.update(s)
+            stats["grad/norm"] = _update(policy, opt, loss, run.max_grad_norm, step)
+    stats.update(_rollout_stats(roll, batch))
+    return stats, B
+
+
+def offline_step(res: Resolved, model, ref, opt, dataset: dict, data_gen, device, step: int) -> tuple[dict, int]:
+    acfg = res.algo_cfg
+    N = len(next(iter(dataset.values())))
+    bs = min(acfg.batch_size, N)
+    idx = torch.randperm(N, generator=data_gen)[:bs] if bs < N else torch.arange(N)
+    batch = {k: v[idx].to(device) for k, v in dataset.items()}
+    loss, _, stats = res.spec.step(model, ref, batch, acfg, res.run.beta)
+    stats["grad/norm"] = _update(model, opt, loss, res.run.max_grad_norm, step)
+    return stats, bs
+
+
+def _update(model, opt, loss, max_norm: float, step: int) -> float:
+    if not torch.isfinite(loss):
+        raise Diverged(step, f"non-finite loss {loss.item()}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if not torch.isfinite(norm):
+        raise Diverged(step, f"non-finite gradient norm {norm.item()}")
+    opt.step()
+    return norm.item()
+
+
+def _rollout_stats(roll: Rollout, batch: dict) -> dict:
+    """Reward and sampled-KL figures of one rollout; KL names say estimator and where it acts."""
+    out = {
+        "reward/mean": roll.scores.mean().item(),
+        "reward/std": roll.scores.std().item() if len(roll.scores) > 1 else 0.0,
+        "reward/gold_mean": roll.gold.mean().item(),
+    }
+    for name in ("k1", "k2", "k3"):
+        key = next((k for k in batch if k.startswith(f"kl/{name}_")), None)
+        if key is not None:  # the estimate the algorithm used, named by where it acted
+            out[key] = (batch[key]).sum(-1).mean().item()
+        else:  # a monitor only: not in the reward nor in the loss
+            out[f"kl/{name}_monitor"] = (kl_estimate(roll.old_logp, roll.ref_logp, name) * roll.mask).sum(-1).mean().item()
+    if "advantages" in batch:
+        out["adv/mean"] = batch["advantages"].mean().item()
+        out["adv/std"] = batch["advantages"].std().item()
+    return out
