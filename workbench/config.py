@@ -38,6 +38,7 @@ class RunConfig(BaseModel):
     steps: int = Field(200, ge=0, description="gradient-update rounds (one rollout or one minibatch each)")
     beta: float = Field(0.1, ge=0, description="KL coefficient of E[r] - beta KL(pi || pi_ref); defines pi*")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="decay of the learning rate to 0 over the steps (TRL's default: linear)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip")
     batch_size: int = Field(64, ge=1, description="online: completions sampled per step (prompts x group_size)")
@@ -47,6 +48,7 @@ class RunConfig(BaseModel):
     eval_every: int = Field(10, ge=1, description="steps between exact/eval measurements")
     n_logged_samples: int = Field(4, ge=0, description="completions written to samples.jsonl per eval")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    cpu_threads: int = Field(1, ge=1, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)")
     save_checkpoint: bool = Field(True, description="write the final model to checkpoint/")
 
 

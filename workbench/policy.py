@@ -206,6 +206,9 @@ class Policy(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write a Hugging Face checkpoint directory (+ ``value_head.safetensors``)."""
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
@@ -243,6 +246,9 @@ class RewardModel(nn.Module):
         return self.model(input_ids=ids).logits[:, -1].float()  # (B,)
 
     def save(self, path: str | Path) -> None:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
         Path(path).mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)

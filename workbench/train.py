@@ -79,9 +79,12 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
     out = Path(out)
     device = resolve_device(run.device)
+    if device.type == "cpu":
+        torch.set_num_threads(run.cpu_threads)
     torch.manual_seed(run.seed)
     gen = torch.Generator(device=device).manual_seed(run.seed)  # sampling
-    data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)  # prompts and datasets
+    data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)  # the prompt stream and fixed datasets
+    shuffle_gen = torch.Generator().manual_seed(run.seed + 2_000_003)  # minibatch order
 
     if spec.trains == "reward_model":
         model = build_reward_model(task, run.model, run.seed).to(device)
@@ -91,6 +94,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         model = build_policy(task, run.model, run.seed, value_head, device)
         ref = model.frozen_copy()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(run.lr_schedule, run.steps))
 
     writer = RunWriter(out)
     cfg_dict = res.to_dict()
@@ -114,11 +118,13 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
                 row.update(evaluator(model, step, writer, gen))
             if step < run.steps:  # the last iteration only measures
                 if spec.kind == "online":
-                    stats, n = online_step(res, model, ref, rm, opt, gen, data_gen, device, step)
+                    stats, n = online_step(res, model, ref, rm, opt, gen, data_gen, shuffle_gen, device, step)
                 else:
-                    stats, n = offline_step(res, model, ref, opt, dataset, data_gen, device, step)
+                    stats, n = offline_step(res, model, ref, opt, dataset, shuffle_gen, device, step)
                 consumed += n
                 row.update(stats)
+                row["lr"] = sched.get_last_lr()[0]
+                sched.step()
             row["samples"] = consumed
             row["time/elapsed_s"] = time.perf_counter() - t0
             writer.log(row)
@@ -135,6 +141,15 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     writer.status(status)
     writer.close()
     return {**status, "final": final}
+
+
+def lr_factor(schedule: str, steps: int):
+    """Multiplier of the learning rate at each update round: constant, linear or cosine decay to 0."""
+    if schedule == "linear":
+        return lambda s: 1.0 - s / max(steps, 1)
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * s / max(steps, 1)))
+    return lambda s: 1.0
 
 
 class Evaluator:
@@ -197,7 +212,7 @@ def score(res: Resolved, rm, prompts, comps) -> tuple[torch.Tensor, torch.Tensor
     return gold, steps, gold
 
 
-def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, device, step: int) -> tuple[dict, int]:
+def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, shuffle_gen, device, step: int) -> tuple[dict, int]:
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
     G = run.group_size
     prompts = task.sample_prompts(run.batch_size // G, data_gen).repeat_interleave(G, 0).to(device)  # (B, Tp)
@@ -217,7 +232,7 @@ def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, device, step
     B = comps.shape[0]
     n_mb = spec.minibatches(acfg)
     for _ in range(spec.epochs(acfg)):
-        perm = torch.randperm(B, generator=data_gen).to(device) if n_mb > 1 else torch.arange(B, device=device)
+        perm = torch.randperm(B, generator=shuffle_gen).to(device) if n_mb > 1 else torch.arange(B, device=device)
         for idx in perm.chunk(n_mb):
             if "first_wins" in batch:  # pairwise losses keep their pairs whole
                 idx = torch.arange(B, device=device)
@@ -230,11 +245,11 @@ def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, device, step
     return stats, B
 
 
-def offline_step(res: Resolved, model, ref, opt, dataset: dict, data_gen, device, step: int) -> tuple[dict, int]:
+def offline_step(res: Resolved, model, ref, opt, dataset: dict, shuffle_gen, device, step: int) -> tuple[dict, int]:
     acfg = res.algo_cfg
     N = len(next(iter(dataset.values())))
     bs = min(acfg.batch_size, N)
-    idx = torch.randperm(N, generator=data_gen)[:bs] if bs < N else torch.arange(N)
+    idx = torch.randperm(N, generator=shuffle_gen)[:bs] if bs < N else torch.arange(N)
     batch = {k: v[idx].to(device) for k, v in dataset.items()}
     loss, _, stats = res.spec.step(model, ref, batch, acfg, res.run.beta)
     stats["grad/norm"] = _update(model, opt, loss, res.run.max_grad_norm, step)

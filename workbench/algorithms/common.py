@@ -68,6 +68,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
     adv = torch.zeros_like(rewards)
     last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
     values = values * mask
+    rewards = rewards * mask  # rewards on tokens that do not count carry nothing back (as returns_to_go)
     for t in reversed(range(T)):
         next_v = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
         delta = rewards[:, t] + gamma * next_v - values[:, t]  # delta_t

@@ -30,7 +30,7 @@ KLEstimator = Literal["k1", "k2", "k3"]
 
 
 class ReinforceConfig(AlgoConfig):
-    baseline: Literal["none", "mean", "group_mean"] = Field("none", description="baseline b subtracted from the return")
+    baseline: Literal["none", "mean", "group_mean"] = Field("mean", description="baseline b subtracted from the return")
     kl_in: KLPlace = Field("reward", description="where the beta-KL acts: subtracted from the reward, or added to the loss")
     kl_estimator: KLEstimator = Field("k1", description="KL estimator (k1 in the reward is unbiased)")
     aggregation: Aggregation = Field("sequence_sum", description="loss aggregation; sequence_sum is grad log pi(y|x)")

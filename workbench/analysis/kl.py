@@ -26,7 +26,8 @@ def k2(log_ratio: Tensor) -> Tensor:
 
 
 def k3(log_ratio: Tensor) -> Tensor:
-    return log_ratio.exp() - 1 - log_ratio
+    # expm1 keeps k3 >= 0 in floating point: exp(x) - 1 cancels and goes negative for small |x|
+    return log_ratio.expm1() - log_ratio
 
 
 ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}

@@ -28,6 +28,7 @@ class ArithmeticConfig(TaskConfig):
 class Arithmetic(Task):
     name = "arithmetic"
     Config = ArithmeticConfig
+    process_is_split = False  # per-digit credit is a denser proxy of exact match
 
     @property
     def prompt_words(self) -> list[str]:

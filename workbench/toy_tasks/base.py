@@ -7,9 +7,9 @@ tokenizer:
 - prompts are ``(B, Tp)`` indices into ``task.prompt_words``;
 - completions are ``(B, T)`` indices into ``task.action_words`` (the action set the policy
   samples from; its logits are restricted to these tokens);
-- ``reward`` returns ``(B,)``; ``process_reward`` returns ``(B, T)`` per-step rewards whose
-  sum over ``T`` equals the outcome reward (so outcome- and process-reward runs optimise
-  the same total).
+- ``reward`` returns ``(B,)``; ``process_reward`` returns ``(B, T)`` per-step rewards. Where
+  ``process_is_split`` is true their sum over ``T`` equals the outcome reward (so outcome-
+  and process-reward runs optimise the same total); otherwise it is a denser proxy.
 
 Every prompt has the same length and every completion has ``completion_len`` tokens, so no
 padding exists on the toy path. When the completion space ``A ** T`` is small the task is
@@ -60,6 +60,8 @@ class Task(ABC):
 
     name: str
     Config: type[TaskConfig] = TaskConfig
+    process_is_split: bool = True  # process_reward sums to reward
+    run_defaults: dict = {}  # run-level defaults for this task, dotted keys (e.g. {"steps": 300})
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
