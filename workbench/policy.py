@@ -115,7 +115,7 @@ def word_ids(tokenizer, words: list[str]) -> list[int]:
         tid = tokenizer.convert_tokens_to_ids(w)
         if tid is None or tid == unk:
             enc = tokenizer.encode(" " + w, add_special_tokens=False)
-            if len(enc) != 1:
+            if len(enc) != 1 or enc[0] == unk:
                 raise ValueError(f"task word {w!r} is not a single token of this tokenizer (got {len(enc)} tokens)")
             tid = enc[0]
         out.append(int(tid))

@@ -30,6 +30,7 @@ class GRPOConfig(AlgoConfig):
     clip_eps_low: float = Field(0.2, ge=0, description="eps_low of the ratio clip")
     clip_eps_high: float = Field(0.2, ge=0, description="eps_high of the ratio clip (DAPO: larger)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator in the loss (the paper: k3)")
+    kl_ratio_correction: bool = Field(False, description="multiply kl_it by rho_it (TRL's use_bias_correction_kl, its default); the paper: off")
     eps: float = Field(1e-4, gt=0, description="eps added to the std")
     epochs: int = Field(1, ge=1, description="passes over each rollout (TRL num_iterations)")
     minibatches: int = Field(1, ge=1, description="minibatches per pass")
@@ -61,6 +62,8 @@ def grpo_loss(
     stats = {}
     if beta != 0.0:
         kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)  # kl_it
+        if cfg.kl_ratio_correction:
+            kl = kl * ratio  # rho_it kl_it: unbiased off-policy (TRL default)
         per_token = per_token + beta * kl  # + beta kl_it
         stats[f"kl/{cfg.kl_estimator}_loss"] = ((kl * mask).sum(-1)).mean().item()
     loss = aggregate(per_token, mask, cfg.aggregation)
