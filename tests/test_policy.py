@@ -116,3 +116,14 @@ def test_cuda_path(task, tiny_model_cfg):
     comps, logp = pol.sample(prompts, g)
     torch.testing.assert_close(pol(prompts, comps).logp, logp, atol=1e-4, rtol=0)
     assert isinstance(pol, Policy)
+
+
+def test_reference_prior_puts_mass_far_from_the_peak(tiny_model_cfg):
+    task = Bandit(BanditConfig(n_arms=6, reward_shape="far_peak", prior="low_arms", prior_scale=1.0))
+    pol = build_policy(task, tiny_model_cfg, 0, value_head=False, device=CPU)
+    probs = exact_logprobs(pol, task)[0].exp()
+    target = torch.softmax(-torch.arange(6.0), 0)  # 0.63, 0.23, 0.086, ...
+    assert (probs - target).abs().max() < 0.01
+    assert probs[-1] < 0.01  # the paying arm starts nearly unseen
+    again = build_policy(task, tiny_model_cfg, 0, value_head=True, device=CPU)
+    torch.testing.assert_close(exact_logprobs(again, task), exact_logprobs(pol, task))  # deterministic

@@ -273,10 +273,33 @@ def build_reward_model(task: Task, cfg: ModelConfig, seed: int, path: str | None
 
 def build_policy(task: Task, cfg: ModelConfig, seed: int, value_head: bool, device: torch.device) -> Policy:
     model, tok = build_model(task, cfg, seed)
-    policy = Policy(model, tok, task, value_head=value_head)
+    policy = Policy(model, tok, task, value_head=value_head).to(device)
     if cfg.path:
         policy.load_value_head(cfg.path)
-    return policy.to(device)
+    elif task.reference_prior() is not None:
+        fit_prior(policy, task, seed)
+    return policy
+
+
+def fit_prior(policy: Policy, task: Task, seed: int, steps: int = 300, lr: float = 1e-2) -> float:
+    """Fit a fresh tiny model to the task's reference prior, so pi_ref puts its mass where the task says.
+
+    Minimises E_x KL(prior(.|x) || pi(.|x)) over the first completion token (full-batch
+    Adam, deterministic); returns the final KL. Used by tasks whose question needs a
+    reference policy with a known shape, e.g. a reward peak far from the reference's mass.
+    """
+    prior = task.reference_prior().to(policy.device)  # (P, A) log-probs of the first token
+    prompts = task.eval_prompts().to(policy.device)
+    first = torch.zeros(len(prompts), 1, dtype=torch.long, device=policy.device)
+    params = [p for n, p in policy.named_parameters() if not n.startswith("value_head")]
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
+        logq = policy(prompts, first, values=False).logits[:, 0]  # (P, A)
+        loss = (prior.exp() * (prior - logq)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.item()
 
 
 def describe(policy: Policy) -> dict:

@@ -5,9 +5,12 @@ Prompt: one context token ``c<i>``; completion: one arm token ``a<k>``; reward
 
 - ``linear``:   R[i, k] = k / (K - 1)
 - ``peak``:     R[i, k] = exp(-(k - m_i)^2 / (2 w^2)), m_i a seeded arm per context
-- ``far_peak``: one arm (the last) pays 1, the rest ``base``; with ``prior_mass`` the
-                reference policy puts its mass on the *first* arms, far from the peak
+- ``far_peak``: one arm (the last) pays 1, the rest ``base``
 - ``random``:   R[i, k] ~ U(0, 1), seeded
+
+``prior = "low_arms"`` fits the initial (reference) policy to pi_ref(k) ∝ exp(-k / prior_scale)
+before training: its mass sits on the first arms, far from a ``far_peak`` at the last arm
+(the setting where offline DPO and online methods part, claim C12).
 
 The completion space is K per context, so everything is enumerable and
 pi*(k | i) = pi_ref(k | i) exp(R[i, k] / beta) / Z(i) is exact.
@@ -30,6 +33,8 @@ class BanditConfig(TaskConfig):
     reward_shape: Literal["linear", "peak", "far_peak", "random"] = Field("random", description="reward table shape")
     peak_width: float = Field(1.0, gt=0, description="w for the 'peak' shape")
     base: float = Field(0.2, description="reward of the non-peak arms for 'far_peak'")
+    prior: Literal["none", "low_arms"] = Field("none", description="shape of the reference policy: random init, or mass on the first arms")
+    prior_scale: float = Field(1.0, gt=0, description="'low_arms': pi_ref(k) ∝ exp(-k / prior_scale)")
     seed: int = Field(0, description="seed of the reward table (not of training)")
 
 
@@ -69,6 +74,13 @@ class Bandit(Task):
     @property
     def completion_len(self) -> int:
         return 1
+
+    def reference_prior(self) -> Tensor | None:
+        if self.cfg.prior == "none":
+            return None
+        k = torch.arange(self.cfg.n_arms, dtype=torch.float32)
+        logits = (-k / self.cfg.prior_scale).expand(self.cfg.n_contexts, -1)
+        return torch.log_softmax(logits, dim=-1)
 
     def sample_prompts(self, n: int, generator: torch.Generator) -> Tensor:
         return torch.randint(0, self.cfg.n_contexts, (n, 1), generator=generator)

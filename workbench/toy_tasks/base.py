@@ -121,6 +121,11 @@ class Task(ABC):
     def reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
         """Gold (outcome) reward ``(B,)`` for prompts ``(B, Tp)`` and completions ``(B, T)``."""
 
+    def reference_prior(self) -> Tensor | None:
+        """``(P, A)`` log-probs of the first completion token per eval prompt that the initial
+        (reference) policy is fitted to, or ``None`` to keep the random initialisation."""
+        return None
+
     def process_reward(self, prompts: Tensor, completions: Tensor) -> Tensor | None:
         """Per-step rewards ``(B, T)`` summing to ``reward``; ``None`` if the task has none."""
         return None
