@@ -3,5 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# cffconvert validates CITATION.cff; it pins an old jsonschema, so it lives in its own venv
+if [ ! -x .venv-tools/bin/cffconvert ]; then
+  ${PYTHON:-python3} -m venv .venv-tools && .venv-tools/bin/python -m pip install -q cffconvert 2>&1 | grep -v "is ignored" || true
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
