@@ -1,14 +1,20 @@
-"""Command line: ``workbench train`` (one run).
+"""Command line: ``workbench train`` (one run), ``run`` (a study), ``status`` and ``list``.
 
-Exit status: 0 done, 2 bad input (a message, no traceback), 3 the run diverged (marked
-in ``status.json``, files kept).
+Exit status: 0 done; 1 ``run``: some runs failed (the others finished; run it again to
+retry them); 2 bad input (a message, no traceback); 3 ``train``: the run diverged (marked
+in ``status.json``, files kept); 130 interrupted (``run`` again to resume).
+
+The results folder is ``--results``, else ``$WORKBENCH_RESULTS``, else ``./results``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from pathlib import Path
 
 from .config import ConfigError, parse_value, resolve
 
@@ -44,6 +50,154 @@ def cmd_train(args) -> int:
     return 0 if result["status"] == "done" else 3
 
 
+def cmd_run(args) -> int:
+    from .executors import LocalProcessExecutor
+    from .store import results_dir
+    from .study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
+
+    study = load_study(args.study)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    results = results_dir(args.results)
+    executor = LocalProcessExecutor(args.workers, preload=WORKER_PRELOAD)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: release the runs in flight, then exit
+    try:
+        out = run_study(study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print(f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
+              f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        executor.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
+    counts = ", ".join(f"{out.count(s)} {s}" for s in ("done", "diverged", "failed"))
+    print(f"study {study.name}: {out.n_runs} runs ({counts}); trained now: {len(out.executed)}, "
+          f"finished before: {len(out.already)}; results in {results}")  # fmt: skip
+    summary = summarize(results, study.name)
+    print(format_summary(summary))
+    _print_issues(summary.attrs.get("issues", []))
+    if not out.ok:
+        print(f"workbench run: {out.count('failed')} run(s) failed; their error.txt is in {results}/runs/<run_id>/;"
+              " run again to retry them", file=sys.stderr)  # fmt: skip
+    return 0 if out.ok else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _print_issues(issues: list[dict]) -> None:
+    for i in issues:
+        print(f"warning: skipped run {i['run_id']}: {i['path']}: {i['problem']}", file=sys.stderr)
+
+
+def _study_name(arg: str) -> str:
+    """A study given by name or by its file (``*.toml``)."""
+    if arg.endswith(".toml") or os.sep in arg:
+        from .study import load_study
+
+        return load_study(arg).name
+    return arg
+
+
+def cmd_status(args) -> int:
+    from .store import load_runs, load_studies, results_dir
+    from .study import format_summary, summarize, text_table
+
+    results = results_dir(args.results)
+    try:
+        studies = load_studies(results)
+    except FileNotFoundError:
+        print(f"no results in {results} (set --results or WORKBENCH_RESULTS)")
+        return 0
+    if not args.study:
+        rows = [[r["name"], r["n_runs"], *(r[s] for s in ("queued", "running", "done", "diverged", "failed"))]
+                for _, r in studies.iterrows()]  # fmt: skip
+        print(text_table(["study", "runs", "queued", "running", "done", "diverged", "failed"], rows) if rows else "(no studies)")
+        return 0
+    name = _study_name(args.study)
+    if name not in set(studies["name"]):
+        known = ", ".join(studies["name"]) or "none"
+        raise ConfigError(f"no study {name!r} in {results}; studies there: {known}")
+    runs = load_runs(results, name)
+    rows = []
+    for _, r in runs.iterrows():
+        status = r["status"] + (" (stale: owner gone)" if r["stale"] else "")
+        step = f"{int(r['step'])}/{r['steps']}" if r["step"] == r["step"] and r["step"] is not None else f"-/{r['steps']}"
+        samples = f"{int(r['samples'])} {r['unit']}" if r["samples"] == r["samples"] and r["samples"] is not None else "-"
+        grid = ",".join(f"{k}={v}" for k, v in r["grid"].items())
+        rows.append([r["algo_label"] + (f"[{grid}]" if grid else ""), r["task_label"], r["seed"], status, step, samples,
+                     r["attempts"], r["run_id"], (r["reason"] or "")[:60]])  # fmt: skip
+    print(f"study {name}: {len(runs)} runs")
+    print(text_table(["algorithm", "task", "seed", "status", "step", "consumed", "attempts", "run_id", "reason"], rows))
+    if (runs["status"].isin(["done", "diverged"])).any():
+        summary = summarize(results, name)
+        print()
+        print(format_summary(summary))
+        _print_issues(summary.attrs.get("issues", []))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .store import load_runs, load_studies, results_dir
+    from .study import text_table
+
+    results = results_dir(args.results)
+    try:
+        studies = load_studies(results)
+    except FileNotFoundError:
+        studies = None
+    known = set() if studies is None else set(studies["name"])
+    rows = []
+    if studies is not None:
+        for _, r in studies.iterrows():
+            rows.append([r["name"], ",".join(r["claims"]), f"{r['done'] + r['diverged']}/{r['n_runs']}", r["path"]])
+    for f in sorted(Path(args.studies).glob("*.toml")):
+        if f.stem not in known:
+            rows.append([f.stem, "", "not run", str(f)])
+    print(f"studies ({results}):")
+    print(text_table(["study", "claims", "finished", "file"], rows) if rows else "(none)")
+    if args.runs and studies is not None:
+        runs = load_runs(results)
+        grouped = runs.groupby("run_id", sort=False).agg(
+            algo=("algo", "first"), task=("task", "first"), seed=("seed", "first"), status=("status", "first"),
+            studies=("study", lambda s: ",".join(sorted(x for x in s if isinstance(x, str)))),
+        )  # fmt: skip
+        print(f"\nruns ({len(grouped)}):")
+        print(text_table(["run_id", "algo", "task", "seed", "status", "studies"],
+                         [[i, *r.tolist()] for i, r in grouped.iterrows()]))  # fmt: skip
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .probe import probe
+
+    result = probe(args.target, args.what, batch_sizes=args.batch_sizes, minibatches=args.minibatches,
+                   objectives=args.objectives, seed=args.seed, device=args.device, results=args.results)  # fmt: skip
+    print(result.summary)
+    return 0
+
+
+def cmd_dashboard(args) -> int:
+    """``streamlit run dashboard/app.py`` on 127.0.0.1 only, usage statistics off; this process becomes the server."""
+    from .store import results_dir
+
+    app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
+    if not app.exists():
+        raise ConfigError(f"no dashboard at {app}: it lives in the repository (dashboard/), run from a checkout")
+    results = results_dir(args.results).resolve()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1", "--server.port", str(args.port),
+           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--browser.serverAddress", "127.0.0.1",
+           "--client.toolbarMode", "minimal"]  # fmt: skip
+    print(f"workbench dashboard: http://127.0.0.1:{args.port} (results: {results})", flush=True)
+    os.execve(sys.executable, cmd, {**os.environ, "WORKBENCH_RESULTS": str(results)})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="RL vs supervised objectives on toy LM tasks with exact truth")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -57,6 +211,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. algo.clip_eps=0.1, task.n_arms=4, lr=3e-4")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
+
+    results_help = "results folder (default: $WORKBENCH_RESULTS, else ./results)"
+    r = sub.add_parser("run", help="run a study file: every run not finished yet, resumably")
+    r.add_argument("study", help="study file, e.g. studies/quickstart.toml")
+    r.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="runs at once, one process each (default: CPU count, at most 8)")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device of every run (part of each run's config)")
+    r.add_argument("--results", default=None, help=results_help)
+    r.add_argument("--quiet", action="store_true", help="no progress bars, no per-run lines")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("status", help="the state of every study, or of one study's runs")
+    s.add_argument("study", nargs="?", help="study name or file")
+    s.add_argument("--results", default=None, help=results_help)
+    s.set_defaults(func=cmd_status)
+
+    ls = sub.add_parser("list", help="the studies in the results folder and the study files not run yet")
+    ls.add_argument("--results", default=None, help=results_help)
+    ls.add_argument("--studies", default="studies", help="folder of study files (default: ./studies)")
+    ls.add_argument("--runs", action="store_true", help="also list every run")
+    ls.set_defaults(func=cmd_list)
+
+    pr = sub.add_parser("probe", help="gradient, credit-assignment or KL measurements on a saved run's checkpoint")
+    pr.add_argument("target", help="run folder, its checkpoint folder, or a run id in the results folder")
+    pr.add_argument("--what", required=True, choices=["gradients", "credit", "kl"], help="which measurement")
+    pr.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to measure at (default: 8 32 128)")
+    pr.add_argument("--minibatches", type=int, default=16, help="K, independent minibatches per batch size (default 16)")
+    pr.add_argument("--objectives", nargs="+", default=None, help="gradients/credit: which objectives (default: all; see workbench.probe)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the probe's sampling")
+    pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    pr.add_argument("--results", default=None, help="results folder, to find a run id (default: $WORKBENCH_RESULTS, else ./results)")
+    pr.set_defaults(func=cmd_probe)
+
+    d = sub.add_parser("dashboard", help="explore the results in a Streamlit dashboard (127.0.0.1 only)")
+    d.add_argument("--results", default=None, help=results_help)
+    d.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
+    d.set_defaults(func=cmd_dashboard)
     return p
 
 
@@ -65,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        print(f"workbench {args.cmd}: invalid configuration\n{e}", file=sys.stderr)
+        what = "invalid study" if args.cmd in ("run", "status") else "invalid configuration"
+        print(f"workbench {args.cmd}: {what}\n{e}", file=sys.stderr)
         return 2
 
 

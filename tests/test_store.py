@@ -1,0 +1,134 @@
+"""The results store (atomic publishing, the SQLite index, claims) and the executors."""
+
+import math
+import operator
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from workbench.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
+from workbench.store import Owner, Store, is_stale, pid_alive, publish, publish_text, read_progress, results_dir
+
+
+def add_run(store: Store, run_id="r1", study="s"):
+    store.register_study(study, f"{study}.toml", "", ["C1"], "h", [
+        {"run_id": run_id, "task": "bandit", "algo": "sft", "seed": 0, "steps": 3, "unit": "demos", "config": {},
+         "task_label": "bandit", "algo_label": "sft", "grid": {}},
+    ])  # fmt: skip
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_publish_replaces_whole_files_and_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "x.txt"
+    publish_text(target, "old")
+    with pytest.raises(RuntimeError):
+        publish(target, lambda f: (f.write(b"half"), (_ for _ in ()).throw(RuntimeError("killed mid-write"))))
+    assert target.read_text() == "old"
+    publish_text(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_index_is_sqlite_in_wal_mode_with_a_busy_timeout(tmp_path):
+    with Store(tmp_path) as store:
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.db.execute("PRAGMA busy_timeout").fetchone()[0] >= 10_000
+        add_run(store)
+    db = sqlite3.connect(tmp_path / "index.sqlite")
+    assert db.execute("SELECT status, attempts FROM runs").fetchall() == [("queued", 0)]
+    with pytest.raises(sqlite3.IntegrityError):  # the status is one of five
+        db.execute("UPDATE runs SET status='finished'")
+
+
+def test_a_run_is_claimed_once(tmp_path):
+    a, b = Store(tmp_path), Store(tmp_path)
+    add_run(a)
+    me, other = Owner.current(), Owner.current()
+    assert a.claim("r1", me) == "claimed"
+    assert b.claim("r1", other) == "busy"  # a live owner with a fresh heartbeat
+    assert b.finish("r1", other, "done", 3, 9) is False  # only the holder can finish it
+    assert a.heartbeat(me) == 1
+    assert a.finish("r1", me, "done", 3, 9) is True
+    assert b.states(["r1"])["r1"]["status"] == "done"
+
+
+def test_a_dead_owners_run_is_reclaimed(tmp_path):
+    store = Store(tmp_path)
+    add_run(store)
+    ghost = Owner("ghost", Owner.current().host, dead_pid())
+    assert store.claim("r1", ghost) == "claimed"
+    row = store.states(["r1"])["r1"]
+    assert is_stale(row)  # same host, pid gone
+    assert store.claim("r1", Owner.current()) == "claimed"
+    assert store.states(["r1"])["r1"]["attempts"] == 2
+    far = Owner("far", "another-host", os.getpid())  # another host: only the heartbeat tells
+    row = {"host": far.host, "pid": far.pid, "heartbeat_at": time.time()}
+    assert not is_stale(row) and is_stale({**row, "heartbeat_at": time.time() - 3600})
+    assert not pid_alive(dead_pid()) and pid_alive(os.getpid())
+
+
+def test_failed_runs_are_retried_by_one_process_only(tmp_path):
+    store = Store(tmp_path)
+    add_run(store)
+    me = Owner.current()
+    store.claim("r1", me)
+    store.finish("r1", me, "failed", reason="boom")
+    seen = store.states(["r1"])["r1"]["attempts"]  # both processes read attempts = 1 when they start
+    assert store.claim("r1", me, expected_attempts=seen) == "claimed"
+    store.finish("r1", me, "failed", reason="boom again")
+    assert store.claim("r1", Owner.current(), expected_attempts=seen) == "failed"  # already retried
+
+
+def test_a_published_run_is_recovered_not_rerun(tmp_path):
+    """Killed after publishing metrics.parquet, before the index was updated."""
+    store = Store(tmp_path)
+    add_run(store)
+    d = store.run_dir("r1")
+    d.mkdir(parents=True)
+    publish_text(d / "status.json", '{"status": "diverged", "step": 2, "reason": "non-finite loss nan"}')
+    publish_text(d / "metrics.parquet", "x")
+    assert store.claim("r1", Owner.current()) == "recovered"
+    row = store.states(["r1"])["r1"]
+    assert (row["status"], row["step"], row["attempts"]) == ("diverged", 2, 0)
+    assert store.claim("r1", Owner.current()) == "finished"
+
+
+def test_read_progress_ignores_a_half_written_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1}\n{"step": 2, "rew')
+    assert read_progress(tmp_path) == {"step": 1}
+    assert read_progress(tmp_path / "nowhere") is None
+
+
+def test_results_folder_from_flag_env_or_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("WORKBENCH_RESULTS", raising=False)
+    assert str(results_dir()) == "results"
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(tmp_path))
+    assert results_dir() == tmp_path and str(results_dir("elsewhere")) == "elsewhere"
+
+
+def test_inline_executor():
+    ex = InlineExecutor()
+    assert list(ex.map(abs, [-1, 2])) == [1, 2]
+    assert isinstance(ex.submit(math.sqrt, -1).exception(), ValueError)
+
+
+def test_local_process_executor_runs_each_call_in_a_fresh_process():
+    with LocalProcessExecutor(max_workers=2) as ex:
+        pids = [ex.submit(os.getpid) for _ in range(3)]
+        assert list(ex.map(abs, [-2, 3, -4])) == [2, 3, 4]
+        assert ex.submit(operator.mul, 6, 7).result(timeout=60) == 42
+        pids = [f.result(timeout=60) for f in pids]
+        assert len(set(pids)) == 3 and os.getpid() not in pids
+        err = ex.submit(math.sqrt, -1).exception(timeout=60)
+        assert isinstance(err, WorkerError) and "ValueError: math domain error" in str(err)
+        died = ex.submit(os._exit, 3).exception(timeout=60)
+        assert isinstance(died, WorkerDied) and "exit status 3" in str(died)
+        assert ex.submit(abs, -5).result(timeout=60) == 5  # the pool survives a dead worker
