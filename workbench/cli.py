@@ -247,7 +247,34 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--results", default=None, help=results_help)
     d.add_argument("--port", type=int, default=8501, help="port on 127.0.0.1 (default 8501)")
     d.set_defaults(func=cmd_dashboard)
+
+    rp = sub.add_parser("report", help="write a finished study's report: md, html, pdf, figures, tables, verdicts, bib")
+    rp.add_argument("study", help="study name (as in `workbench list`) or its study file")
+    rp.add_argument("--results", default=None, help=results_help)
+    rp.add_argument("--out", default=None, help="output folder (default: <results>/reports/<study>)")
+    rp.set_defaults(func=cmd_report)
     return p
+
+
+def cmd_report(args) -> int:
+    from .analysis.report import build_report
+    from .store import results_dir
+
+    study = Path(args.study).stem if args.study.endswith(".toml") else args.study
+    root = results_dir(args.results)
+    if not (root / "index.sqlite").exists():
+        print(f"workbench report: no results at {root}; run the study first: workbench run studies/{study}.toml", file=sys.stderr)
+        return 2
+    try:
+        out = build_report(study, root, args.out, command=["workbench", *sys.argv[1:]])
+    except ValueError as e:
+        print(f"workbench report: {e}", file=sys.stderr)
+        return 2
+    verdicts = json.loads((out / "verdicts.json").read_text())["verdicts"]
+    print(f"report written to {out}/ (report.md, report.html, report.pdf, report.bib, figures/, tables/)")
+    for claim, v in verdicts.items():
+        print(f"  {claim}: {v}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,6 +56,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from .analysis.verdicts import VerdictRule
 from .config import ConfigError, Resolved, RunConfig, resolve
 from .policy import ModelConfig
 from .store import Heartbeat, Owner, Store, is_stale, load_final, publish_metrics, publish_text, read_progress
@@ -118,6 +119,17 @@ class AlgorithmEntry(BaseModel):
     grid: dict[str, GridValues] = Field(default_factory=dict, description="dotted key -> values: algo.<param> or a run setting")
 
 
+class ReportOptions(BaseModel):
+    """What ``workbench report`` plots and tabulates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metrics: list[str] = Field(
+        default_factory=lambda: ["reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval"],
+        description="metrics tabulated (final values) and drawn over steps; absent ones are skipped",
+    )  # fmt: skip
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -130,6 +142,8 @@ class StudyConfig(BaseModel):
     settings: Settings = Field(default_factory=Settings)  # type: ignore[valid-type]
     grid: dict[str, GridValues] = Field(default_factory=dict, description="dotted key -> values: a run setting, model.<field> or task.<param>")
     algorithms: list[AlgorithmEntry] = Field(min_length=1)
+    verdicts: list[VerdictRule] = Field(default_factory=list, description="rules deciding each claim from the final metrics (workbench report)")
+    report: ReportOptions = Field(default_factory=lambda: ReportOptions())
 
 
 @dataclass
@@ -257,6 +271,14 @@ def _check(cfg: StudyConfig) -> list[str]:
         algo_keys = {f"algo.{k}" for k in spec.Config.model_fields if k != "batch_size"}
         problems += _grid_lines(f"{where}.grid", a.grid, set(AlgorithmSettings.model_fields) | algo_keys)
     _check_labels(problems, "algorithms", [a.label or a.name for a in cfg.algorithms])
+    labels = [a.label or a.name for a in cfg.algorithms]
+    for i, v in enumerate(cfg.verdicts):
+        if v.claim not in cfg.claims:
+            problems.append(f"verdicts[{i}].claim: {v.claim!r} is not in this study's claims ({', '.join(cfg.claims)})")
+        for side in ("a", "b"):
+            lab = getattr(v, side)
+            if lab is not None and lab not in labels:
+                problems.append(f"verdicts[{i}].{side}: unknown algorithm label {lab!r}; allowed: {', '.join(labels)}")
     return problems
 
 

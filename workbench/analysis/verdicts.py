@@ -29,7 +29,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 CONFIDENCE = 0.95
 N_RESAMPLES = 9999
@@ -51,13 +51,15 @@ class VerdictRule(BaseModel):
     margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this")
     statement: str = Field("", description="what the rule checks, in words, for the report")
 
-    def model_post_init(self, _) -> None:
+    @model_validator(mode="after")
+    def _needs(self) -> VerdictRule:
         if self.kind in ("below", "above") and self.threshold is None:
             raise ValueError(f"a '{self.kind}' rule needs 'threshold'")
         if self.kind in ("greater", "less", "equivalent") and self.b is None:
             raise ValueError(f"a '{self.kind}' rule needs 'b'")
         if self.kind == "equivalent" and self.margin is None:
             raise ValueError("an 'equivalent' rule needs 'margin'")
+        return self
 
 
 def bootstrap_ci(x: np.ndarray, stat=np.mean, confidence: float = CONFIDENCE) -> tuple[float, float]:
