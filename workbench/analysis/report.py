@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from .verdicts import claim_verdicts, evaluate_rule, pairwise, summarise
+from .verdicts import at_step, bootstrap_ci, claim_verdicts, evaluate_rule, pairwise, rule_groups, summarise
 
 DEFAULT_METRICS = ("reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval")
 PACKAGES = ("torch", "transformers", "trl", "numpy", "pandas", "scipy", "matplotlib", "seaborn", "pyarrow")
@@ -98,31 +98,25 @@ def curve_figure(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str, figdir:
 
 
 def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path) -> dict | None:
-    """Final ``metric`` of the rule's groups: each seed, the mean and its 95% interval."""
+    """Final ``metric`` of the rule's groups (at ``step`` for a rule with one): each seed, the mean and its 95% interval."""
     plt = _matplotlib()
     m = result["metric"]
-    groups = [g for g in (result["a"], result["b"]) if g]
-    sub = final[final["algo_label"].isin(groups)]
-    for k, v in (result.get("where") or {}).items():
-        sub = sub[sub["task_label"] == v] if k == "task" else sub[sub["grid"].map(lambda d, k=k, v=v: d.get(k) == v)]
-    if m not in sub or sub[m].dropna().empty:
+    groups = [(name, g[m].dropna().to_numpy(float) if m in g else np.array([])) for name, g in rule_groups(final, result)]
+    if not any(len(x) for _, x in groups):
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    summary = summarise(sub, [m], ["algo_label"]).set_index("algo_label")
-    for i, g in enumerate(groups):
-        x = sub.loc[sub["algo_label"] == g, m].dropna().to_numpy(float)
+    for i, (_, x) in enumerate(groups):
         ax.scatter(np.full(len(x), i) + np.linspace(-0.08, 0.08, len(x)), x, s=14, color="#888")
-        if g in summary.index:
-            s = summary.loc[g]
-            lo, hi = s["ci_low"], s["ci_high"]
+        if len(x):
+            lo, hi = bootstrap_ci(x)
             if math.isfinite(lo):
-                ax.errorbar([i], [s["mean"]], yerr=[[s["mean"] - lo], [hi - s["mean"]]], fmt="o", color="k", capsize=5)
+                ax.errorbar([i], [x.mean()], yerr=[[x.mean() - lo], [hi - x.mean()]], fmt="o", color="k", capsize=5)
             else:
-                ax.plot([i], [s["mean"]], "o", color="k")
+                ax.plot([i], [x.mean()], "o", color="k")
     if result.get("threshold") is not None:
         ax.axhline(result["threshold"], ls="--", color=VERDICT_COLOURS["inconclusive"], lw=1)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylabel(m)
+    ax.set_xticks(range(len(groups)), [name for name, _ in groups], fontsize=8)
+    ax.set_ylabel(m if result.get("step") is None else f"{m} at step {result['step']}")
     ax.set_title(f"{result['claim']}: {result['verdict']}", color=VERDICT_COLOURS[result["verdict"]])
     out = _save(fig, figdir, f"verdict_{index}_{result['claim']}_{_slug(m)}")
     plt.close(fig)
@@ -200,13 +194,15 @@ def _interval(r: dict) -> str:
 
 def _rule_text(r: dict) -> str:
     where = "".join(f", {k}={v}" for k, v in (r.get("where") or {}).items())
+    side = {s: r[s] + "".join(f" [{k}={v}]" for k, v in (r.get(f"{s}_where") or {}).items()) for s in ("a", "b") if r.get(s)}
     if r["kind"] in ("below", "above"):
-        core = f"{r['metric']} of {r['a']} {r['kind']} {r['threshold']}"
+        core = f"{r['metric']} of {side['a']} {r['kind']} {r['threshold']}"
     elif r["kind"] == "equivalent":
-        core = f"|{r['metric']}({r['a']}) - {r['metric']}({r['b']})| < {r['margin']}"
+        core = f"|{r['metric']}({side['a']}) - {r['metric']}({side['b']})| < {r['margin']}"
     else:
-        core = f"{r['metric']}: {r['a']} {'>' if r['kind'] == 'greater' else '<'} {r['b']}"
-    return core + where
+        core = f"{r['metric']}: {side['a']} {'>' if r['kind'] == 'greater' else '<'} {side['b']}"
+    at = f", at step {r['step']}" if r.get("step") is not None else ""
+    return core + where + at
 
 
 def build_report(study: str, results=None, out: str | Path | None = None, command: list[str] | None = None) -> Path:
@@ -237,7 +233,8 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     summary = summarise(finished, metric_names, ["group"]) if metric_names else pd.DataFrame()
     pw = pd.concat([pairwise(finished, m, "group") for m in metric_names], ignore_index=True) if metric_names else pd.DataFrame()
     rules = list(getattr(spec, "verdicts", []) or [])
-    rule_results = [evaluate_rule(finished, r) for r in rules]
+    frames = {r.step: finished if r.step is None else at_step(finished, metrics, r.step) for r in rules}
+    rule_results = [evaluate_rule(frames[r.step], r) for r in rules]
     for r in rule_results:
         if r["claim"] not in spec.claims:
             raise ValueError(f"verdict rule on {r['claim']}, which study {study!r} does not list in claims")
@@ -250,13 +247,13 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     runs_table.to_csv(tabdir / "runs.csv", index=False, float_format="%.6g")
     rr = pd.DataFrame(rule_results)
     if len(rr):
-        rr = rr.assign(where=rr["where"].map(lambda w: json.dumps(w, sort_keys=True)))
+        rr = rr.assign(**{c: rr[c].map(lambda w: json.dumps(w, sort_keys=True)) for c in ("where", "a_where", "b_where")})
     rr.to_csv(tabdir / "verdict_rules.csv", index=False, float_format="%.6g")
 
     # figures
     figures = [f for m in metric_names if (f := curve_figure(metrics, finished, m, figdir))]
     for i, r in enumerate(rule_results):
-        f = rule_figure(finished, r, i, figdir)
+        f = rule_figure(frames[r["step"]], r, i, figdir)
         r["figure"] = f["png"] if f else None
         if f:
             figures.append(f)

@@ -7,6 +7,13 @@ TOML). A rule compares a metric's final value across seeds:
     greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups share them
     equivalent        |mean_a - mean_b| < margin
 
+A group is the runs of one algorithm label, narrowed by ``where`` (grid values, or
+``task`` = a task label); ``a_where`` / ``b_where`` narrow one side only, so one algorithm
+can be compared with itself across tasks or grid points (``a = b = "reinforce"``,
+``a_where = {task = "process"}``, ``b_where = {task = "outcome"}``). A rule reads each
+run's final value of the metric, or with ``step`` the value logged at that update step
+(``step = 0``: every run of a seed at the same initial parameters).
+
 and each gets a 95% bootstrap confidence interval of its statistic (the mean for
 below/above, the difference of means otherwise). The verdict follows the interval only:
 
@@ -25,6 +32,7 @@ correction for the number of comparisons.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -47,6 +55,9 @@ class VerdictRule(BaseModel):
     a: str = Field(description="group label: an algorithm label of the study")
     b: str | None = Field(None, description="second group label, for greater/less/equivalent")
     where: dict[str, object] = Field(default_factory=dict, description="grid values or task label both groups must have")
+    a_where: dict[str, object] = Field(default_factory=dict, description="more filters for group a only, merged over 'where'")
+    b_where: dict[str, object] = Field(default_factory=dict, description="more filters for group b only, merged over 'where'")
+    step: int | None = Field(None, ge=0, description="read the metric at this update step instead of its final value")
     threshold: float | None = Field(None, description="for below/above")
     margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this")
     statement: str = Field("", description="what the rule checks, in words, for the report")
@@ -59,7 +70,19 @@ class VerdictRule(BaseModel):
             raise ValueError(f"a '{self.kind}' rule needs 'b'")
         if self.kind == "equivalent" and self.margin is None:
             raise ValueError("an 'equivalent' rule needs 'margin'")
+        if self.b is None and self.b_where:
+            raise ValueError("'b_where' needs 'b'")
+        if self.b is not None and self.a == self.b and self.where_a == self.where_b:
+            raise ValueError(f"groups a and b are the same runs ({self.a!r}); tell them apart with a_where / b_where")
         return self
+
+    @property
+    def where_a(self) -> dict:
+        return {**self.where, **self.a_where}
+
+    @property
+    def where_b(self) -> dict:
+        return {**self.where, **self.b_where}
 
 
 def bootstrap_ci(x: np.ndarray, stat=np.mean, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -121,7 +144,9 @@ def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label") -> pd.
             if len(xa) < 2 or len(xb) < 2 or (np.var(xa) == 0 and np.var(xb) == 0):
                 p = 0.0 if xa.mean() != xb.mean() and len(xa) > 1 and len(xb) > 1 else math.nan
             else:
-                p = float(ttest_ind(xa, xb, equal_var=False).pvalue)
+                with warnings.catch_warnings():  # near-identical seeds: scipy warns, the p-value stands
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    p = float(ttest_ind(xa, xb, equal_var=False).pvalue)
             rows.append({"metric": metric, "a": a, "b": b, "mean_a": xa.mean(), "mean_b": xb.mean(),
                          "difference": xa.mean() - xb.mean(), "p": p})  # fmt: skip
     df = pd.DataFrame(rows)
@@ -142,11 +167,43 @@ def _select(final: pd.DataFrame, label: str, where: dict) -> pd.DataFrame:
     return g
 
 
+def rule_groups(final: pd.DataFrame, rule: VerdictRule | dict) -> list[tuple[str, pd.DataFrame]]:
+    """``[(name, runs)]`` of the rule's group a (and b): the label, plus the side's own filters when it has any."""
+    r = rule.model_dump() if isinstance(rule, VerdictRule) else rule
+    out = []
+    for side in ("a", "b"):
+        if r.get(side) is None:
+            continue
+        own = r.get(f"{side}_where") or {}
+        name = r[side] + (" [" + ", ".join(f"{k}={v}" for k, v in own.items()) + "]" if own else "")
+        out.append((name, _select(final, r[side], {**(r.get("where") or {}), **own})))
+    return out
+
+
+def at_step(runs: pd.DataFrame, metrics: pd.DataFrame, step: int) -> pd.DataFrame:
+    """``runs`` (one row per run, with its labels) whose metric columns hold the values logged at ``step``.
+
+    ``metrics`` is the long frame of ``store.load_metrics``; a metric a run did not log at
+    that step is NaN (so a rule on it is 'not measured', never decided by another step).
+    """
+    if "step" not in metrics.columns:  # nothing logged
+        return runs.iloc[0:0]
+    names = [c for c in metrics.columns if c not in ("run_id", "step", "samples")]
+    keep = runs.drop(columns=[c for c in names if c in runs.columns])
+    at = metrics[metrics["step"] == step].drop_duplicates("run_id", keep="last")[["run_id", *names]]
+    return keep.merge(at, on="run_id", how="left")
+
+
 def evaluate_rule(final: pd.DataFrame, rule: VerdictRule) -> dict:
-    """The rule's statistic, its 95% interval and the verdict it implies."""
-    ga = _select(final, rule.a, rule.where)
+    """The rule's statistic, its 95% interval and the verdict it implies.
+
+    ``final``: one row per run with its metrics (final values, or ``at_step`` for a rule with ``step``).
+    """
+    groups = rule_groups(final, rule)
+    ga = groups[0][1]
     out = {"claim": rule.claim, "metric": rule.metric, "kind": rule.kind, "a": rule.a, "b": rule.b,
-           "where": rule.where, "statement": rule.statement, "threshold": rule.threshold, "margin": rule.margin}  # fmt: skip
+           "where": rule.where, "a_where": rule.a_where, "b_where": rule.b_where, "step": rule.step,
+           "statement": rule.statement, "threshold": rule.threshold, "margin": rule.margin}  # fmt: skip
     xa = ga[rule.metric].to_numpy(float) if rule.metric in ga else np.array([])
     xa_seeds = ga["seed"].to_numpy() if len(ga) else np.array([])
     keep = np.isfinite(xa)
@@ -158,7 +215,7 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule) -> dict:
         boundary, side = rule.threshold, (-1 if rule.kind == "below" else 1)
         n = len(xa)
     else:
-        gb = _select(final, rule.b, rule.where)
+        gb = groups[1][1]
         xb = gb[rule.metric].to_numpy(float) if rule.metric in gb else np.array([])
         xb_seeds = gb["seed"].to_numpy() if len(gb) else np.array([])
         keep = np.isfinite(xb)
