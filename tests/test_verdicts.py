@@ -103,3 +103,48 @@ def test_pairwise_and_summary():
     s = summarise(SEP, ["m"], ["algo_label"])
     row = s[s.algo_label == "a"].iloc[0]
     assert row["n"] == 5 and row["mean"] == pytest.approx(1.0) and row["ci_low"] < 1.0 < row["ci_high"]
+
+
+def test_a_where_and_b_where_compare_one_algorithm_across_tasks():
+    process = frame({"rl": [0.9, 0.95, 0.85]}).assign(task_label="process")
+    outcome = frame({"rl": [0.5, 0.55, 0.45]}).assign(task_label="outcome")
+    df = pd.concat([process, outcome])
+    rule = VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "process"}, b_where={"task": "outcome"})
+    r = evaluate_rule(df, rule)
+    assert r["verdict"] == "supported" and r["estimate"] == pytest.approx(0.4) and r["n"] == 3
+    assert r["a_where"] == {"task": "process"} and r["b_where"] == {"task": "outcome"}
+    swapped = rule.model_copy(update={"a_where": {"task": "outcome"}, "b_where": {"task": "process"}})
+    assert evaluate_rule(df, swapped)["verdict"] == "contradicted"
+    # a side filter is merged over the shared 'where' and overrides it for that side only
+    df2 = pd.concat([process.assign(grid=[{"beta": 0.1}] * 3), outcome.assign(grid=[{"beta": 0.1}] * 3),
+                     process.assign(grid=[{"beta": 1.0}] * 3, m=0.0)])  # fmt: skip
+    r = evaluate_rule(df2, rule.model_copy(update={"where": {"beta": 0.1}}))
+    assert r["verdict"] == "supported" and r["estimate"] == pytest.approx(0.4)
+    r = evaluate_rule(df2, rule.model_copy(update={"where": {"beta": 0.1}, "a_where": {"task": "process", "beta": 1.0}}))
+    assert r["verdict"] == "contradicted" and r["estimate"] == pytest.approx(-0.5)
+
+
+def test_same_groups_on_both_sides_is_an_error():
+    with pytest.raises(ValueError, match="same runs"):
+        VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl")
+    with pytest.raises(ValueError, match="same runs"):
+        VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "x"}, b_where={"task": "x"})
+    with pytest.raises(ValueError, match="needs 'b'"):
+        VerdictRule(claim="C5", metric="m", kind="above", a="rl", threshold=0, b_where={"task": "x"})
+
+
+def test_at_step_reads_the_value_logged_at_that_step():
+    from workbench.analysis.verdicts import at_step
+
+    runs = pd.DataFrame({"run_id": ["r0", "r1", "r2", "r3"], "algo_label": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1],
+                         "task_label": "t", "grid": [{}] * 4, "m": [9.0, 9.0, 9.0, 9.0]})  # fmt: skip
+    metrics = pd.DataFrame({
+        "run_id": ["r0", "r0", "r1", "r1", "r2", "r2", "r3"], "step": [0, 10, 0, 10, 0, 10, 10],
+        "samples": 0, "m": [1.0, 5.0, 1.2, 5.0, 0.1, 7.0, 7.0],
+    })  # fmt: skip
+    df = at_step(runs, metrics, 0)
+    assert df.set_index("run_id")["m"].to_dict() == pytest.approx({"r0": 1.0, "r1": 1.2, "r2": 0.1, "r3": math.nan}, nan_ok=True)
+    r = evaluate_rule(df, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b", step=0))
+    assert r["step"] == 0 and r["n"] == 1 and r["estimate"] == pytest.approx(1.1 - 0.1)
+    assert evaluate_rule(at_step(runs, metrics, 10), VerdictRule(claim="C1", metric="m", kind="less", a="a", b="b"))["verdict"] == "supported"
+    assert evaluate_rule(at_step(runs, metrics, 3), VerdictRule(claim="C1", metric="m", kind="less", a="a", b="b"))["verdict"] == "not measured"

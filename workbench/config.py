@@ -44,12 +44,24 @@ class RunConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="online: completions sampled per step (prompts x group_size)")
     group_size: int = Field(8, ge=1, description="online: completions per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
-    reward_model: str | None = Field(None, description="reward-model checkpoint to optimise instead of the gold reward")
+    reward_model: str | None = Field(
+        None, description="reward-model checkpoint to optimise instead of the gold reward, or 'fit': train a Bradley-Terry "
+        "reward model inside the run first (phase 2 of RLHF; workbench/pipeline.py)",
+    )  # fmt: skip
+    rm_steps: int = Field(200, ge=1, description="reward_model='fit': Bradley-Terry steps (64 pairs each)")
+    rm_pairs: int = Field(1024, ge=1, description="reward_model='fit': preference pairs, uniform completions, one sampled label each")
+    sft_warmup_steps: int = Field(0, ge=0, description="online runs: SFT steps on demonstrations first (phase 1 of RLHF); the result is pi_ref")
     eval_every: int = Field(10, ge=1, description="steps between exact/eval measurements")
+    probe_every: int = Field(100, ge=0, description="steps between gradient and credit probes (grad/..., credit/...; workbench.probe); 0 = off")
+    probe_minibatches: int = Field(16, ge=2, description="K, independent minibatch gradients drawn per probe")
     n_logged_samples: int = Field(4, ge=0, description="completions written to samples.jsonl per eval")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
     cpu_threads: int = Field(1, ge=1, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)")
     save_checkpoint: bool = Field(True, description="write the final model to checkpoint/")
+    backend: Literal["workbench", "trl"] = Field(
+        "workbench", description="who trains: the workbench loops, or TRL's own trainer for the same run (sft, rm, "
+        "dpo, ipo, grpo, rloo; see workbench/backends/trl_backend.py); same run folder and metric names",
+    )  # fmt: skip
 
 
 @dataclass
@@ -67,7 +79,23 @@ class Resolved:
 
     @property
     def config_hash(self) -> str:
-        return config_hash(self.to_dict())
+        return config_hash(_without_new_defaults(self.to_dict()))
+
+
+# fields added after runs were stored: at their default they stay out of the hash, so old run ids still match
+_HASH_EXEMPT_DEFAULTS = {("backend",): "workbench", ("model", "impl"): "hf", ("rm_steps",): 200, ("rm_pairs",): 1024,
+                         ("sft_warmup_steps",): 0, ("probe_every",): 100, ("probe_minibatches",): 16}  # fmt: skip
+
+
+def _without_new_defaults(d: dict) -> dict:
+    d = copy.deepcopy(d)
+    for path, default in _HASH_EXEMPT_DEFAULTS.items():
+        parent = d
+        for k in path[:-1]:
+            parent = parent.get(k, {})
+        if parent.get(path[-1], default) == default:
+            parent.pop(path[-1], None)
+    return d
 
 
 def config_hash(d: dict) -> str:
@@ -151,6 +179,13 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         task = task_cls(task_cfg)
     except ValueError as e:
         raise ConfigError(f"task {task_name!r}: {e}") from None
+    if (run.reward_model == "fit" or run.sft_warmup_steps) and (spec.kind != "online" or run.backend != "workbench"):
+        raise ConfigError(f"reward_model='fit' and sft_warmup_steps (workbench/pipeline.py) need an online algorithm on the "
+                          f"workbench backend; got {algo_name!r} on {run.backend!r}")
+    if run.backend == "trl":
+        from .backends.trl_backend import check_config
+
+        check_config(Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg))
     if spec.kind == "online":
         if run.group_size < spec.min_group_size:
             raise ConfigError(f"{algo_name} needs group_size >= {spec.min_group_size}, got {run.group_size}")

@@ -160,6 +160,13 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str | None]:
     elif lines:
         problem = f"truncated: line {len(lines)} has no end ({len(lines[-1])} bytes)"
         lines.pop()
+    try:  # every line at once (one parser call: about 2x faster); line by line to find a bad one
+        rows = json.loads(b"[" + b",".join(lines) + b"]")
+        if len(rows) == len(lines) and all(isinstance(r, dict) for r in rows):
+            return rows, problem
+    except ValueError:
+        pass
+    rows = []
     for i, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
@@ -491,7 +498,7 @@ def load_runs(results=None, study: str | None = None) -> pd.DataFrame:
     root = results_dir(results)
     df["path"] = [str(root / "runs" / r) for r in df["run_id"]]
     now = time.time()
-    df["stale"] = [row["status"] == "running" and is_stale(row, now) for _, row in df.iterrows()]
+    df["stale"] = [row["status"] == "running" and is_stale(row, now) for row in df.to_dict("records")]
     df["grid"] = df["grid"].map(lambda g: json.loads(g) if isinstance(g, str) else {})
     return df
 
@@ -529,7 +536,7 @@ def _load_metrics(results, study, run_ids, unpublished, columns, last: bool) -> 
         runs = runs[runs["run_id"].isin(set(run_ids))]
     want = None if columns is None else {"step", "samples", *columns}
     parquets, frames, issues = [], [], []
-    for _, r in runs.iterrows():
+    for r in runs.to_dict("records"):  # (iterrows builds a Series a row: 10x slower)
         d = Path(r["path"])
         pq_path = d / "metrics.parquet"
         if pq_path.exists():
@@ -647,19 +654,27 @@ def query(sql: str, results=None, study: str | None = None) -> pd.DataFrame:
 def metric_names(results=None, study: str | None = None) -> list[str]:
     """Every metric name the runs of ``study`` logged (published, and in progress), sorted.
 
-    Reads only the parquet footers (and the ``metrics.jsonl`` of unpublished runs); damaged
-    files are skipped here and reported by ``load_metrics``.
+    Reads parquet footers only, one run per config up to the seed (seeds of one config log
+    the same metrics), and the ``metrics.jsonl`` of unpublished runs. Damaged files are
+    skipped here (every footer is then read) and reported by ``load_metrics``.
     """
     import duckdb
     import pyarrow.parquet as pq
 
     runs = load_runs(results, study).drop_duplicates("run_id")
     names: set[str] = set()
-    paths = []
-    for _, r in runs.iterrows():
+    paths, every, configs = [], [], set()
+    for r in runs.to_dict("records"):
         d = Path(r["path"])
         if (d / "metrics.parquet").exists():
-            paths.append(str(d / "metrics.parquet"))
+            every.append(str(d / "metrics.parquet"))
+            try:
+                key = json.dumps({k: v for k, v in json.loads(r["config"]).items() if k != "seed"}, sort_keys=True)
+            except (TypeError, ValueError, AttributeError):
+                key = r["run_id"]
+            if key not in configs:
+                configs.add(key)
+                paths.append(every[-1])
         elif r["status"] != "queued":
             rows, _ = _read_jsonl(d / "metrics.jsonl")
             names.update(k for row in rows for k in row)
@@ -667,8 +682,8 @@ def metric_names(results=None, study: str | None = None) -> list[str]:
         con = duckdb.connect(":memory:")
         try:
             names.update(n for (n,) in con.execute("SELECT DISTINCT name FROM parquet_schema($p)", {"p": paths}).fetchall())
-        except Exception:  # noqa: BLE001  a damaged file: read the footers one by one
-            for p in paths:
+        except Exception:  # noqa: BLE001  a damaged file: every footer, one by one
+            for p in every:
                 try:
                     names.update(pq.ParquetFile(p).schema_arrow.names)
                 except Exception:  # noqa: BLE001
@@ -727,7 +742,7 @@ def load_verdicts(results=None) -> pd.DataFrame:
         except (OSError, ValueError, KeyError, TypeError) as e:
             issues.append({"path": str(f), "problem": f"{e.__class__.__name__}: {e}"})
             continue
-        here = lambda rel: str(f.parent / rel) if rel else None  # noqa: E731
+        here = lambda rel, d=f.parent: str(d / rel) if rel else None  # noqa: E731
         files = doc.get("report") or {}
         files = files if isinstance(files, dict) else {"file": files}
         report = next((here(files[k]) for k in ("pdf", "html", "md", "file") if files.get(k) and (f.parent / files[k]).exists()), None)
@@ -759,7 +774,7 @@ def load_credit(results=None, study: str | None = None, run_ids: Iterable[str] |
     if run_ids is not None:
         runs = runs[runs["run_id"].isin(set(run_ids))]
     records, issues = [], []
-    for _, r in runs.iterrows():
+    for r in runs.to_dict("records"):
         path = Path(r["path"]) / "credit.jsonl"
         if r["status"] == "queued" or not path.exists():
             continue
@@ -786,7 +801,7 @@ def load_probes(results=None, what: str = "gradients", study: str | None = None)
 
     runs = load_runs(results, study).drop_duplicates("run_id")
     frames, issues = [], []
-    for _, r in runs.iterrows():
+    for r in runs.to_dict("records"):
         path = Path(r["path"]) / f"probe_{what}.parquet"
         if not path.exists():
             continue

@@ -11,6 +11,8 @@ on the eval prompts otherwise. Files written to the run folder:
     config.json      the resolved config, its hash, the model summary
     metrics.jsonl    one JSON object per logged step: ``step``, ``samples`` and namespaced metrics
     samples.jsonl    a few rendered completions per eval
+    credit.jsonl     per-position credit-assignment data of each probe (``probe_every``; online, enumerable)
+    policy.npy       the final policy's exact log pi(y|x), (eval prompts, completions) (enumerable; ``store.load_policies``)
     status.json      {"status": "done" | "diverged", "step": ..., "reason": ...}
     checkpoint/      the final model (Hugging Face layout, safetensors)
 """
@@ -76,6 +78,10 @@ def _write_json(path: Path, d: dict) -> None:
 
 def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     """Run one configuration to completion. Returns ``{"status", "step", "final": metrics}``."""
+    if res.run.backend == "trl":  # the same run through TRL's own trainer (workbench/backends/trl_backend.py)
+        from .backends.trl_backend import train_trl
+
+        return train_trl(res, out, progress)
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
     out = Path(out)
     device = resolve_device(run.device)
@@ -93,16 +99,28 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         value_head = spec.value_head and getattr(acfg, "use_value_head", True)
         model = build_policy(task, run.model, run.seed, value_head, device)
         ref = model.frozen_copy()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    pipe = None
+    if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first (workbench/pipeline.py)
+        from .pipeline import Pipeline
+
+        pipe = Pipeline(res, model, device)
+        ref = pipe.ref  # the SFT policy
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay, fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(run.lr_schedule, run.steps))
 
     writer = RunWriter(out)
     cfg_dict = res.to_dict()
     writer.config({"config": cfg_dict, "config_hash": res.config_hash, "model": describe(model) if ref else {}})
     evaluator = Evaluator(res, ref, device)
+    prober = None
+    if run.probe_every and ref is not None:
+        from .probe import Prober
 
-    rm = None
-    if run.reward_model and spec.kind == "online":
+        prober = Prober(res, ref, evaluator.exact, device, out)
+
+    rm = pipe.rm if pipe is not None else None
+    if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
 
     dataset = spec.dataset(task, acfg, data_gen) if spec.kind == "offline" else None
@@ -116,6 +134,10 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
             row = {"step": step}
             if step % run.eval_every == 0 or step == run.steps:
                 row.update(evaluator(model, step, writer, gen))
+                if pipe is not None:
+                    row.update(pipe.measure(model, step, row))  # proxy vs gold reward: reward/proxy_*, rm/...
+            if prober is not None and (step % run.probe_every == 0 or step == run.steps):
+                row.update(prober(model, step))  # grad/..., credit/...: own generators, parameters untouched
             if step < run.steps:  # the last iteration only measures
                 if spec.kind == "online":
                     stats, n = online_step(res, model, ref, rm, opt, gen, data_gen, shuffle_gen, device, step)
@@ -138,6 +160,12 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         bar.close()
     if run.save_checkpoint and status["status"] == "done":
         model.save(out / "checkpoint")
+    if evaluator.exact is not None and status["status"] == "done":  # exact distances between runs' final policies
+        from .analysis.exact import exact_logprobs
+        from .store import publish_policy
+
+        with torch.no_grad():
+            publish_policy(out, exact_logprobs(model, task, evaluator.exact.prompts).cpu().numpy())
     writer.status(status)
     writer.close()
     return {**status, "final": final}
@@ -166,7 +194,7 @@ class Evaluator:
         task, run = self.res.task, self.res.run
         if self.res.spec.trains == "reward_model":
             return self._reward_model_metrics(model)
-        out = {}
+        out = {"model/n_params": sum(p.numel() for p in model.parameters())} if step == 0 else {}  # with a value head
         if self.exact is not None:
             out.update(self.exact.measure(model))
             if step == 0:
@@ -212,32 +240,55 @@ def score(res: Resolved, rm, prompts, comps) -> tuple[torch.Tensor, torch.Tensor
     return gold, steps, gold
 
 
+def rollout(res: Resolved, policy, ref, rm, prompts, gen, group_size: int) -> Rollout:
+    """Sample with the KV cache, then one no-grad pass for old log-probs/values and one for the reference.
+
+    ``prompts (B, Tp)`` with the ``group_size`` completions of a prompt on adjacent rows.
+    """
+    return _rollout(res, policy, ref, rm, prompts, gen, group_size, with_grad=False)[0]
+
+
+def _rollout(res: Resolved, policy, ref, rm, prompts, gen, group_size: int, with_grad: bool):
+    """``(rollout, policy output)``; ``with_grad``: the policy pass keeps its graph, so the loss of a
+    single update can reuse it (``old_logp`` is its detached value: rho = 1 exactly, as TRL's
+    ``num_iterations = 1``)."""
+    comps, _ = policy.sample(prompts, gen, res.run.temperature)  # (B, T)
+    with torch.set_grad_enabled(with_grad):
+        out = policy(prompts, comps)
+    with torch.no_grad():
+        ref_logp = ref(prompts, comps).logp
+    scores, step_rewards, gold = score(res, rm, prompts, comps)
+    old_logp = out.logp.detach()
+    old_values = out.values.detach() if out.values is not None else None
+    roll = Rollout(
+        prompts=prompts, completions=comps, mask=torch.ones_like(old_logp), old_logp=old_logp, ref_logp=ref_logp,
+        scores=scores, step_rewards=step_rewards, gold=gold, group_size=group_size, old_values=old_values,
+    )  # fmt: skip
+    return roll, out
+
+
 def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, shuffle_gen, device, step: int) -> tuple[dict, int]:
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
     G = run.group_size
     prompts = task.sample_prompts(run.batch_size // G, data_gen).repeat_interleave(G, 0).to(device)  # (B, Tp)
-    # rollout: sample with the KV cache, then one no-grad pass for old log-probs/values and one for the reference
-    comps, _ = policy.sample(prompts, gen, run.temperature)  # (B, T)
-    with torch.no_grad():
-        old = policy(prompts, comps)
-        ref_logp = ref(prompts, comps).logp
-    scores, step_rewards, gold = score(res, rm, prompts, comps)
-    roll = Rollout(
-        prompts=prompts, completions=comps, mask=torch.ones_like(old.logp), old_logp=old.logp, ref_logp=ref_logp,
-        scores=scores, step_rewards=step_rewards, gold=gold, group_size=G, old_values=old.values,
-    )  # fmt: skip
+    n_mb = spec.minibatches(acfg)
+    single = spec.epochs(acfg) == 1 and n_mb == 1  # one update per rollout: one policy pass serves old_logp and the loss
+    roll, live = _rollout(res, policy, ref, rm, prompts, gen, G, with_grad=single)
+    prompts, comps = roll.prompts, roll.completions
     with torch.no_grad():
         batch = spec.prepare(roll, acfg, run.beta)
     stats: dict = {}
     B = comps.shape[0]
-    n_mb = spec.minibatches(acfg)
     for _ in range(spec.epochs(acfg)):
         perm = torch.randperm(B, generator=shuffle_gen).to(device) if n_mb > 1 else torch.arange(B, device=device)
         for idx in perm.chunk(n_mb):
             if "first_wins" in batch:  # pairwise losses keep their pairs whole
                 idx = torch.arange(B, device=device)
-            mb = {k: (v[idx] if v.shape[:1] == (B,) else v) for k, v in batch.items()}
-            out = policy(prompts[idx], comps[idx])
+            if single:
+                mb, out = batch, live
+            else:
+                mb = {k: (v[idx] if v.shape[:1] == (B,) else v) for k, v in batch.items()}
+                out = policy(prompts[idx], comps[idx])
             loss, _, s = spec.loss(out, mb, acfg, run.beta)
             stats.update(s)
             stats["grad/norm"] = _update(policy, opt, loss, run.max_grad_norm, step)

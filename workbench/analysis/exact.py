@@ -11,7 +11,8 @@ For an enumerable task (A ** T completions per prompt, prompts ``x`` from
     kl/exact_to_optimal     E_x KL(pi(.|x) || pi*(.|x)),  pi* = pi_ref exp(r / beta) / Z(x)
 
 The log-probabilities of all completions come from A ** (T-1) prefixes in one batched
-teacher-forced pass each: the last position's distribution scores all A continuations.
+teacher-forced pass each: the last position's distribution scores all A continuations. A
+policy with a native GPT-2 walks a KV-cached prefix tree instead (``Policy.completion_logprobs``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch import Tensor
 def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 4096) -> Tensor:
     """``(P, A ** T)`` log pi(y | x) for every eval prompt and every completion (lexicographic order)."""
     prompts = task.eval_prompts() if prompts is None else prompts
+    if getattr(policy, "has_prefix_tree", False):  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
+        return policy.completion_logprobs(prompts.to(policy.device), chunk)
     A, T = task.n_actions, task.completion_len
     prefixes = task.all_completions()[:: A, :]  # (A^(T-1), T): every prefix, last token 0 as a placeholder
     dev = policy.device

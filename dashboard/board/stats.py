@@ -1,0 +1,112 @@
+"""Aggregation over seeds: means with t confidence bands, thinned curves, matched pairs of runs.
+
+Pure pandas / numpy, no Streamlit: the pages call these and the tests check them alone.
+
+    mean_s      = (1/n) sum_i x_i                      over the n seeds of one line at one step
+    half_width  = t_{0.975, n-1} * sd(x) / sqrt(n)     a 95% band (none with one seed)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+LEVEL = 0.95
+
+
+def t_quantile(n: np.ndarray | pd.Series, level: float = LEVEL) -> np.ndarray:
+    """Two-sided Student-t quantile for ``n`` samples (``n - 1`` degrees of freedom); NaN where n < 2."""
+    from scipy.special import stdtrit
+
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore"):
+        return np.where(n >= 2, stdtrit(np.maximum(n - 1, 1), 0.5 + level / 2), np.nan)
+
+
+def mean_band(df: pd.DataFrame, keys: list[str], value: str, level: float = LEVEL) -> pd.DataFrame:
+    """Per group of ``keys``: ``mean``, ``lo``, ``hi`` (t band over rows) and ``n`` of ``value``."""
+    g = df.groupby(keys, sort=True, observed=True)[value].agg(["mean", "std", "count"]).reset_index()
+    half = t_quantile(g["count"], level) * g["std"] / np.sqrt(g["count"])
+    g["lo"], g["hi"] = g["mean"] - half, g["mean"] + half
+    return g.rename(columns={"count": "n"}).drop(columns="std")
+
+
+def thin(steps: np.ndarray, max_points: int) -> np.ndarray:
+    """At most ``max_points`` of the sorted unique ``steps``, evenly spaced, always the first and last."""
+    u = np.unique(steps)
+    if len(u) <= max_points:
+        return u
+    k = math.ceil(len(u) / max_points)
+    return np.union1d(u[::k], u[-1:])
+
+
+def curves(m: pd.DataFrame, line_of: pd.Series, metric: str, max_points: int = 400) -> tuple[pd.DataFrame, int]:
+    """Mean and band over runs of ``metric`` per (line, step).
+
+    ``m``: run_id, step, samples, metric (long by step). ``line_of``: run_id -> line label;
+    runs not in it are dropped. Returns the frame (line, step, samples, mean, lo, hi, n) and
+    the stride kept (1: every logged step).
+    """
+    m = m.loc[m["run_id"].isin(line_of.index), ["run_id", "step", "samples", metric]]
+    m = m[m[metric].notna()]
+    if not len(m):
+        return pd.DataFrame(columns=["line", "step", "samples", "mean", "lo", "hi", "n"]), 1
+    keep = thin(m["step"].to_numpy(), max_points)
+    stride = max(1, round(len(np.unique(m["step"])) / max(len(keep), 1)))
+    m = m[m["step"].isin(keep)]
+    m = m.assign(line=m["run_id"].map(line_of))
+    out = mean_band(m, ["line", "step"], metric)
+    samples = m.groupby(["line", "step"], observed=True)["samples"].mean().rename("samples").reset_index()
+    out = out.merge(samples, on=["line", "step"])
+    return out[["line", "step", "samples", "mean", "lo", "hi", "n"]], stride
+
+
+def finals(final: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
+    """Mean and band over seeds of each final metric, one row per group of ``keys``."""
+    out = None
+    for m in metrics:
+        if m not in final:
+            continue
+        g = mean_band(final[final[m].notna()], keys, m).rename(
+            columns={"mean": m, "lo": f"{m}:lo", "hi": f"{m}:hi", "n": f"{m}:n"}
+        )
+        out = g if out is None else out.merge(g, on=keys, how="outer")
+    return out if out is not None else pd.DataFrame(columns=keys)
+
+
+def policy_distances(logp_a: np.ndarray, logp_b: np.ndarray) -> dict[str, float]:
+    """Exact distances between two policies given as log pi(y|x), ``(P, N)``, averaged over prompts x.
+
+    tv = E_x 1/2 sum_y |pi_a - pi_b|;  kl_ab = E_x KL(pi_a || pi_b);  kl_ba likewise.
+    """
+    a, b = np.asarray(logp_a, dtype=np.float64), np.asarray(logp_b, dtype=np.float64)
+    pa, pb = np.exp(a), np.exp(b)
+    return {
+        "tv": float(0.5 * np.abs(pa - pb).sum(-1).mean()),
+        "kl_ab": float((pa * (a - b)).sum(-1).mean()),
+        "kl_ba": float((pb * (b - a)).sum(-1).mean()),
+    }
+
+
+def pinsker_bound(kl_a: float | np.ndarray, kl_b: float | np.ndarray) -> np.ndarray:
+    """Upper bound on E_x TV(pi_a, pi_b) from each one's E_x KL(pi || pi*):
+
+    TV(a, b) <= TV(a, pi*) + TV(pi*, b) <= sqrt(KL(a || pi*) / 2) + sqrt(KL(b || pi*) / 2)
+    (triangle inequality, Pinsker, and Jensen over prompts), capped at 1.
+    """
+    kl_a, kl_b = np.clip(np.asarray(kl_a, float), 0, None), np.clip(np.asarray(kl_b, float), 0, None)
+    return np.minimum(np.sqrt(kl_a / 2) + np.sqrt(kl_b / 2), 1.0)
+
+
+def match_pairs(final: pd.DataFrame, a: str, b: str, shared: list[str]) -> pd.DataFrame:
+    """Runs of line ``a`` and line ``b`` (column ``method``) paired by task, seed and the ``shared`` grid keys.
+
+    Each of ``a``'s runs is paired with every run of ``b`` that agrees on those; columns of
+    each side get the suffix ``_a`` / ``_b``.
+    """
+    keys = ["task_label", "seed", *shared]
+    left = final[final["method"] == a]
+    right = final[final["method"] == b]
+    return left.merge(right, on=keys, suffixes=("_a", "_b"))

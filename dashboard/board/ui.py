@@ -1,0 +1,133 @@
+"""Pieces every page uses: the page context, the empty-store help, issue warnings, run filters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from . import data
+
+QUICKSTART = "workbench run studies/quickstart.toml --results {root}"
+
+
+@dataclass
+class Context:
+    root: Path
+    sig: tuple
+    study: str | None  # the study picked in the sidebar
+    studies: pd.DataFrame
+
+    def runs(self) -> pd.DataFrame:
+        return data.runs(self.root, self.study, self.sig)
+
+
+def sidebar() -> Context | None:
+    """The results folder and the study picker (bound to ``?study=`` in the URL); None for an empty store."""
+    root = data.results()
+    st.sidebar.caption(f"results: `{root}`")
+    if not data.has_index(root):
+        return None
+    sig = data.signature(root)
+    studies = data.studies(root, sig)
+    if not len(studies):
+        return None
+    names = list(studies["name"])
+    study = st.sidebar.selectbox("Study", names, key="study", bind="query-params", help="the study every page shows")
+    st.sidebar.button("Reload", key="reload", help="read the store again (pages also reload when runs finish)")
+    return Context(root, sig, study, studies)
+
+
+def empty_store(root: Path) -> None:
+    st.title("workbench dashboard")
+    st.info(f"No results in `{root}` yet.")
+    st.markdown(
+        "Run the quickstart (SFT, PPO, GRPO and DPO on an enumerable bandit, about 2 minutes on 2 CPU cores), "
+        "then reload this page:"
+    )
+    st.code(QUICKSTART.format(root=root), language="bash")
+    st.markdown(
+        "Or point the dashboard at another results folder: `workbench dashboard --results DIR`. "
+        "Every study file in `studies/` runs the same way: `workbench run studies/NAME.toml`."
+    )
+
+
+def show_issues(issues: list[dict], what: str = "run") -> None:
+    """A warning naming each skipped run and what is wrong with its files; the rest of the page still loads."""
+    if not issues:
+        return
+    st.warning(f"{len(issues)} {what}(s) could not be read and were skipped; the rest loaded.", icon="⚠️")
+    with st.expander("What was skipped"):
+        st.dataframe(pd.DataFrame(issues), hide_index=True)
+
+
+def filters(runs: pd.DataFrame, prefix: str, first_only: bool = True) -> pd.DataFrame:
+    """Multiselects for task, algorithm and each hyperparameter of the grid; returns the runs that pass.
+
+    A hyperparameter with several values starts at its first value when ``first_only`` (one
+    comparable setting per algorithm), else at all values. A run without a grid key (another
+    algorithm's parameter) is not filtered by it.
+    """
+    out = runs
+    cols = st.columns(2)
+    tasks = sorted(runs["task_label"].dropna().unique())
+    pick = cols[0].multiselect("Task", tasks, default=tasks, key=f"{prefix}_task")
+    out = out[out["task_label"].isin(pick)]
+    algos = list(dict.fromkeys(runs["algo_label"].dropna()))
+    pick = cols[1].multiselect("Algorithm", algos, default=algos, key=f"{prefix}_algo")
+    out = out[out["algo_label"].isin(pick)]
+    keys = grid_keys(runs)
+    if keys:
+        gcols = st.columns(min(len(keys), 4))
+        for i, k in enumerate(keys):
+            values = grid_values(runs, k)
+            default = values[:1] if first_only and len(values) > 1 else values
+            pick = gcols[i % len(gcols)].multiselect(k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str)
+            has = out["grid"].map(lambda g, k=k: k in g)
+            out = out[~has | out["grid"].map(lambda g, k=k, pick=pick: g.get(k) in pick)]
+    return out
+
+
+def grid_keys(runs: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(k for g in runs["grid"] for k in g))
+
+
+def grid_values(runs: pd.DataFrame, key: str) -> list:
+    vals = {g[key] for g in runs["grid"] if key in g}
+    try:
+        return sorted(vals)
+    except TypeError:
+        return sorted(vals, key=str)
+
+
+def line_labels(runs: pd.DataFrame, split: list[str]) -> pd.Series:
+    """run_id -> the line it belongs to: the algorithm label, plus the grid keys in ``split``; task when several."""
+    several_tasks = runs["task_label"].nunique() > 1
+
+    def label(r) -> str:
+        parts = [r["algo_label"]]
+        parts += [f"{k}={r['grid'][k]}" for k in split if k in r["grid"]]
+        if several_tasks:
+            parts.append(f"@{r['task_label']}")
+        return " ".join(parts)
+
+    runs = runs.drop_duplicates("run_id")
+    return pd.Series([label(r) for r in runs.to_dict("records")], index=runs["run_id"].to_numpy(), dtype=object)
+
+
+def varying(runs: pd.DataFrame) -> list[str]:
+    """Grid keys with more than one value among ``runs``."""
+    return [k for k in grid_keys(runs) if len(grid_values(runs, k)) > 1]
+
+
+def no_data(message: str, how: str | None = None) -> None:
+    st.info(message)
+    if how:
+        st.markdown(how)
+
+
+def current() -> Context:
+    """The context ``app.py`` set up for this rerun (results folder, index signature, study)."""
+    return st.session_state["ctx"]

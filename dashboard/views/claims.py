@@ -1,0 +1,89 @@
+"""Claims: each claim's verdict from the finished studies' reports, with its evidence and the report."""
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from board import data, ui
+
+CLAIMS = {  # CLAIMS.md, shortened
+    "C1": "RL uses stochastic gradient estimates; SFT is ordinary gradient descent on fixed targets",
+    "C2": "Policy gradients optimise non-differentiable rewards",
+    "C3": "Policy gradients are high-variance and need variance reduction",
+    "C4": "Sparse (last-token) reward makes credit assignment hard",
+    "C5": "Process (step-level) rewards beat outcome rewards",
+    "C6": "The KL-constrained RLHF objective reduces to a supervised loss (DPO) with optimum pi*",
+    "C7": "RLHF is three phases: SFT, a Bradley-Terry reward model, then RL",
+    "C8": "PPO for LLMs = token actions + KL penalty + value head + ratio clipping",
+    "C9": "GRPO drops the value network and keeps the effectiveness",
+    "C10": "Reasoning can emerge from pure RL on answer correctness",
+    "C11": "Agentic RL is closer to classic RL: multi-step episodes, tools, sparse success",
+    "C12": "Online RL learns from its own samples; DPO from a fixed batch",
+    "C13": "Whether supervised learning can replace RL remains open",
+}
+BADGE = {"supported": ":green-badge[supported]", "contradicted": ":red-badge[contradicted]",
+         "inconclusive": ":orange-badge[inconclusive]", "not measured": ":gray-badge[not measured]"}  # fmt: skip
+PAGES = {"Compare": "views/compare.py"}
+
+ctx = ui.current()
+st.title("Claims")
+st.caption(
+    "Each study names the claims it tests; `workbench report STUDY` decides each one (supported, contradicted or "
+    "inconclusive) with the figure and interval that decided it, and writes "
+    f"`{ctx.root}/reports/STUDY/verdicts.json` beside the report. A claim is never supported by a run that did "
+    "not measure it."
+)
+
+verdicts, issues = data.verdicts(ctx.root, data.reports_signature(ctx.root))
+ui.show_issues([{"run_id": "-", **i} for i in issues], what="report")
+studies = ctx.studies
+tested = {c: [s for s, cl in zip(studies["name"], studies["claims"]) if c in cl] for c in CLAIMS}
+rows = []
+for c, text in CLAIMS.items():
+    v = verdicts[verdicts["claim"] == c]
+    rows.append({"claim": c, "statement": text, "studies": ", ".join(tested[c]) or "-",
+                 "verdicts": ", ".join(f"{s}: {x}" for s, x in zip(v["study"], v["verdict"])) or
+                             ("no report yet" if tested[c] else "no study")})  # fmt: skip
+overview = pd.DataFrame(rows)
+st.dataframe(overview, hide_index=True, key="claims_table")
+if len(verdicts):
+    st.download_button("Download all verdicts (CSV)", verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
+                       file_name="verdicts.csv", mime="text/csv", key="claims_download_csv")  # fmt: skip
+
+st.subheader(f"Study {ctx.study}")
+row = studies[studies["name"] == ctx.study].iloc[0]
+mine = verdicts[verdicts["study"] == ctx.study]
+if not len(mine):
+    done = int(row["done"] + row["diverged"])
+    st.info(f"No report yet for {ctx.study} ({done}/{int(row['n_runs'])} runs finished).")
+    st.markdown(f"Decide its claims ({', '.join(row['claims'])}) with:")
+    st.code(f"workbench report {ctx.study} --results {ctx.root}", language="bash")
+    st.stop()
+
+report = mine["report"].dropna()
+if len(report) and Path(report.iloc[0]).exists():
+    path = Path(report.iloc[0])
+    mime = {".pdf": "application/pdf", ".html": "text/html", ".md": "text/markdown"}.get(path.suffix, "application/octet-stream")
+    st.download_button(f"Download the report ({path.name})", path.read_bytes(), file_name=f"{ctx.study}_{path.name}",
+                       mime=mime, key="claims_download_report", type="primary")  # fmt: skip
+st.caption(f"Report generated {mine['generated_at'].iloc[0] or '(time not recorded)'} · `{mine['path'].iloc[0]}`")
+for i, v in mine.reset_index(drop=True).iterrows():
+    with st.container(border=True):
+        st.markdown(f"**{v['claim']}** {BADGE.get(v['verdict'], v['verdict'])} {CLAIMS.get(v['claim'], '')}")
+        rules = v["rules"] or []
+        if not rules:
+            st.caption("No rule of the study measured this claim.")
+        for j, r in enumerate(rules):
+            est = r.get("estimate")
+            lo, hi = r.get("ci_low"), r.get("ci_high")
+            val = f" = {est:.4g}" if isinstance(est, (int, float)) and pd.notna(est) else ""
+            ci = f" (95% CI {lo:.4g} to {hi:.4g})" if all(isinstance(x, (int, float)) and pd.notna(x) for x in (lo, hi)) else ""
+            st.markdown(f"{BADGE.get(r.get('verdict'), r.get('verdict'))} {r.get('statement') or ''}  \n"
+                        f"Evidence: `{r.get('metric')}`{val}{ci}" + (f", n = {r['n']}" if r.get("n") else ""))  # fmt: skip
+            fig = r.get("figure")
+            if fig and Path(fig).exists():
+                st.image(fig, width=480)
+            if r.get("metric") and st.button(f"Open {r['metric']} in Compare", key=f"claims_goto_{i}_{j}"):
+                st.session_state["compare_goto"] = r["metric"]
+                st.switch_page(PAGES["Compare"])

@@ -1,0 +1,92 @@
+"""Frontier: final reward vs KL(pi || pi_ref) for every method, with the exact pi* frontier."""
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from board import charts, data, stats, ui
+
+ctx = ui.current()
+st.title("Frontier")
+st.caption(
+    "Where each method ends in the reward-KL plane (mean over seeds, 95% bands). For a KL coefficient beta "
+    "the best any policy can do is `pi*_beta = pi_ref exp(r / beta) / Z`: on an enumerable task every run logs "
+    "`KL(pi*_beta || pi_ref)` and `E_pi*[r]` at step 0 (`optimal/kl`, `optimal/reward`), exactly. The dashed "
+    "curve joins those optima over the betas this study ran (one diamond per beta; a denser beta grid traces "
+    "it more finely). A method on the curve has reached the KL-regularised optimum for its beta."
+)
+
+names = data.metric_names(ctx.root, ctx.study, ctx.sig)
+exact = "reward/exact" in names and "kl/exact" in names
+xs = [n for n in names if n.startswith("kl/") and not n.endswith("to_optimal")]
+ys = [n for n in names if n.startswith(("reward/", "objective/"))]
+if not xs or not ys:
+    ui.no_data(f"Study {ctx.study} logged no reward or KL metric yet.")
+    st.stop()
+c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
+x = c1.selectbox("KL (x)", xs, index=xs.index("kl/exact") if "kl/exact" in xs else 0, key="frontier_x")
+y = c2.selectbox("Reward (y)", ys, index=ys.index("reward/exact") if "reward/exact" in ys else 0, key="frontier_y")
+log_x = c3.checkbox("log x", key="frontier_log_x")
+paths = c4.checkbox("training paths", key="frontier_paths", help="the mean (KL, reward) at each evaluation")
+if not exact:
+    st.info("These runs' task is not enumerable: no exact frontier. Showing sampled estimates (`reward/eval`, the "
+            "`kl/k*_monitor` estimators).")  # fmt: skip
+
+cols = tuple(dict.fromkeys([x, y, "optimal/kl", "optimal/reward", "optimal/objective", "objective/exact", "kl/exact_to_optimal"]))
+final, issues = data.final(ctx.root, ctx.study, cols, ctx.sig)
+ui.show_issues(issues)
+final = final.drop_duplicates("run_id")
+tasks = sorted(final["task_label"].dropna().unique())
+task = st.selectbox("Task", tasks, key="frontier_task") if len(tasks) > 1 else tasks[0]
+final = final[final["task_label"] == task]
+final["beta"] = final["beta"].astype(float)
+other = [k for k in ui.varying(final) if k != "beta"]
+final["method"] = [r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in other if k in r["grid"]) for r in final.to_dict("records")]
+
+pts = stats.finals(final, ["method", "beta"], list(dict.fromkeys([x, y, "kl/exact_to_optimal", "objective/exact"])))
+if x not in pts or y not in pts:
+    st.info(f"No run of {task} logged {x} and {y}.")
+    st.stop()
+pts = pts.dropna(subset=[x, y])
+pts["beta "] = pts["beta"].map(lambda b: f"beta={b:g}")
+layers = [charts.scatter(pts, x, y, color="method", shape="beta ", log_x=log_x, tooltip=["method", "beta ", x, y])]
+
+front = pd.DataFrame()
+if {"optimal/kl", "optimal/reward"} <= set(final.columns) and x == "kl/exact" and y == "reward/exact":
+    opt = final.dropna(subset=["optimal/kl", "optimal/reward"])
+    if len(opt):
+        front = opt.groupby("beta", as_index=False)[["optimal/kl", "optimal/reward", "optimal/objective"]].mean()
+        front["label"] = front["beta"].map(lambda b: f"pi* beta={b:g}")
+        plot = front.rename(columns={"optimal/kl": x, "optimal/reward": y})
+        layers.append(charts.frontier(plot[plot[x] > 0] if log_x else plot, x, y, log_x))
+if paths:
+    m, issues = data.metrics(ctx.root, ctx.study, (x, y), ctx.sig)
+    m = m[m["run_id"].isin(set(final["run_id"]))].dropna(subset=[x, y])
+    m = m.merge(final[["run_id", "method", "beta"]], on="run_id")
+    path = m.groupby(["method", "beta", "step"], as_index=False)[[x, y]].mean()
+    path["track"] = path["method"] + " beta=" + path["beta"].map("{:g}".format)
+    X = alt.X(field=charts._q(x), type="quantitative", scale=alt.Scale(type="log") if log_x else alt.Scale(zero=False))
+    Y = alt.Y(field=charts._q(y), type="quantitative", scale=alt.Scale(zero=False))
+    layers.insert(0, alt.Chart(path).mark_line(opacity=0.35).encode(x=X, y=Y, detail="track:N", order="step:Q",
+                                                                     color=alt.Color("method:N", title=None, scale=charts.PALETTE)))  # fmt: skip
+st.altair_chart(alt.layer(*layers).properties(height=460), width="stretch", key="frontier_chart")
+if len(front):
+    st.markdown("**The exact frontier** (pi*_beta, mean over seeds: each seed's reference policy differs slightly)")
+    st.dataframe(front.drop(columns="label"), hide_index=True, key="frontier_optimum",
+                 column_config={c: st.column_config.NumberColumn(format="%.4f") for c in front.columns if c != "beta"})  # fmt: skip
+elif exact:
+    st.caption("The frontier is drawn for KL = kl/exact and reward = reward/exact.")
+
+show = pts[["method", "beta", x, f"{x}:lo", f"{x}:hi", y, f"{y}:lo", f"{y}:hi", f"{y}:n"]].rename(columns={f"{y}:n": "seeds"})
+if len(front):
+    show = show.merge(front[["beta", "optimal/objective"]], on="beta", how="left")
+    if "objective/exact" in pts:
+        show["objective gap to pi*"] = show["optimal/objective"].to_numpy() - pts["objective/exact"].to_numpy()
+    if "kl/exact_to_optimal" in pts:
+        show["KL(pi || pi*)"] = pts["kl/exact_to_optimal"].to_numpy()
+    show = show.drop(columns="optimal/objective")
+st.markdown("**Where each method ends** (final values, mean and 95% band over seeds)")
+st.dataframe(show, hide_index=True, key="frontier_table",
+             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in show.columns if c not in ("method", "beta", "seeds")})  # fmt: skip
+st.download_button("Download (CSV)", show.to_csv(index=False).encode(), file_name=f"{ctx.study}_frontier.csv",
+                   mime="text/csv", key="frontier_download")  # fmt: skip

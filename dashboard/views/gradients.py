@@ -1,0 +1,89 @@
+"""Gradients: SNR, variance and cosine to the true gradient vs batch size; objectives' cosines over training."""
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from board import charts, data, stats, ui
+
+STATS = {  # statistic -> (in-training metric, probe column, log scale by default)
+    "SNR  ||E g||^2 / tr Cov(g)": ("grad/snr", "snr", True),
+    "total variance  tr Cov(g)": ("grad/total_var", "total_var", True),
+    "cosine to the true gradient": ("grad/cos_true", "cos_true", False),
+    "cosine of the mean to the truth": ("grad/cos_mean_true", "cos_mean_true", False),
+}
+HOW = (
+    "Gradient measurements come from the probes (`workbench.probe`): during training every `probe_every` steps "
+    "(a `[settings]` entry of the study, default 50; `grad/snr`, `grad/total_var`, `grad/cos_true`, "
+    "`grad/cos_sft_rl`, `grad/cos_dpo_rl`), or on a finished run's checkpoint with "
+    "`workbench probe RUN_ID --what gradients --results DIR` (every objective at batch sizes 8, 32, 128, "
+    "written to `probe_gradients.parquet`). Run a study that measures them, e.g. "
+    "`workbench run studies/quickstart.toml`."
+)
+
+ctx = ui.current()
+st.title("Gradients")
+st.caption(
+    "RL gradients are Monte Carlo estimates; SFT's and DPO's are minibatch means over fixed data (claims C1, C3, C6). "
+    "At fixed parameters, K independent minibatch gradients g_1..g_K give tr Cov(g) (total variance), the SNR "
+    "||E g||^2 / tr Cov(g), and the cosine of each g_k to the true gradient (exact by enumeration on enumerable "
+    "tasks, the full-dataset gradient for offline objectives)."
+)
+
+names = data.metric_names(ctx.root, ctx.study, ctx.sig)
+grad_metrics = [n for n in names if n.startswith("grad/") and n != "grad/norm"]
+probe, probe_issues = data.probes(ctx.root, "gradients", ctx.study, ctx.sig)
+if not grad_metrics and not len(probe):
+    ui.no_data(f"No gradient measurements in the runs of study {ctx.study} (only `grad/norm`, the update's norm).", HOW)
+    st.stop()
+runs = ctx.runs().drop_duplicates("run_id")
+ui.show_issues(probe_issues)
+
+st.subheader("Noise vs batch size")
+c1, c2 = st.columns([3, 1])
+label = c1.radio("Statistic", list(STATS), horizontal=True, key="grad_stat")
+metric, col, log_default = STATS[label]
+log_y = c2.checkbox("log y", value=log_default, key="grad_log_y")
+if len(probe) and col in probe:
+    p = probe[np.isfinite(probe[col].astype(float))]  # an SNR is infinite where the estimator has no variance
+    if log_y:
+        p = p[p[col] > 0]
+    agg = stats.mean_band(p, ["objective", "batch_size"], col).rename(columns={"objective": "line", "batch_size": "batch size"})
+    st.altair_chart(charts.lines(agg, "batch size", label.split("  ")[0], log_x=True, log_y=log_y), width="stretch",
+                    key="grad_batch_chart")  # fmt: skip
+    st.caption(f"From `workbench probe --what gradients` on {p['run_id'].nunique()} checkpoint(s): every objective at "
+               "the same parameters; mean and 95% band over the probed runs.")  # fmt: skip
+    st.dataframe(agg, hide_index=True, key="grad_batch_table")
+elif metric in names:
+    m, issues = data.metrics(ctx.root, ctx.study, (metric,), ctx.sig)
+    ui.show_issues(issues)
+    m = m[np.isfinite(m[metric])]
+    per_run = m.groupby("run_id", as_index=False)[metric].mean().merge(runs[["run_id", "algo_label", "batch_size"]], on="run_id")
+    if log_y:
+        per_run = per_run[per_run[metric] > 0]
+    agg = stats.mean_band(per_run, ["algo_label", "batch_size"], metric).rename(columns={"algo_label": "line", "batch_size": "batch size"})
+    st.altair_chart(charts.lines(agg, "batch size", metric, log_x=True, log_y=log_y), width="stretch", key="grad_batch_chart")
+    st.caption(f"From the in-training probes: `{metric}` averaged over each run's probes, at the run's own batch size; "
+               f"mean and 95% band over seeds. Batch sizes in this study: {sorted(agg['batch size'].unique())}. "
+               "For every objective at several batch sizes, probe a checkpoint: `workbench probe RUN_ID --what gradients`.")  # fmt: skip
+    st.dataframe(agg, hide_index=True, key="grad_batch_table")
+else:
+    st.info(f"No run logged `{metric}`.")
+
+st.subheader("Over training")
+over = [n for n in grad_metrics if n.startswith("grad/cos_")] + [n for n in grad_metrics if not n.startswith("grad/cos_")]
+if not over:
+    st.info("No in-training gradient probes in these runs (`probe_every` = 0).")
+    st.stop()
+pick = st.selectbox("Measurement", over, key="grad_over", help="grad/cos_sft_rl, grad/cos_dpo_rl: cosine between the true "
+                    "gradient of SFT's / DPO's loss and the exact RL gradient, at the run's parameters")  # fmt: skip
+shown = ui.filters(runs, "grad")
+m, issues = data.metrics(ctx.root, ctx.study, (pick,), ctx.sig, tuple(sorted(set(shown["run_id"]))))
+ui.show_issues(issues)
+curve, _ = stats.curves(m, ui.line_labels(shown, ui.varying(runs)), pick)
+if len(curve):
+    st.altair_chart(charts.lines(curve, "step", pick), width="stretch", key="grad_over_chart")
+    last = curve.sort_values("step").groupby("line").tail(1)
+    st.dataframe(pd.DataFrame(last), hide_index=True, key="grad_over_table")
+else:
+    st.info(f"No run among those shown logged `{pick}`.")

@@ -1,0 +1,517 @@
+"""The dashboard on a store written by a real small study: every page through Streamlit's AppTest
+(widgets operated, values checked against the store), and end to end in headless Chromium.
+
+The study (built once per session, about 30 s on 2 cores): PPO and DPO (coverage 0.5 and 1.0)
+x 2 seeds x 10 steps on an enumerable bandit, with the in-training probes on, plus one
+checkpoint probe (``probe_gradients.parquet``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from workbench import store
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "dashboard" / "app.py"
+PAGES = ["studies", "compare", "frontier", "gradients", "credit", "convergence", "claims"]
+STUDY = "dash"
+CLI = [sys.executable, "-m", "workbench.cli"]
+
+pytestmark = pytest.mark.timeout(300)
+
+STUDY_TOML = f"""
+name = "{STUDY}"
+description = "dashboard test study"
+claims = ["C6", "C13"]
+seeds = [0, 1]
+
+[[tasks]]
+name = "bandit"
+n_arms = 4
+n_contexts = 2
+
+[budget]
+steps = 10
+batch_size = 16
+
+[settings]
+beta = 0.1
+eval_every = 5
+probe_every = 5
+probe_minibatches = 4
+model = {{ n_layer = 1, n_embd = 16, n_head = 2 }}
+
+[[algorithms]]
+name = "ppo"
+
+[[algorithms]]
+name = "dpo"
+grid = {{ "algo.coverage" = [0.5, 1.0] }}
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="session")
+def results(tmp_path_factory) -> Path:
+    """A results folder written by ``workbench run`` (and one ``workbench probe``): read-only for the tests."""
+    base = tmp_path_factory.mktemp("dashboard_store")
+    study = base / f"{STUDY}.toml"
+    study.write_text(STUDY_TOML)
+    res = base / "results"
+    out = subprocess.run([*CLI, "run", str(study), "--results", str(res), "--workers", "2", "--quiet"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    ppo = store.load_runs(res, STUDY).query("algo == 'ppo'")["run_id"].iloc[0]
+    out = subprocess.run([*CLI, "probe", ppo, "--results", str(res), "--what", "gradients", "--batch-sizes", "8", "16",
+                          "--minibatches", "4", "--objectives", "reinforce", "rloo", "ppo", "dpo"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return res
+
+
+@pytest.fixture
+def copy_of(results, tmp_path):
+    """A writable copy of the study's store (to damage, extend or report on)."""
+
+    def make() -> Path:
+        dst = tmp_path / "results"
+        shutil.copytree(results, dst, ignore=shutil.ignore_patterns("checkpoint"))
+        return dst
+
+    return make
+
+
+# -- AppTest helpers -----------------------------------------------------------------------------
+
+
+def app(results: Path, page: str | None = None, monkeypatch=None):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(results))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    if page:
+        at.switch_page(f"views/{page}.py")
+        at.run()
+    assert not at.exception, [e.message for e in at.exception]
+    return at
+
+
+def table(at, *columns: str) -> pd.DataFrame:
+    """The first table shown that has all of ``columns``."""
+    for d in at.dataframe:
+        df = d.value
+        if all(c in df.columns for c in columns):
+            return df
+    raise AssertionError(f"no table with columns {columns}; tables: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def charts(at) -> list[pd.DataFrame]:
+    """The data of each Vega-Lite chart on the page (AppTest gets the spec and its Arrow datasets)."""
+    out = []
+    for e in at.main:
+        if getattr(e, "type", "") == "vega_lite_chart":
+            out.append(pd.concat([pa.ipc.open_stream(d.data.data).read_pandas() for d in e.proto.datasets], ignore_index=True))
+    return out
+
+
+def texts(at) -> str:
+    parts = [x.value for kind in ("title", "markdown", "caption", "info", "warning", "subheader") for x in getattr(at, kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def final(results: Path) -> pd.DataFrame:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", store.LoadWarning)
+        df = store.load_final(results, STUDY)
+    df["coverage"] = [g.get("algo.coverage") for g in df["grid"]]
+    return df
+
+
+# -- every page ----------------------------------------------------------------------------------
+
+
+def test_empty_store_shows_the_quickstart(tmp_path, monkeypatch):
+    at = app(tmp_path / "nothing", monkeypatch=monkeypatch)
+    assert "No results in" in at.info[0].value
+    assert any("workbench run studies/quickstart.toml" in c.value for c in at.code)
+
+
+def test_studies_page_lists_runs_with_status_and_budget_and_opens_a_run(results, monkeypatch):
+    at = app(results, monkeypatch=monkeypatch)
+    assert at.title[0].value == "Studies"
+    studies = table(at, "name", "n_runs")
+    row = studies[studies["name"] == STUDY].iloc[0]
+    assert (row["n_runs"], row["done"], row["failed"]) == (6, 6, 0)
+    runs = table(at, "algorithm", "status", "consumed")
+    assert len(runs) == 6 and set(runs["status"]) == {"done"}
+    assert set(runs["algorithm"]) == {"ppo", "dpo"} and set(runs["step"]) == {10}
+    consumed = dict(zip(runs["algorithm"], runs["consumed"]))
+    assert consumed["ppo"] == "160 completions"  # 10 rounds x 16 completions
+    assert runs[runs["algorithm"] == "dpo"]["consumed"].str.endswith(" pairs").all()
+    assert "10 update rounds x 16 completions = up to 160 completions per run" in texts(at)
+
+    ppo = runs[runs["algorithm"] == "ppo"]["run_id"].iloc[0]
+    at.selectbox(key="run").set_value(ppo).run()
+    assert not at.exception
+    assert "status **done**" in texts(at)
+    last = table(at, "reward/exact")
+    m = store.load_metrics(results, run_ids=[ppo])
+    assert last["reward/exact"].iloc[0] == pytest.approx(m["reward/exact"].dropna().iloc[-1])
+    at.multiselect(key="run_metrics").set_value(["kl/exact"]).run()
+    assert list(table(at, "kl/exact").columns) == ["kl/exact"]
+    assert len(charts(at)) == 1
+
+
+def test_compare_page_mean_band_filters_and_scales(results, monkeypatch):
+    at = app(results, "compare", monkeypatch)
+    assert at.selectbox(key="compare_metric").value == "reward/exact"
+    assert at.multiselect(key="compare_grid_algo.coverage").value == [0.5]  # one setting per algorithm to start
+    last = table(at, "line", "mean", "lo", "hi", "n").set_index("line")
+    f = final(results)
+    assert set(last.index) == {"ppo", "dpo algo.coverage=0.5"}
+    ppo = f[f["algo"] == "ppo"]["reward/exact"]
+    assert last.loc["ppo", "mean"] == pytest.approx(ppo.mean())
+    assert last.loc["ppo", "n"] == 2
+    half = 12.706204736174698 * ppo.std(ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+    assert last.loc["ppo", "hi"] - last.loc["ppo", "mean"] == pytest.approx(half, rel=1e-6)
+    dpo = f[(f["algo"] == "dpo") & (f["coverage"] == 0.5)]["reward/exact"]
+    assert last.loc["dpo algo.coverage=0.5", "mean"] == pytest.approx(dpo.mean())
+    (chart,) = charts(at)
+    assert set(chart["line"]) == {"ppo", "dpo algo.coverage=0.5"} and set(chart["step"]) == {0, 5, 10}
+
+    # hyperparameter filter: both coverages, DPO only -> one line per coverage
+    at.multiselect(key="compare_algo").set_value(["dpo"]).run()
+    at.multiselect(key="compare_grid_algo.coverage").set_value([0.5, 1.0]).run()
+    last = table(at, "line", "mean").set_index("line")
+    assert set(last.index) == {"dpo algo.coverage=0.5", "dpo algo.coverage=1.0"}
+    full = f[(f["algo"] == "dpo") & (f["coverage"] == 1.0)]["reward/exact"]
+    assert last.loc["dpo algo.coverage=1.0", "mean"] == pytest.approx(full.mean())
+
+    # another metric, over samples, on log scales
+    at.selectbox(key="compare_metric").set_value("kl/exact").run()
+    at.radio(key="compare_x").set_value("samples").run()
+    at.checkbox(key="compare_log_y").check().run()
+    assert not at.exception
+    (chart,) = charts(at)
+    m = store.load_metrics(results, STUDY, columns=["kl/exact"]).dropna()
+    m = m.merge(f[["run_id", "algo", "coverage"]], on="run_id").query("algo == 'dpo' and step > 0")
+    assert (chart["mean"] > 0).all()
+    # step 0 has pi = pi_ref: kl/exact is 0 (left out of the log scale) or float32 noise of ~1e-8
+    trained = chart[chart["mean"] > 1e-6]
+    assert sorted(trained["samples"]) == pytest.approx(sorted(m.groupby(["coverage", "step"])["samples"].mean()))  # pairs consumed
+    assert len(trained) == len(chart) - 2 or "non-positive points left out of the log scale" in texts(at)
+    assert at.get("download_button")
+
+
+def test_frontier_page_shows_the_exact_optimum_and_where_methods_end(results, monkeypatch):
+    at = app(results, "frontier", monkeypatch)
+    f = final(results)
+    opt = table(at, "beta", "optimal/kl", "optimal/reward")
+    assert list(opt["beta"]) == [0.1]
+    assert opt["optimal/kl"].iloc[0] == pytest.approx(f["optimal/kl"].mean())
+    assert opt["optimal/reward"].iloc[0] == pytest.approx(f["optimal/reward"].mean())
+    ends = table(at, "method", "kl/exact", "reward/exact").set_index("method")
+    assert set(ends.index) == {"ppo", "dpo algo.coverage=0.5", "dpo algo.coverage=1.0"}
+    assert ends.loc["ppo", "reward/exact"] == pytest.approx(f[f["algo"] == "ppo"]["reward/exact"].mean())
+    assert ends.loc["ppo", "KL(pi || pi*)"] == pytest.approx(f[f["algo"] == "ppo"]["kl/exact_to_optimal"].mean())
+    assert (ends["objective gap to pi*"] > -1e-6).all()  # pi* maximises reward - beta KL
+    at.checkbox(key="frontier_paths").check().run()
+    at.selectbox(key="frontier_y").set_value("objective/exact").run()
+    assert not at.exception
+    ends = table(at, "method", "objective/exact").set_index("method")
+    assert ends.loc["ppo", "objective/exact"] == pytest.approx(f[f["algo"] == "ppo"]["objective/exact"].mean())
+
+
+def test_gradients_page_batch_sizes_from_the_probe_and_cosines_over_training(results, monkeypatch):
+    at = app(results, "gradients", monkeypatch)
+    probe = store.load_probes(results, "gradients", STUDY)
+    batch = table(at, "line", "batch size", "mean")
+    assert set(batch["line"]) <= {"reinforce", "rloo", "ppo", "dpo"} and set(batch["batch size"]) <= {8, 16}
+    row = batch[(batch["line"] == "rloo") & (batch["batch size"] == 16)].iloc[0]
+    assert row["mean"] == pytest.approx(probe.query("objective == 'rloo' and batch_size == 16")["snr"].iloc[0])
+    at.radio(key="grad_stat").set_value("cosine to the true gradient").run()
+    batch = table(at, "line", "batch size", "mean")
+    assert batch["mean"].between(-1, 1).all()
+
+    at.selectbox(key="grad_over").set_value("grad/cos_dpo_rl").run()
+    over = table(at, "line", "step", "mean").set_index("line")
+    m = store.load_metrics(results, STUDY, columns=["grad/cos_dpo_rl"])
+    ids = store.load_runs(results, STUDY).query("algo == 'ppo'")["run_id"]
+    last = m[m["run_id"].isin(ids)].dropna().sort_values("step").groupby("run_id").tail(1)
+    assert over.loc["ppo", "mean"] == pytest.approx(last["grad/cos_dpo_rl"].mean())
+
+
+def test_credit_page_heatmap_of_exact_and_estimated_advantages(results, monkeypatch):
+    at = app(results, "credit", monkeypatch)
+    heat = table(at, "t=0")
+    assert list(heat.index) == ["ppo · estimated", "ppo · exact"]
+    assert heat["t=0"].tolist() == pytest.approx([1.0, 1.0])  # one position: all of |A| is there
+    h, *over = charts(at)  # the heatmap, then estimated and exact over training
+    assert set(h["row"]) == {"ppo · estimated", "ppo · exact"}
+    assert len(over) == 2 and set(over[0]["probe step"]) == {0, 5, 10}  # probe_every = 5
+    at.radio(key="credit_view").set_value("mean |A|").run()
+    at.radio(key="credit_when").set_value("all (mean)").run()
+    heat = table(at, "t=0")
+    cr = store.load_credit(results, STUDY)
+    assert heat.loc["ppo · exact", "t=0"] == pytest.approx(cr["exact_abs"].mean())
+    assert heat.loc["ppo · estimated", "t=0"] == pytest.approx(cr["method_abs"].mean())
+    at.radio(key="credit_view").set_value("correlation with the exact A").run()
+    assert list(table(at, "t=0").index) == ["ppo · estimated"]
+    at.checkbox(key="credit_summaries").check().run()
+    assert at.selectbox(key="credit_summary").value == "credit/corr" and len(charts(at)) == 3
+
+
+def test_convergence_page_exact_distances_between_final_policies(results, monkeypatch):
+    at = app(results, "convergence", monkeypatch)
+    assert at.selectbox(key="conv_axis").value == "algo.coverage"
+    assert at.selectbox(key="conv_ref").value == "ppo"
+    cells = table(at, "method", "algo.coverage", "distance", "verdict")
+    assert set(cells["algo.coverage"]) == {"0.5", "1.0"} and set(cells["method"]) == {"dpo"}
+    runs = store.load_runs(results, STUDY)
+    pols = store.load_policies(results, runs["run_id"])
+    assert len(pols) == 6  # every run wrote its final policy
+    tv = []
+    for seed in (0, 1):
+        a = runs.query(f"algo == 'ppo' and seed == {seed}")["run_id"].iloc[0]
+        b = [r for r, g, s in zip(runs["run_id"], runs["grid"], runs["seed"]) if g.get("algo.coverage") == 1.0 and s == seed][0]
+        p, q = np.exp(pols[a].astype(float)), np.exp(pols[b].astype(float))
+        tv.append(0.5 * np.abs(p - q).sum(-1).mean())
+    assert cells.set_index("algo.coverage").loc["1.0", "distance"] == pytest.approx(np.mean(tv), rel=1e-5)
+    assert "Exact total variation" in texts(at)
+    at.slider(key="conv_threshold").set_value(0.5).run()
+    assert set(table(at, "verdict")["verdict"]) <= {"same policy", "part", "unclear"}
+
+
+def test_claims_page_without_and_with_a_report(copy_of, monkeypatch):
+    res = copy_of()
+    at = app(res, "claims", monkeypatch)
+    claims = table(at, "claim", "statement", "verdicts").set_index("claim")
+    assert claims.loc["C6", "studies"] == STUDY and claims.loc["C6", "verdicts"] == "no report yet"
+    assert claims.loc["C1", "verdicts"] == "no study"
+    assert f"workbench report {STUDY}" in "\n".join(c.value for c in at.code)
+
+    rep = res / "reports" / STUDY
+    rep.mkdir(parents=True)
+    (rep / "report.md").write_text("# report\n")
+    (rep / "report.html").write_text("<h1>report</h1>")
+    rule = {"claim": "C6", "metric": "kl/exact_to_optimal", "kind": "below", "a": "ppo", "b": None, "where": {},
+            "statement": "PPO ends near pi*.", "threshold": 1.0, "margin": None, "verdict": "supported",
+            "estimate": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 2, "figure": None}
+    (rep / "verdicts.json").write_text(json.dumps({  # as workbench.analysis.report writes it
+        "study": STUDY, "claims": ["C6", "C13"], "verdicts": {"C6": "supported", "C13": "not measured"}, "rules": [rule],
+        "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"}, "bibtex_id": "x",
+    }))  # fmt: skip
+    at = app(res, "claims", monkeypatch)
+    claims = table(at, "claim", "verdicts").set_index("claim")
+    assert claims.loc["C6", "verdicts"] == f"{STUDY}: supported"
+    assert claims.loc["C13", "verdicts"] == f"{STUDY}: not measured"
+    body = texts(at)
+    assert ":green-badge[supported]" in body and "PPO ends near pi*." in body and "(95% CI 0 to 0.02)" in body
+    # no PDF was written: the HTML report is the one offered
+    assert [b.label for b in at.get("download_button")][:2] == ["Download all verdicts (CSV)", "Download the report (report.html)"]
+    at.button(key="claims_goto_0_0").click().run()  # evidence: open the metric in Compare
+    assert at.title[0].value == "Compare" and at.selectbox(key="compare_metric").value == "kl/exact_to_optimal"
+
+
+def test_a_corrupt_and_a_running_run_show_warnings_and_the_rest_loads(copy_of, monkeypatch):
+    res = copy_of()
+    runs = store.load_runs(res, STUDY)
+    bad = runs.query("algo == 'ppo'")["run_id"].iloc[0]
+    (res / "runs" / bad / "metrics.parquet").write_bytes(b"not parquet")
+    # a study still running: one run claimed by this (live) process, halfway through its metrics file
+    with store.Store(res) as s:
+        cfg = json.loads(runs["config"].iloc[0])
+        s.register_study("live", "live.toml", "running now", ["C6"], "x", [{
+            "run_id": "live0000", "task": "bandit", "algo": "ppo", "seed": 9, "steps": 10, "unit": "completions",
+            "config": cfg, "task_label": "bandit", "algo_label": "ppo", "grid": {},
+        }])  # fmt: skip
+        assert s.claim("live0000", store.Owner.current()) == "claimed"
+    d = res / "runs" / "live0000"
+    d.mkdir()
+    (d / "metrics.jsonl").write_text('{"step": 0, "samples": 0, "reward/exact": 0.25}\n{"step": 1, "samples": 16, "rew')
+
+    at = app(res, "compare", monkeypatch)
+    assert "1 run(s) could not be read and were skipped" in at.warning[0].value
+    last = table(at, "line", "mean", "n").set_index("line")
+    assert last.loc["ppo", "n"] == 1 and last.loc["dpo algo.coverage=0.5", "n"] == 2  # the rest still loads
+
+    at.sidebar.selectbox(key="study").set_value("live").run()
+    at.switch_page("views/studies.py").run()
+    assert not at.exception
+    runs_shown = table(at, "algorithm", "status", "step")
+    assert runs_shown["status"].tolist() == ["running"] and runs_shown["step"].tolist() == [0]
+    assert "live: refreshing every" in texts(at)
+
+
+def test_the_dashboard_imports_only_the_store(results, tmp_path):
+    """Run every page in a fresh interpreter; no training code (nor torch) may be imported."""
+    script = textwrap.dedent(f"""
+        import os, sys
+        os.environ["WORKBENCH_RESULTS"] = {str(results)!r}
+        from streamlit.testing.v1 import AppTest
+        at = AppTest.from_file({str(APP)!r}, default_timeout=60)
+        at.run()
+        for page in {PAGES!r}:
+            at.switch_page(f"views/{{page}}.py")
+            at.run()
+            assert not at.exception, (page, [e.message for e in at.exception])
+        print(sorted(m for m in sys.modules if m == "torch" or m.startswith("workbench")))
+    """)  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "['workbench', 'workbench.store']"
+
+
+# -- end to end: `workbench dashboard` in headless Chromium -------------------------------------------
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
+
+
+def _chromium() -> str | None:
+    for c in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if c and Path(c).exists():
+            return c
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(results):
+    """``workbench dashboard`` on a free loopback port; stopped (its process group) afterwards."""
+    port = _free_port()
+    proc = subprocess.Popen([*CLI, "dashboard", "--results", str(results), "--port", str(port)], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                pytest.fail(f"workbench dashboard did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+            time.sleep(0.3)
+        yield url, port
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium and Playwright, or a skip that says what is missing (checked before the server starts)."""
+    path = _chromium()
+    if path is None:
+        pytest.skip("no Chromium: apt-get install -y chromium (.ci/run does), or set CHROMIUM=/path/to/chromium")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    return path
+
+
+def test_browser_every_page(chromium, server, results, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, port = server
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
+    assert not listening or all(line.split()[3].startswith("127.0.0.1:") for line in listening.splitlines())
+
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200})  # tall: Streamlit scrolls an inner container
+        page.set_default_timeout(30_000)
+        page.goto(url)
+
+        def heading(text: str):
+            expect(page.get_by_role("heading", name=text, level=1)).to_be_visible()
+
+        def shoot(name: str):
+            page.wait_for_timeout(800)  # charts and tables draw after their data arrives
+            page.screenshot(path=str(shots / f"{name}.png"))
+
+        def combo(label: str):
+            return page.get_by_role("combobox", name=label, exact=True)
+
+        def go(title: str):
+            page.get_by_role("link", name=title).click()
+            heading(title)
+
+        heading("Studies")
+        expect(page.get_by_text("Study dash")).to_be_visible()
+        expect(combo("Study")).to_have_value(STUDY)  # the sidebar's selectbox is a combobox
+        expect(page.get_by_text("160 completions per run")).to_be_visible()
+        combo("Run").click()
+        page.get_by_role("option").filter(has_text="ppo / bandit / seed 0").click()
+        expect(page.get_by_text("status done")).to_be_visible()
+        shoot("studies")
+
+        go("Compare")
+        expect(combo("Metric")).to_have_value("reward/exact")
+        expect(page.get_by_text("reward/exact at the last logged step")).to_be_visible()
+        combo("Metric").fill("kl/exact")  # typing filters the (virtualised) list of options
+        page.get_by_role("option", name="kl/exact", exact=True).click()
+        expect(combo("Metric")).to_have_value("kl/exact")
+        expect(page.get_by_text("kl/exact at the last logged step")).to_be_visible()
+        expect(page.locator("canvas, svg").first).to_be_visible()
+        shoot("compare")
+
+        go("Frontier")
+        expect(page.get_by_text("The exact frontier")).to_be_visible()
+        expect(combo("KL (x)")).to_have_value("kl/exact")
+        shoot("frontier")
+
+        go("Gradients")
+        expect(page.get_by_role("heading", name="Noise vs batch size")).to_be_visible()
+        expect(page.get_by_text("workbench probe --what gradients")).to_be_visible()
+        shoot("gradients")
+
+        go("Credit")
+        expect(page.get_by_text("share of |A| at each position").first).to_be_visible()
+        shoot("credit")
+
+        go("Convergence map")
+        expect(page.get_by_role("heading", name="Distance between final policies")).to_be_visible()
+        expect(page.get_by_text("Exact total variation")).to_be_visible()
+        shoot("convergence")
+
+        go("Claims")
+        expect(page.get_by_text("No report yet for dash")).to_be_visible()
+        shoot("claims")
+        browser.close()
+    assert sorted(f.stem for f in shots.glob("*.png")) == sorted(PAGES)
+    print(f"screenshots: {shots}")

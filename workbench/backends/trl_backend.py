@@ -1,0 +1,453 @@
+"""TRL as a second backend: the same run trained by TRL's own trainers.
+
+``backend = "trl"`` in a run config makes ``workbench.train.train`` call ``train_trl``: the
+same task, model (weights of the same seed), tokenizer, prompts, batch, step count,
+learning-rate schedule and KL coefficient, trained by
+
+    sft -> SFTTrainer    rm -> RewardTrainer    dpo, ipo -> DPOTrainer
+    grpo -> GRPOTrainer  rloo -> RLOOTrainer
+
+The run folder has the same files as a workbench run (``config.json``, ``metrics.jsonl``,
+``samples.jsonl``, ``status.json``, ``checkpoint/``), and TRL's logged metrics are renamed
+to ours where the meaning is the same (``METRIC_NAMES``); every other TRL metric is kept
+as ``trl/<name>``. A ``TrainerCallback`` writes one row per update and, every
+``eval_every`` updates, measures the trainer's model with the same ``Evaluator`` as the
+workbench loop (exact enumeration where the task allows it), so the dashboard and the
+reports overlay both backends. PPO, REINFORCE and online DPO have no counterpart in TRL
+1.16's core: ``check_config`` refuses them with a message (``ConfigError``).
+
+How the toy task reaches TRL:
+
+- prompts and completions are text ("<bos> p3" and " s1 s0 s2"), one word-level token per
+  word, so TRL tokenises exactly our ``Policy.input_ids``;
+- online trainers generate ``completion_len`` tokens from the action words only: every
+  other token id is in ``generation_kwargs["suppress_tokens"]`` (EOS included, so the
+  length is fixed and the completion mask is all ones). TRL's log-probs stay a softmax over
+  the whole vocabulary, its own definition; the exact metrics read the action-restricted
+  policy, as for workbench runs;
+- the reward function maps the generated token ids back to action indices and calls the
+  task's reward (or the reward model), the same ``score`` the workbench loop uses;
+- SFT data is passed tokenised, without the EOS TRL would append to text completions; DPO
+  and reward-model pairs are text, and TRL appends EOS to each completion (its convention,
+  pinned in ``tests/test_trl_parity.py``).
+
+Unit conversions (fixed-length completions of T tokens, mask all ones): TRL logs the KL as
+a mean per token, ours as a sum over the completion (mean over sequences), so
+``kl/k3_loss`` = T x TRL's ``kl``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError, Resolved
+from ..policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, describe, resolve_device, word_ids
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TRL_TRAINERS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer", "ipo": "DPOTrainer",
+                "grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}  # fmt: skip
+NO_COUNTERPART = {
+    "ppo": "TRL 1.16 has no PPO in its core (PPOTrainer moved to trl.experimental and is being removed)",
+    "reinforce": "TRL 1.16 has no plain REINFORCE trainer (its RLOOTrainer is REINFORCE with a leave-one-out baseline: algo 'rloo')",
+    "online_dpo": "TRL 1.16 has no online DPO in its core (OnlineDPOTrainer moved to trl.experimental)",
+}
+
+# TRL's logged name -> ours, per algorithm, where the meaning is the same
+_COMMON = {"grad_norm": "grad/norm"}
+METRIC_NAMES = {
+    "grpo": {**_COMMON, "loss": "loss/policy", "reward": "reward/mean", "reward_std": "reward/std",
+             "clip_ratio/region_mean": "clip/ratio"},
+    "rloo": {**_COMMON, "reward": "reward/mean", "reward_std": "reward/std"},  # its loss value is a surrogate: trl/loss
+    "sft": {**_COMMON, "loss": "loss/sft"},
+    "dpo": {**_COMMON, "loss": "loss/dpo", "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
+            "rewards/accuracies": "rewards/accuracies", "rewards/margins": "rewards/margins"},
+    "rm": {**_COMMON, "loss": "loss/rm", "accuracy": "rm/accuracy", "margin": "rm/margin"},
+}  # fmt: skip
+METRIC_NAMES["ipo"] = METRIC_NAMES["dpo"]
+_DROPPED = ("learning_rate", "epoch", "total_flos", "train_runtime", "train_samples_per_second",
+            "train_steps_per_second", "train_loss", "step_time")  # fmt: skip
+
+
+# -- configuration ------------------------------------------------------------------------------
+
+
+class NoTRLCounterpart(ConfigError):
+    """The algorithm has no trainer in TRL's core: a study can list it as such instead of failing."""
+
+    def __init__(self, algo: str):
+        super().__init__(f"backend 'trl': {NO_COUNTERPART[algo]}; use backend 'workbench' for {algo!r}")
+        self.algo, self.reason = algo, NO_COUNTERPART[algo]
+
+
+def check_config(res: Resolved) -> None:
+    """Refuse, with a message, what TRL cannot run as configured. Called by ``config.resolve``."""
+    name, acfg = res.spec.name, res.algo_cfg
+    if name in NO_COUNTERPART:
+        raise NoTRLCounterpart(name)
+    if name not in TRL_TRAINERS:
+        raise ConfigError(f"backend 'trl' has no trainer for {name!r}; supported: {', '.join(sorted(TRL_TRAINERS))}")
+    problems = []
+    if res.run.model.arch != "gpt2" and res.run.model.impl == "native":
+        problems.append("model.impl 'native' is GPT-2 only")
+    if name in ("dpo", "ipo", "rm") and acfg.labels == "soft":
+        problems.append(f"TRL's {TRL_TRAINERS[name]} takes hard preference labels: set algo.labels = 'sampled'")
+    if name == "grpo":
+        if acfg.kl_estimator != "k3":
+            problems.append("GRPOTrainer's KL term is the k3 estimator: set algo.kl_estimator = 'k3'")
+        if acfg.minibatches != 1:
+            problems.append("one minibatch per rollout only (algo.minibatches = 1)")
+        if acfg.eps != 1e-4:
+            problems.append("GRPOTrainer's std epsilon is fixed at 1e-4 (algo.eps)")
+    if name == "rloo":
+        if acfg.kl_in != "reward" or acfg.kl_estimator != "k1":
+            problems.append("RLOOTrainer puts the k1 KL in the reward: algo.kl_in = 'reward', algo.kl_estimator = 'k1'")
+        if acfg.aggregation != "sequence_sum":
+            problems.append("RLOOTrainer's loss is a mean over sequences of summed log-probs: algo.aggregation = 'sequence_sum'")
+    if name == "sft" and acfg.aggregation != "token_mean":
+        problems.append("SFTTrainer's loss is a mean over completion tokens: algo.aggregation = 'token_mean'")
+    if problems:
+        raise ConfigError(f"backend 'trl', algo {name!r}: " + "; ".join(problems))
+
+
+def trl_args(res: Resolved, out_dir: str | Path, batch_size: int, **kw) -> dict:
+    """Arguments every TRL config gets: CPU/offline settings and the run's optimiser and schedule."""
+    run = res.run
+    on_cpu = resolve_device(run.device).type == "cpu"
+    return dict(
+        output_dir=str(out_dir), use_cpu=on_cpu, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=run.seed, data_seed=run.seed, max_steps=run.steps,
+        per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=run.lr,
+        lr_scheduler_type=run.lr_schedule, warmup_steps=0, weight_decay=run.weight_decay,
+        max_grad_norm=run.max_grad_norm, optim="adamw_torch", logging_steps=1, logging_nan_inf_filter=False,
+        dataloader_num_workers=0, **kw,
+    )  # fmt: skip
+
+
+# -- the task as text ---------------------------------------------------------------------------
+
+
+class Codec:
+    """Task indices <-> the text and token ids TRL sees."""
+
+    def __init__(self, task, tokenizer):
+        self.task, self.tokenizer = task, tokenizer
+        self.action_ids = torch.tensor(word_ids(tokenizer, task.action_words))
+        self.prompt_ids = torch.tensor(word_ids(tokenizer, task.prompt_words))
+        self.to_action = torch.full((len(tokenizer),), -1, dtype=torch.long)
+        self.to_action[self.action_ids] = torch.arange(len(self.action_ids))
+
+    def prompt_text(self, prompt: torch.Tensor) -> str:
+        """``<bos> w1 w2``: tokenises to ``Policy.input_ids(prompt)``."""
+        bos = [self.tokenizer.bos_token] if self.tokenizer.bos_token is not None else []
+        return " ".join(bos + [self.task.prompt_words[i] for i in prompt.tolist()])
+
+    def completion_text(self, completion: torch.Tensor) -> str:
+        return "".join(" " + self.task.action_words[i] for i in completion.tolist())
+
+    def prefix_ids(self, prompt: torch.Tensor) -> list[int]:
+        bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        return bos + self.prompt_ids[prompt].tolist()
+
+    def completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
+        """Generated token ids ``B x [T]`` -> action indices ``(B, T)``."""
+        comps = self.to_action[torch.tensor(completion_ids, dtype=torch.long)]
+        if (comps < 0).any():
+            raise RuntimeError("TRL generated a token outside the task's action words")
+        return comps
+
+    def suppressed(self) -> list[int]:
+        """Every token id that is not an action word: kept out of generation."""
+        return sorted(set(range(len(self.tokenizer))) - set(self.action_ids.tolist()))
+
+
+def online_dataset(res: Resolved, codec: Codec):
+    """The prompt stream of the run (same generator seed as the workbench loop), as a ``datasets.Dataset``."""
+    import datasets
+
+    run = res.run
+    data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)
+    n = max(1, run.steps) * (run.batch_size // run.group_size)
+    prompts = res.task.sample_prompts(n, data_gen)
+    return datasets.Dataset.from_dict(
+        {"prompt": [codec.prompt_text(p) for p in prompts], "prompt_idx": prompts.tolist()}
+    )
+
+
+def offline_dataset(res: Resolved, codec: Codec):
+    """The run's fixed dataset (``spec.dataset`` with the workbench seed), as TRL's dataset format."""
+    import datasets
+
+    data_gen = torch.Generator().manual_seed(res.run.seed + 1_000_003)
+    data = res.spec.dataset(res.task, res.algo_cfg, data_gen)
+    if res.spec.name == "sft":  # tokenised: no EOS appended, loss on the completion only
+        rows = [(codec.prefix_ids(p), codec.action_ids[c].tolist()) for p, c in zip(data["prompts"], data["completions"], strict=True)]
+        return datasets.Dataset.from_dict({
+            "input_ids": [p + c for p, c in rows], "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in rows],
+        })  # fmt: skip
+    return datasets.Dataset.from_dict({
+        "prompt": [codec.prompt_text(p) for p in data["prompts"]],
+        "chosen": [codec.completion_text(c) for c in data["chosen"]],
+        "rejected": [codec.completion_text(r) for r in data["rejected"]],
+    })  # fmt: skip
+
+
+class RewardFunction:
+    """GRPO/RLOO reward function: generated ids -> action indices -> the run's reward (``train.score``)."""
+
+    def __init__(self, res: Resolved, codec: Codec, rm=None):
+        self.res, self.codec, self.rm = res, codec, rm
+        self.__name__ = "task_reward"  # TRL names reward functions by __name__
+        self.gold: list[float] = []  # gold-reward means since the last log
+
+    def __call__(self, prompts, completions, completion_ids, prompt_idx, **kwargs) -> list[float]:
+        from ..train import score
+
+        p = torch.tensor(prompt_idx, dtype=torch.long)
+        c = self.codec.completions(completion_ids)
+        with torch.no_grad():
+            _, step_rewards, gold = score(self.res, self.rm, p, c)
+        self.gold.append(gold.mean().item())
+        return step_rewards.sum(-1).tolist()  # the total the workbench advantages see
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def _callback_class():
+    from transformers import TrainerCallback
+
+    class WorkbenchCallback(TrainerCallback):
+        """Writes TRL's logs as workbench metric rows and measures the model every ``eval_every`` updates.
+
+        Row ``s`` holds the measurement of the model before update ``s`` (when due) and the
+        statistics of update ``s``, as in ``workbench.train``; the last row (``s = steps``)
+        only measures.
+        """
+
+        def __init__(self, res, writer, evaluator, wrap, reward_fn, per_step, completion_len):
+            self.res, self.writer, self.evaluator, self.wrap = res, writer, evaluator, wrap
+            self.reward_fn, self.per_step, self.T = reward_fn, per_step, completion_len
+            self.names = METRIC_NAMES[res.spec.name]
+            self.row: dict | None = None
+            self.final: dict = {}
+            self.gen = torch.Generator().manual_seed(res.run.seed)
+            self.t0 = time.perf_counter()
+            self.diverged: tuple[int, str] | None = None
+
+        def _measure(self, model, step: int) -> dict:
+            if step % self.res.run.eval_every and step != self.res.run.steps:
+                return {}
+            was_training = model.training
+            model.eval()
+            try:
+                return self.evaluator(self.wrap(model), step, self.writer, self.gen)
+            finally:
+                model.train(was_training)
+
+        def _flush(self) -> None:
+            if self.row is None:
+                return
+            s = self.row["step"]
+            self.row["samples"] = s * self.per_step + (self.per_step if s < self.res.run.steps else 0)
+            self.row["time/elapsed_s"] = time.perf_counter() - self.t0
+            self.writer.log(self.row)
+            self.final.update(self.row)
+            self.row = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            self._flush()
+            s = state.global_step
+            self.row = {"step": s, **self._measure(model, s)}
+            if optimizer is not None:
+                self.row["lr"] = optimizer.param_groups[0]["lr"]
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.row is None or not logs:
+                return
+            for k, v in logs.items():
+                if k in _DROPPED or k.startswith("rewards/task_reward/") or not isinstance(v, (int, float)):
+                    continue
+                if k == "kl":
+                    if self.res.spec.name == "grpo":
+                        self.row["kl/k3_loss"] = v * self.T  # TRL: mean per token; ours: sum over the completion
+                    elif self.res.spec.name == "rloo":
+                        self.row["kl/k1_reward"] = v * self.T
+                    else:
+                        self.row["trl/kl"] = v
+                    continue
+                self.row[self.names.get(k, f"trl/{k}")] = v
+            if self.reward_fn is not None and self.reward_fn.gold:
+                self.row["reward/gold_mean"] = sum(self.reward_fn.gold) / len(self.reward_fn.gold)
+                self.reward_fn.gold.clear()
+            loss = logs.get("loss")
+            if loss is not None and not math.isfinite(loss):
+                self.diverged = (state.global_step - 1, f"non-finite loss {loss}")
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self._flush()
+            if self.diverged is None:
+                self.row = {"step": self.res.run.steps, **self._measure(model, self.res.run.steps)}
+                self._flush()
+
+    return WorkbenchCallback
+
+
+# -- the trainers -------------------------------------------------------------------------------
+
+
+def _hf_model(task, mcfg: ModelConfig, seed: int):
+    """The run's initial policy as a transformers model (a native GPT-2 is converted; same weights)."""
+    model, tok = build_model(task, mcfg, seed)
+    if not hasattr(model, "generate"):  # workbench.native_gpt2.NativeGPT2
+        model = model.to_hf()
+    return model, tok
+
+
+def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
+    """``(trainer, tokenizer, codec, reward_fn)``: the TRL trainer for this run, nothing started.
+
+    ``work`` holds TRL's output_dir and, for GRPO/RLOO, the initial model saved as a local
+    directory (TRL rebuilds the reference model from the path when beta > 0).
+    """
+    import datasets
+    import trl
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+    run, task, name, acfg = res.run, res.task, res.spec.name, res.algo_cfg
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "rm":
+        rmodel = build_reward_model(task, run.model.model_copy(update={"impl": "hf"}), run.seed)
+        model, tok = rmodel.model, rmodel.tokenizer
+    else:
+        model, tok = _hf_model(task, run.model, run.seed)
+    codec = Codec(task, tok)
+    out_dir = work / "trl_output"
+    reward_fn = None
+    if name in ("grpo", "rloo"):
+        model_dir = work / "initial_model"
+        model.save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
+        reward_fn = RewardFunction(res, codec, rm)
+        G = run.group_size
+        common = dict(
+            num_generations=G, max_completion_length=task.completion_len, temperature=run.temperature, beta=run.beta,
+            num_iterations=acfg.epochs if name == "grpo" else 1, log_completions=False,
+            generation_kwargs={"suppress_tokens": codec.suppressed()},
+        )  # fmt: skip
+        if run.model.dtype != "float32":
+            common["model_init_kwargs"] = {"dtype": run.model.dtype}
+        if name == "grpo":
+            loss_type = {"sequence_mean": "grpo", "token_mean": "dapo", "constant": "dr_grpo"}.get(acfg.aggregation)
+            if loss_type is None:
+                raise ConfigError(f"backend 'trl': GRPOTrainer has no aggregation {acfg.aggregation!r}")
+            args = trl.GRPOConfig(
+                **trl_args(res, out_dir, run.batch_size), **common, loss_type=loss_type,
+                scale_rewards=acfg.scale_rewards, epsilon=acfg.clip_eps_low, epsilon_high=acfg.clip_eps_high,
+                use_bias_correction_kl=acfg.kl_ratio_correction,
+            )  # fmt: skip
+            cls = trl.GRPOTrainer
+        else:
+            args = trl.RLOOConfig(**trl_args(res, out_dir, run.batch_size), **common, normalize_advantages=acfg.normalize_advantages)
+            cls = trl.RLOOTrainer
+        trainer = cls(
+            model=str(model_dir), reward_funcs=reward_fn, args=args, train_dataset=online_dataset(res, codec),
+            processing_class=tok, callbacks=list(callbacks),
+        )  # fmt: skip
+    elif name == "sft":
+        args = trl.SFTConfig(**trl_args(res, out_dir, acfg.batch_size), completion_only_loss=True)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=offline_dataset(res, codec), processing_class=tok,
+                                 callbacks=list(callbacks))  # fmt: skip
+    elif name in ("dpo", "ipo"):
+        ref_model, _ = _hf_model(task, run.model, run.seed)
+        args = trl.DPOConfig(**trl_args(res, out_dir, acfg.batch_size), beta=run.beta, loss_type=acfg.loss_type)
+        trainer = trl.DPOTrainer(model=model, ref_model=ref_model.requires_grad_(False), args=args,
+                                 train_dataset=offline_dataset(res, codec), processing_class=tok,
+                                 callbacks=list(callbacks))  # fmt: skip
+    elif name == "rm":
+        args = trl.RewardConfig(**trl_args(res, out_dir, acfg.batch_size))
+        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=offline_dataset(res, codec),
+                                    processing_class=tok, callbacks=list(callbacks))  # fmt: skip
+    else:  # pragma: no cover - check_config refuses it first
+        raise ConfigError(f"backend 'trl' has no trainer for {name!r}")
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log dict
+    return trainer, tok, codec, reward_fn
+
+
+def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
+    """Run one configuration with TRL. Returns ``{"status", "step", "final": metrics}`` as ``train``."""
+    from ..train import Evaluator, RunWriter
+
+    check_config(res)
+    run, task, spec = res.run, res.task, res.spec
+    out = Path(out)
+    device = resolve_device(run.device)
+    if device.type == "cpu":
+        torch.set_num_threads(run.cpu_threads)
+    torch.manual_seed(run.seed)
+    writer = RunWriter(out)
+    work = Path(tempfile.mkdtemp(prefix="trl_", dir=out))
+    try:
+        rm = None
+        if run.reward_model and spec.kind == "online":
+            rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
+        if spec.trains == "reward_model":
+            ref, wrap = None, None
+        else:  # the reference of the exact metrics: the initial policy, restricted to the action words
+            ref_model, ref_tok = build_model(task, run.model, run.seed)
+            ref = Policy(ref_model, ref_tok, task).to(device).requires_grad_(False).eval()
+        trainer, tok, codec, reward_fn = build_trainer(res, work, rm=rm)
+        if spec.trains == "reward_model":
+            def wrap(m):  # noqa: E306
+                return RewardModel(m, tok, task)
+        else:
+            wrapper = Policy(trainer.model, tok, task).to(device)
+
+            def wrap(m):
+                wrapper.model = m
+                return wrapper
+
+        per_step = run.batch_size if spec.kind == "online" else res.algo_cfg.batch_size
+        cb = _callback_class()(res, writer, Evaluator(res, ref, device), wrap, reward_fn, per_step, task.completion_len)
+        trainer.add_callback(cb)
+        cfg_dict = res.to_dict()
+        summary = describe(wrap(trainer.model)) if ref is not None else {}
+        writer.config({"config": cfg_dict, "config_hash": res.config_hash, "model": summary,
+                       "backend": {"name": "trl", "trainer": TRL_TRAINERS[spec.name], "trl_version": _trl_version()}})  # fmt: skip
+        trainer.train()
+        status = {"status": "done", "step": run.steps}
+        if cb.diverged is not None:
+            status = {"status": "diverged", "step": cb.diverged[0], "reason": cb.diverged[1]}
+        if run.save_checkpoint and status["status"] == "done":
+            trainer.model.save_pretrained(out / "checkpoint")
+            tok.save_pretrained(out / "checkpoint")
+        writer.status(status)
+        return {**status, "final": cb.final}
+    finally:
+        writer.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _trl_version() -> str:
+    import trl
+
+    return trl.__version__

@@ -1,0 +1,148 @@
+"""The three-phase RLHF pipeline inside one run (claim C7): SFT, a Bradley-Terry reward model, RL.
+
+Set on an online run with ``sft_warmup_steps`` and/or ``reward_model = "fit"``:
+
+    phase 1  SFT: ``sft_warmup_steps`` steps of masked NLL on the task's demonstrations
+             (``run.batch_size`` per step, ``run.lr``). The result is both the starting
+             policy and the reference pi_ref of the RL phase, as the SFT model is in
+             InstructGPT; every exact KL of the run is measured from it.
+    phase 2  reward model: ``rm_steps`` steps of the Bradley-Terry loss (64 pairs per step,
+             ``run.lr``) on ``rm_pairs`` preference pairs of uniformly drawn completions,
+             each labelled once by sampling P(a > b) = sigmoid(r(a) - r(b)) (finite, noisy
+             preferences, as from people). The model is then frozen.
+    phase 3  the run's own algorithm against the reward model's score (``reward/mean``),
+             the gold reward only measured (``reward/gold_mean``, ``reward/exact``).
+
+A Bradley-Terry model fitted to labels drawn at temperature 1 estimates r(x, y) + c(x): its
+scores are in the gold reward's units up to a constant per prompt, which cancels in a gain
+over the same prompts. So on enumerable tasks the run logs, at every measurement,
+
+    reward/proxy_exact    E_x sum_y pi(y|x) r_RM(x, y)              (exact)
+    reward/proxy_gain     reward/proxy_exact - its value at step 0  (what the RL phase sees)
+    reward/gold_gain      reward/exact - its value at step 0        (what it gets)
+    rm/overoptimisation   reward/proxy_gain - reward/gold_gain      (Gao et al. 2022, arXiv 2210.10760)
+
+against ``kl/exact``, the KL from the start (the SFT policy). At step 0 it logs the
+phases' own figures: ``pipeline/sft_loss``, ``pipeline/rm_loss``, ``rm/exact_accuracy``
+(share of all pairs of completions with different gold rewards that the reward model
+orders like the gold reward) and ``rm/gold_correlation`` (over every completion).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .algorithms import reward_model as rm_algo
+from .algorithms import sft
+from .analysis.exact import exact_logprobs
+from .config import Resolved
+from .policy import build_reward_model
+
+SEED_OFFSET = 3_000_017  # the pipeline's own data streams, apart from the run's prompt and sampling streams
+
+
+def wanted(run) -> bool:
+    return run.reward_model == "fit" or run.sft_warmup_steps > 0
+
+
+class Pipeline:
+    """Runs phases 1 and 2 on construction; ``ref`` and ``rm`` then serve phase 3; ``measure`` logs."""
+
+    def __init__(self, res: Resolved, policy, device):
+        self.res, self.task = res, res.task
+        run = res.run
+        self.stats: dict[str, float] = {}
+        if run.sft_warmup_steps:
+            self.stats["pipeline/sft_loss"] = sft_warmup(res, policy, device)
+        self.ref = policy.frozen_copy()
+        self.rm = None
+        self.scores = None  # (P, N) the reward model's score of every completion (enumerable tasks)
+        if run.reward_model == "fit":
+            self.rm, loss = fit_reward_model(res, device)
+            self.stats["pipeline/rm_loss"] = loss
+            if self.task.enumerable:
+                self.scores, gold = all_scores(self.rm, self.task, device)
+                self.stats.update(rm_quality(self.scores, gold))
+        self.start: dict[str, float] = {}
+
+    @torch.no_grad()
+    def measure(self, policy, step: int, row: dict) -> dict:
+        """Proxy vs gold at a measurement step (``row`` holds the evaluator's ``reward/exact``)."""
+        out = dict(self.stats) if step == 0 else {}
+        if self.scores is None or "reward/exact" not in row:
+            return out
+        p = exact_logprobs(policy, self.task, self.task.eval_prompts()).cpu().exp()  # (P, N)
+        now = {"proxy": (p * self.scores).sum(-1).mean().item(), "gold": row["reward/exact"]}
+        if not self.start:
+            self.start = now
+        proxy_gain, gold_gain = now["proxy"] - self.start["proxy"], now["gold"] - self.start["gold"]
+        out.update({"reward/proxy_exact": now["proxy"], "reward/proxy_gain": proxy_gain, "reward/gold_gain": gold_gain,
+                    "rm/overoptimisation": proxy_gain - gold_gain})  # fmt: skip
+        return out
+
+
+def sft_warmup(res: Resolved, policy, device) -> float:
+    """Phase 1, in place on ``policy``: SFT on demonstrations. Returns the last loss."""
+    run = res.run
+    cfg = sft.SFTConfig(batch_size=run.batch_size)
+    gen = torch.Generator().manual_seed(run.seed + SEED_OFFSET)
+    data = sft.dataset(res.task, cfg, gen)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    loss = torch.tensor(float("nan"))
+    for _ in range(run.sft_warmup_steps):
+        idx = torch.randint(0, cfg.n_demos, (cfg.batch_size,), generator=gen)
+        batch = {k: v[idx].to(device) for k, v in data.items()}
+        loss, _, _ = sft.step(policy, None, batch, cfg, run.beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), run.max_grad_norm)
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def fit_reward_model(res: Resolved, device):
+    """Phase 2: a Bradley-Terry reward model on ``rm_pairs`` sampled-label pairs. Returns ``(frozen rm, last loss)``."""
+    run, task = res.run, res.task
+    cfg = rm_algo.RewardModelConfig(pairs="random", n_pairs=run.rm_pairs, labels="sampled", bt_temperature=1.0)
+    gen = torch.Generator().manual_seed(run.seed + 2 * SEED_OFFSET)
+    data = rm_algo.preference_dataset(task, cfg, gen)
+    rm = build_reward_model(task, run.model, run.seed).to(device)
+    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    bs = min(cfg.batch_size, run.rm_pairs)
+    loss = torch.tensor(float("nan"))
+    for _ in range(run.rm_steps):
+        idx = torch.randperm(run.rm_pairs, generator=gen)[:bs]
+        batch = {k: v[idx].to(device) for k, v in data.items()}
+        loss, _, _ = rm_algo.step(rm, None, batch, cfg, run.beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(rm.parameters(), run.max_grad_norm)
+        opt.step()
+    return rm.eval().requires_grad_(False), loss.item()
+
+
+@torch.no_grad()
+def all_scores(rm, task, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, gold)``, each ``(P, N)``: the reward model's and the gold reward of every completion."""
+    prompts, comps = task.eval_prompts(), task.all_completions()
+    P, N = len(prompts), len(comps)
+    px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
+    scores = torch.cat([rm(px[i : i + 4096].to(device), cx[i : i + 4096].to(device)).cpu() for i in range(0, P * N, 4096)])
+    return scores.view(P, N), task.reward(px, cx).float().view(P, N)
+
+
+def rm_quality(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """``rm/exact_accuracy`` over every pair with different gold rewards, ``rm/gold_correlation`` over every completion."""
+    right = total = 0.0
+    for s, g in zip(scores, gold):  # per prompt: (N, N) sign agreement
+        dg = g[:, None] - g[None, :]
+        ds = s[:, None] - s[None, :]
+        differ = dg != 0
+        right += ((torch.sign(ds) == torch.sign(dg)) & differ).sum().item()
+        total += differ.sum().item()
+    out = {"rm/exact_accuracy": right / total if total else float("nan")}
+    s, g = scores.reshape(-1), gold.reshape(-1)
+    if s.std() > 0 and g.std() > 0:
+        out["rm/gold_correlation"] = torch.corrcoef(torch.stack([s, g]))[0, 1].item()
+    return out
