@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+# The dashboard's browser test drives Debian's Chromium through Playwright (`playwright install`
+# would download a browser; this uses the system one). Skipped when it is already there.
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null
+fi
 # cffconvert validates CITATION.cff; it pins an old jsonschema, so it lives in its own venv
 if [ ! -x .venv-tools/bin/cffconvert ]; then
   ${PYTHON:-python3} -m venv .venv-tools && .venv-tools/bin/python -m pip install -q cffconvert 2>&1 | grep -v "is ignored" || true
