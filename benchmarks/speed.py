@@ -25,7 +25,9 @@ Sections
               of 4 seeds one by one, and 2 processes of 4 seeds stacked as a batch dimension
               (``workbench.seeds.train_seeds``); the figure is completions/s over the study's
               wall time (model building and the evaluations at the start and end included)
-              against TRL's single-run completions/s from the grpo section.
+              against TRL's single-run completions/s from the grpo section. In brackets: the
+              CPU seconds of the busiest process (the wall time the study would take on cores
+              no other process uses) against TRL's completions per CPU-second.
 
 Both systems use the same number of torch threads per process (``--threads``, default 1;
 the study's parallel run uses 2 processes x 1 thread on a 2-core machine). The workbench's
@@ -181,7 +183,7 @@ def _train_seeds(args: tuple) -> float:
     return time.process_time() - t
 
 
-def study(steps: int, n_seeds: int, procs: int, trl_rate: float | None) -> dict:
+def study(steps: int, n_seeds: int, procs: int, trl_rate: float | None, trl_cpu_rate: float | None) -> dict:
     """Wall time of 8 seeds x ``steps`` updates: sequential, ``procs`` processes, ``procs`` processes of stacked seeds."""
     seeds = list(range(n_seeds))
     chunks = [seeds[i::procs] for i in range(procs)]
@@ -207,7 +209,7 @@ def study(steps: int, n_seeds: int, procs: int, trl_rate: float | None) -> dict:
         if trl_rate:
             line += f" = {completions / wall / trl_rate:.2f}x TRL's per-seed {trl_rate:.0f}"
         line += f"   [{busiest[how]:.1f} CPU s: {completions / busiest[how]:.0f}/s"
-        line += f" = {completions / busiest[how] / trl_rate:.2f}x]" if trl_rate else "]"
+        line += f" = {completions / busiest[how] / trl_cpu_rate:.2f}x TRL's {trl_cpu_rate:.0f} per CPU-second]" if trl_cpu_rate else "]"
         print(line, flush=True)
     best = min(walls.values())
     out["best_completions_per_s"] = completions / best
@@ -233,10 +235,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs, {a.threads} thread(s) per process; medians of {reps} interleaved repeats; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
     results = []
-    trl_rate = None
+    trl_rate = trl_cpu_rate = None
     if "grpo" in a.sections:
         r = compare("grpo", online(4, 60 // k, a.threads), 10 // k, reps, 32, "completions/s")
-        trl_rate = r["trl"]
+        trl_rate, trl_cpu_rate = r["trl"], r["trl_cpu"]
         results.append(r)
     if "grpo_8x" in a.sections:
         results.append(compare("grpo_8x", online(32, 16 // k, a.threads), 4 // k, reps, 256, "completions/s"))
@@ -245,7 +247,7 @@ def main() -> None:
     if "sft" in a.sections:
         results.append(compare("sft", offline("sft", 60 // k, a.threads), 10 // k, reps, 1, "updates/s"))
     if "study" in a.sections:
-        results.append(study(100 // k, 8, 2, trl_rate))
+        results.append(study(100 // k, 8, 2, trl_rate, trl_cpu_rate))
     print(f"load average at the end {os.getloadavg()[0]:.1f} (other processes on the machine inflate wall times)")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))

@@ -70,7 +70,7 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     """
     check_batchable(reses)
     r0 = reses[0]
-    run, task, spec = r0.run, r0.task, r0.spec
+    run, task = r0.run, r0.task
     S, outs = len(reses), [Path(o) for o in outs]
     device = resolve_device(run.device)
     if device.type == "cpu":

@@ -410,21 +410,17 @@ def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         rm = None
         if run.reward_model and spec.kind == "online":
             rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
-        if spec.trains == "reward_model":
-            ref, wrap = None, None
-        else:  # the reference of the exact metrics: the initial policy, restricted to the action words
+        ref = None
+        if spec.trains != "reward_model":  # the reference of the exact metrics: the initial policy, on the action words
             ref_model, ref_tok = build_model(task, run.model, run.seed)
             ref = Policy(ref_model, ref_tok, task).to(device).requires_grad_(False).eval()
         trainer, tok, codec, reward_fn = build_trainer(res, work, rm=rm)
-        if spec.trains == "reward_model":
-            def wrap(m):  # noqa: E306
-                return RewardModel(m, tok, task)
-        else:
-            wrapper = Policy(trainer.model, tok, task).to(device)
+        wrapper = (RewardModel if ref is None else Policy)(trainer.model, tok, task).to(device)
 
-            def wrap(m):
-                wrapper.model = m
-                return wrapper
+        def wrap(m):
+            """The trainer's model seen through the workbench interface the evaluator measures."""
+            wrapper.model = m
+            return wrapper
 
         per_step = run.batch_size if spec.kind == "online" else res.algo_cfg.batch_size
         cb = _callback_class()(res, writer, Evaluator(res, ref, device), wrap, reward_fn, per_step, task.completion_len)
