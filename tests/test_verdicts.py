@@ -37,6 +37,10 @@ OVER = frame({"a": [1.0, 0.2, 0.7, 0.4, 0.9], "b": [0.8, 0.3, 0.6, 0.9, 0.1]})
         (dict(kind="equivalent", a="a", b="a2", margin=0.1), frame({"a": [1.0, 1.01, 0.99, 1.0], "a2": [1.0, 1.0, 1.01, 0.99]}), "supported"),
         (dict(kind="equivalent", a="a", b="b", margin=0.1), SEP, "contradicted"),
         (dict(kind="equivalent", a="a", b="b", margin=0.1), OVER, "inconclusive"),
+        (dict(kind="noninferior", a="a", b="b", margin=0.1), SEP, "supported"),  # better is not worse
+        (dict(kind="noninferior", a="b", b="a", margin=0.1), SEP, "contradicted"),  # 0.5 worse, beyond 0.1
+        (dict(kind="noninferior", a="b", b="a", margin=0.6), SEP, "supported"),  # 0.5 worse, within 0.6
+        (dict(kind="noninferior", a="a", b="b", margin=0.05), OVER, "inconclusive"),
     ],
 )
 def test_rule_verdicts_follow_the_interval(rule, data, expected):
@@ -79,6 +83,8 @@ def test_rule_validation():
         VerdictRule(claim="C1", metric="m", kind="greater", a="a")
     with pytest.raises(ValueError):
         VerdictRule(claim="C1", metric="m", kind="below", a="a", threshold=1, typo=3)
+    with pytest.raises(ValueError, match="'noninferior' rule needs 'margin'"):
+        VerdictRule(claim="C1", metric="m", kind="noninferior", a="a", b="b")
 
 
 def test_bootstrap_ci_is_seeded_and_covers_the_mean():

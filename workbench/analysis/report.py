@@ -199,6 +199,8 @@ def _rule_text(r: dict) -> str:
         core = f"{r['metric']} of {side['a']} {r['kind']} {r['threshold']}"
     elif r["kind"] == "equivalent":
         core = f"|{r['metric']}({side['a']}) - {r['metric']}({side['b']})| < {r['margin']}"
+    elif r["kind"] == "noninferior":
+        core = f"{r['metric']}: {side['a']} > {side['b']} - {r['margin']}"
     else:
         core = f"{r['metric']}: {side['a']} {'>' if r['kind'] == 'greater' else '<'} {side['b']}"
     at = f", at step {r['step']}" if r.get("step") is not None else ""

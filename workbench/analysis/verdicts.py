@@ -6,13 +6,7 @@ TOML). A rule compares a metric's final value across seeds:
     below / above     mean_a < threshold (> threshold)
     greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups share them
     equivalent        |mean_a - mean_b| < margin
-
-A group is the runs of one algorithm label, narrowed by ``where`` (grid values, or
-``task`` = a task label); ``a_where`` / ``b_where`` narrow one side only, so one algorithm
-can be compared with itself across tasks or grid points (``a = b = "reinforce"``,
-``a_where = {task = "process"}``, ``b_where = {task = "outcome"}``). A rule reads each
-run's final value of the metric, or with ``step`` the value logged at that update step
-(``step = 0``: every run of a seed at the same initial parameters).
+    noninferior       mean_a - mean_b > -margin (a is at most ``margin`` worse than b)
 
 and each gets a 95% bootstrap confidence interval of its statistic (the mean for
 below/above, the difference of means otherwise). The verdict follows the interval only:
@@ -20,6 +14,13 @@ below/above, the difference of means otherwise). The verdict follows the interva
     supported     the whole interval lies on the claim's side
     contradicted  the whole interval lies on the other side
     inconclusive  the interval straddles the boundary (or too few seeds to have one)
+
+A group is the runs of one algorithm label, narrowed by ``where`` (grid values, or
+``task`` = a task label); ``a_where`` / ``b_where`` narrow one side only, so one algorithm
+can be compared with itself across tasks or grid points (``a = b = "reinforce"``,
+``a_where = {task = "process"}``, ``b_where = {task = "outcome"}``). A rule reads each
+run's final value of the metric, or with ``step`` the value logged at that update step
+(``step = 0``: every run of a seed at the same initial parameters).
 
 A claim's verdict combines its rules: contradicted if any rule is, supported if all are,
 else inconclusive. A rule whose metric no run logged yields ``not measured`` and no
@@ -51,25 +52,25 @@ class VerdictRule(BaseModel):
 
     claim: str = Field(description="claim id from CLAIMS.md, e.g. 'C6'")
     metric: str = Field(description="metric name (docs/metrics.md), final value per run")
-    kind: Literal["below", "above", "greater", "less", "equivalent"] = Field(description="what supports the claim")
+    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(description="what supports the claim")
     a: str = Field(description="group label: an algorithm label of the study")
-    b: str | None = Field(None, description="second group label, for greater/less/equivalent")
+    b: str | None = Field(None, description="second group label, for greater/less/equivalent/noninferior")
     where: dict[str, object] = Field(default_factory=dict, description="grid values or task label both groups must have")
     a_where: dict[str, object] = Field(default_factory=dict, description="more filters for group a only, merged over 'where'")
     b_where: dict[str, object] = Field(default_factory=dict, description="more filters for group b only, merged over 'where'")
     step: int | None = Field(None, ge=0, description="read the metric at this update step instead of its final value")
     threshold: float | None = Field(None, description="for below/above")
-    margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this")
+    margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less")
     statement: str = Field("", description="what the rule checks, in words, for the report")
 
     @model_validator(mode="after")
     def _needs(self) -> VerdictRule:
         if self.kind in ("below", "above") and self.threshold is None:
             raise ValueError(f"a '{self.kind}' rule needs 'threshold'")
-        if self.kind in ("greater", "less", "equivalent") and self.b is None:
+        if self.kind in ("greater", "less", "equivalent", "noninferior") and self.b is None:
             raise ValueError(f"a '{self.kind}' rule needs 'b'")
-        if self.kind == "equivalent" and self.margin is None:
-            raise ValueError("an 'equivalent' rule needs 'margin'")
+        if self.kind in ("equivalent", "noninferior") and self.margin is None:
+            raise ValueError(f"an '{self.kind}' rule needs 'margin'")
         if self.b is None and self.b_where:
             raise ValueError("'b_where' needs 'b'")
         if self.b is not None and self.a == self.b and self.where_a == self.where_b:
@@ -136,6 +137,7 @@ def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label") -> pd.
     from scipy.stats import ttest_ind
 
     groups = {k: g[metric].dropna().to_numpy(float) for k, g in final.groupby(group) if metric in g}
+    groups = {k: x for k, x in groups.items() if len(x)}  # a group that never logged the metric is not compared
     names = sorted(groups)
     rows = []
     for i, a in enumerate(names):
@@ -242,7 +244,10 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule) -> dict:
             else:
                 verdict = "inconclusive"
             return {**out, "verdict": verdict, "estimate": est, "ci_low": lo, "ci_high": hi, "n": n}
-        boundary, side = 0.0, (1 if rule.kind == "greater" else -1)
+        if rule.kind == "noninferior":
+            boundary, side = -rule.margin, 1
+        else:
+            boundary, side = 0.0, (1 if rule.kind == "greater" else -1)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         verdict = "inconclusive"
     elif (side > 0 and lo > boundary) or (side < 0 and hi < boundary):
