@@ -1,33 +1,44 @@
-"""Inference across seeds and verdicts on claims, computed from a study's final metrics.
+"""Verdicts on claims, computed from a study's final metrics over seeds.
 
 A study states, as data, what would support each claim it tests (``[[verdicts]]`` in its
 TOML). A rule compares a metric's final value across seeds:
 
     below / above     mean_a < threshold (> threshold)
-    greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups share them
+    greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups have the same seeds
     equivalent        |mean_a - mean_b| < margin
     noninferior       mean_a - mean_b > -margin (a is at most ``margin`` worse than b)
 
-and each gets a 95% bootstrap confidence interval of its statistic (the mean for
-below/above, the difference of means otherwise). The verdict follows the interval only:
+Each gets an interval of its statistic from ``workbench.analysis.stats.difference_interval``
+(Student t for a mean, paired t for seed-paired differences, Welch otherwise; or a BCa
+bootstrap when the study asks for it), at the study's level (95% by default). A rule's
+verdict, in this order:
 
-    supported     the whole interval lies on the claim's side
-    contradicted  the whole interval lies on the other side
-    inconclusive  the interval straddles the boundary (or too few seeds to have one)
+    not measured        a side has no run, or no finished run logged the metric
+    unstable            failures = "exclude" and more than a fifth of a side's runs failed or diverged
+    insufficient seeds  a side has fewer than ``min_seeds`` usable values (study default 5, never below 3)
+    supported           the whole interval lies on the claim's side
+    contradicted        the whole interval lies on the other side
+    inconclusive        the interval straddles the boundary
+
+Failed and diverged runs never lend a value logged before their failure: with
+``failures = "exclude"`` (default) they are dropped and counted, with ``failures =
+"worst"`` they take the rule's declared ``worst`` value (for stability claims).
+
+A claim is supported only if every one of its rules is (an intersection-union test: each
+rule is a level-alpha test, and the claim's test needs no further correction). A claim
+with any rule not measured or short of seeds is ``incomplete``; else ``contradicted`` if
+any rule is; else ``unstable`` if any rule is; else ``inconclusive``.
 
 A group is the runs of one algorithm label, narrowed by ``where`` (grid values, or
 ``task`` = a task label); ``a_where`` / ``b_where`` narrow one side only, so one algorithm
-can be compared with itself across tasks or grid points (``a = b = "reinforce"``,
-``a_where = {task = "process"}``, ``b_where = {task = "outcome"}``). A rule reads each
-run's final value of the metric, or with ``step`` the value logged at that update step
-(``step = 0``: every run of a seed at the same initial parameters).
+can be compared with itself across tasks or grid points. A rule reads each run's final
+value of the metric, or with ``step`` the value logged at that update step.
 
-A claim's verdict combines its rules: contradicted if any rule is, supported if all are,
-else inconclusive. A rule whose metric no run logged yields ``not measured`` and no
-verdict: a claim is never decided by a run that did not measure it.
-
-Pairwise comparisons between all groups use Welch's t-test with Holm's step-down
-correction for the number of comparisons.
+The report's pairwise table compares groups within one task and grid point only (paired
+t when the runs pair by seed, Welch otherwise), Holm-corrected within each metric; groups
+without spread get no p-value. Across tasks or grid points, ``aggregate`` gives the
+interquartile mean and the probability of improvement with stratified bootstrap intervals
+(Agarwal et al. 2021, arXiv 2108.13264).
 """
 
 from __future__ import annotations
@@ -40,9 +51,24 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-CONFIDENCE = 0.95
-N_RESAMPLES = 9999
-SEED = 0  # the bootstrap is seeded: the same results give the same report
+from .stats import LEVEL, difference_interval
+
+SEED = 0  # bootstraps are seeded: the same results give the same report
+AGGREGATE_RESAMPLES = 2000
+VERDICTS = ("supported", "contradicted", "inconclusive", "unstable", "insufficient seeds", "not measured")
+CLAIM_VERDICTS = ("supported", "contradicted", "inconclusive", "unstable", "incomplete", "not measured")
+FAILED = ("diverged", "failed")
+MAX_FAILED_SHARE = 0.2  # more failed runs than this on a side: the rule is unstable
+
+
+class Statistics(BaseModel):
+    """How a study's verdicts are decided (``[statistics]`` in a study file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_seeds: int = Field(5, ge=3, description="usable values a rule needs on each side, else 'insufficient seeds' (never below 3)")
+    interval: Literal["t", "bca"] = Field("t", description="t: Student / paired t / Welch intervals; bca: a seeded BCa bootstrap")
+    level: float = Field(LEVEL, gt=0.5, lt=1, description="confidence level of every interval")
 
 
 class VerdictRule(BaseModel):
@@ -62,6 +88,15 @@ class VerdictRule(BaseModel):
     threshold: float | None = Field(None, description="for below/above")
     margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less")
     statement: str = Field("", description="what the rule checks, in words, for the report")
+    failures: Literal["exclude", "worst"] = Field(
+        "exclude", description="failed/diverged runs: 'exclude' (counted; over a fifth of a side -> unstable) or "
+        "'worst' (each takes the value 'worst', for stability claims)",
+    )  # fmt: skip
+    worst: float | None = Field(None, description="failures = 'worst': the value a failed or diverged run takes")
+    confounded: str | None = Field(
+        None, description="why a raw reward/KL comparison between methods that regularise differently is still made; "
+        "printed under the verdict",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _needs(self) -> VerdictRule:
@@ -73,6 +108,8 @@ class VerdictRule(BaseModel):
             raise ValueError(f"an '{self.kind}' rule needs 'margin'")
         if self.b is None and self.b_where:
             raise ValueError("'b_where' needs 'b'")
+        if (self.failures == "worst") != (self.worst is not None):
+            raise ValueError("failures = 'worst' and a 'worst' value go together")
         if self.b is not None and self.a == self.b and self.where_a == self.where_b:
             raise ValueError(f"groups a and b are the same runs ({self.a!r}); tell them apart with a_where / b_where")
         return self
@@ -86,23 +123,9 @@ class VerdictRule(BaseModel):
         return {**self.where, **self.b_where}
 
 
-def bootstrap_ci(x: np.ndarray, stat=np.mean, confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``stat`` over the samples ``x`` (seeded). NaNs for n < 2."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    if len(x) < 2:
-        return (math.nan, math.nan)
-    if np.all(x == x[0]):
-        return (float(x[0]), float(x[0]))
-    from scipy.stats import bootstrap
-
-    res = bootstrap((x,), stat, confidence_level=confidence, n_resamples=N_RESAMPLES, method="percentile",
-                    random_state=np.random.default_rng(SEED))  # fmt: skip
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def summarise(final: pd.DataFrame, metrics: list[str], by: list[str]) -> pd.DataFrame:
-    """Mean, std, n and 95% bootstrap CI of each metric's final value per group."""
+def summarise(final: pd.DataFrame, metrics: list[str], by: list[str], stats: Statistics | None = None) -> pd.DataFrame:
+    """Mean, std, n and the interval of the mean of each metric's final value per group (finite values only)."""
+    stats = stats or Statistics()
     rows = []
     for key, g in final.groupby(by, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -113,7 +136,7 @@ def summarise(final: pd.DataFrame, metrics: list[str], by: list[str]) -> pd.Data
             x = x[np.isfinite(x)]
             if not len(x):
                 continue
-            lo, hi = bootstrap_ci(x)
+            _, lo, hi = difference_interval(x, level=stats.level, method=stats.interval)
             rows.append({**dict(zip(by, key)), "metric": m, "n": len(x), "mean": x.mean(),
                          "std": x.std(ddof=1) if len(x) > 1 else math.nan, "ci_low": lo, "ci_high": hi})  # fmt: skip
     return pd.DataFrame(rows)
@@ -132,31 +155,110 @@ def holm(pvalues: list[float]) -> list[float]:
     return adj.tolist()
 
 
-def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label") -> pd.DataFrame:
-    """Welch's t-test between every pair of groups on one metric, Holm-corrected."""
-    from scipy.stats import ttest_ind
+def paired_values(xa: pd.Series, sa: pd.Series, xb: pd.Series, sb: pd.Series):
+    """``(a, b)`` aligned by seed when both sides hold the same seeds once each (at least 2), else ``None``."""
+    la, lb = list(sa), list(sb)
+    if len(la) < 2 or len(set(la)) != len(la) or sorted(la) != sorted(lb):
+        return None
+    da, db = dict(zip(la, np.asarray(xa, float))), dict(zip(lb, np.asarray(xb, float)))
+    order = sorted(la)
+    return np.array([da[s] for s in order]), np.array([db[s] for s in order])
 
-    groups = {k: g[metric].dropna().to_numpy(float) for k, g in final.groupby(group) if metric in g}
-    groups = {k: x for k, x in groups.items() if len(x)}  # a group that never logged the metric is not compared
-    names = sorted(groups)
+
+def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label", within: tuple[str, ...] = ("condition",)) -> pd.DataFrame:
+    """Tests between the groups of each condition (task and grid point) on one metric, Holm-corrected.
+
+    Paired t when the two groups hold the same seeds, Welch otherwise. Two groups without
+    spread get no p-value (``note`` says why) rather than a fake 0. Only finite values.
+    """
+    from scipy.stats import ttest_ind, ttest_rel
+
+    within = [c for c in within if c in final]
     rows = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            xa, xb = groups[a], groups[b]
-            if len(xa) < 2 or len(xb) < 2 or (np.var(xa) == 0 and np.var(xb) == 0):
-                p = 0.0 if xa.mean() != xb.mean() and len(xa) > 1 and len(xb) > 1 else math.nan
-            else:
-                with warnings.catch_warnings():  # near-identical seeds: scipy warns, the p-value stands
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    p = float(ttest_ind(xa, xb, equal_var=False).pvalue)
-            rows.append({"metric": metric, "a": a, "b": b, "mean_a": xa.mean(), "mean_b": xb.mean(),
-                         "difference": xa.mean() - xb.mean(), "p": p})  # fmt: skip
+    for key, cond in final.groupby(within, sort=True) if within else [((), final)]:
+        key = key if isinstance(key, tuple) else (key,)
+        groups = {}
+        for k, g in cond.groupby(group, sort=True):
+            if metric in g:
+                g = g[np.isfinite(g[metric].to_numpy(float))]
+                if len(g):
+                    groups[k] = g
+        names = sorted(groups)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ga, gb = groups[a], groups[b]
+                xa, xb = ga[metric].to_numpy(float), gb[metric].to_numpy(float)
+                pair = paired_values(xa, ga["seed"], xb, gb["seed"])
+                test, p, note = ("paired t" if pair else "Welch"), math.nan, ""
+                if len(xa) < 2 or len(xb) < 2:
+                    note = "fewer than 2 values"
+                elif (pair and np.ptp(pair[0] - pair[1]) == 0) or (not pair and np.ptp(xa) == 0 and np.ptp(xb) == 0):
+                    note = "no spread: no test"
+                else:
+                    with warnings.catch_warnings():  # near-identical seeds: scipy warns, the p-value stands
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        p = float((ttest_rel(*pair) if pair else ttest_ind(xa, xb, equal_var=False)).pvalue)
+                rows.append({**dict(zip(within, key)), "metric": metric, "a": a, "b": b, "n_a": len(xa), "n_b": len(xb),
+                             "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": xa.mean() - xb.mean(),
+                             "test": test, "p": p, "note": note})  # fmt: skip
     df = pd.DataFrame(rows)
     if len(df):
         ok = df["p"].notna()
         df["p_holm"] = math.nan
-        df.loc[ok, "p_holm"] = holm(df.loc[ok, "p"].tolist())
+        if ok.any():
+            df.loc[ok, "p_holm"] = holm(df.loc[ok, "p"].tolist())
     return df
+
+
+def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condition: str = "condition",
+              level: float = LEVEL, resamples: int = AGGREGATE_RESAMPLES) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+    """Across conditions (tasks x grid points): the interquartile mean of each group and the
+    probability of improvement between groups, with stratified bootstrap intervals.
+
+        IQM(g)      = mean of the middle 50% of g's values over all conditions and seeds
+        P(a > b)    = (1/C) sum_c P(X_a,c > X_b,c)   (Mann-Whitney within condition c, ties count 1/2)
+
+    Seeds are resampled within each condition (stratified bootstrap, Agarwal et al. 2021).
+    Returns ``(iqm, improvement)`` frames; only groups and pairs present in at least two conditions.
+    """
+    from scipy.stats import trim_mean
+
+    df = final[[group, condition, metric]].copy()
+    df = df[np.isfinite(df[metric].to_numpy(float))]
+    rng = np.random.default_rng(SEED)
+    by = {g: {c: x[metric].to_numpy(float) for c, x in d.groupby(condition)} for g, d in df.groupby(group)}
+    alpha = (1 - level) / 2
+    iqm_rows = []
+    for g, conds in sorted(by.items()):
+        if len(conds) < 2:
+            continue
+        values = np.concatenate(list(conds.values()))
+        boots = [trim_mean(np.concatenate([x[rng.integers(0, len(x), len(x))] for x in conds.values()]), 0.25)
+                 for _ in range(resamples)]  # fmt: skip
+        lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+        iqm_rows.append({"group": g, "metric": metric, "conditions": len(conds), "n": len(values),
+                         "iqm": trim_mean(values, 0.25), "ci_low": lo, "ci_high": hi})  # fmt: skip
+    imp_rows = []
+    names = sorted(by)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            common = sorted(set(by[a]) & set(by[b]))
+            if len(common) < 2:
+                continue
+            pairs = [(by[a][c], by[b][c]) for c in common]
+            est = np.mean([_prob_greater(x, y) for x, y in pairs])
+            boots = [np.mean([_prob_greater(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
+                              for x, y in pairs]) for _ in range(resamples)]  # fmt: skip
+            lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+            imp_rows.append({"a": a, "b": b, "metric": metric, "conditions": len(common), "p_a_greater": est,
+                             "ci_low": lo, "ci_high": hi})  # fmt: skip
+    return pd.DataFrame(iqm_rows), pd.DataFrame(imp_rows)
+
+
+def _prob_greater(x: np.ndarray, y: np.ndarray) -> float:
+    """P(X > Y) + P(X = Y)/2 for independent draws from the samples x and y."""
+    d = x[:, None] - y[None, :]
+    return float((d > 0).mean() + 0.5 * (d == 0).mean())
 
 
 def _select(final: pd.DataFrame, label: str, where: dict) -> pd.DataFrame:
@@ -196,90 +298,97 @@ def at_step(runs: pd.DataFrame, metrics: pd.DataFrame, step: int) -> pd.DataFram
     return keep.merge(at, on="run_id", how="left")
 
 
-def evaluate_rule(final: pd.DataFrame, rule: VerdictRule) -> dict:
-    """The rule's statistic, its 95% interval and the verdict it implies.
+def side_values(runs: pd.DataFrame, rule: VerdictRule) -> dict:
+    """One side of a rule: the usable ``values`` and their ``seeds``, and the counts of runs and failures.
 
-    ``final``: one row per run with its metrics (final values, or ``at_step`` for a rule with ``step``).
+    Only runs that finished ``done`` give their metric; failed and diverged runs are
+    dropped (``failures = "exclude"``) or take ``rule.worst``; queued or running runs are absent.
     """
-    groups = rule_groups(final, rule)
-    ga = groups[0][1]
+    done = runs[runs["status"] == "done"] if "status" in runs else runs
+    failed = runs[runs["status"].isin(FAILED)] if "status" in runs else runs.iloc[0:0]
+    x = done[rule.metric].to_numpy(float) if rule.metric in done else np.full(len(done), math.nan)
+    ok = np.isfinite(x)
+    values, seeds = list(x[ok]), list(done["seed"].to_numpy()[ok])
+    if rule.failures == "worst":
+        values += [float(rule.worst)] * len(failed)
+        seeds += list(failed["seed"])
+    return {"values": np.array(values, dtype=float), "seeds": seeds, "runs": len(done) + len(failed),
+            "failed": len(failed), "measured": int(ok.sum())}  # fmt: skip
+
+
+def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | None = None) -> dict:
+    """The rule's statistic, its interval and the verdict it implies.
+
+    ``final``: one row per run with ``status``, ``seed`` and its metrics (final values, or
+    ``at_step`` for a rule with ``step``), for the seeds that decide (the confirmation seeds).
+    """
+    stats = stats or Statistics()
+    sides = [side_values(g, rule) for _, g in rule_groups(final, rule)]
     out = {"claim": rule.claim, "metric": rule.metric, "kind": rule.kind, "a": rule.a, "b": rule.b,
            "where": rule.where, "a_where": rule.a_where, "b_where": rule.b_where, "step": rule.step,
-           "statement": rule.statement, "threshold": rule.threshold, "margin": rule.margin}  # fmt: skip
-    xa = ga[rule.metric].to_numpy(float) if rule.metric in ga else np.array([])
-    xa_seeds = ga["seed"].to_numpy() if len(ga) else np.array([])
-    keep = np.isfinite(xa)
-    xa, xa_seeds = xa[keep], xa_seeds[keep]
+           "statement": rule.statement, "threshold": rule.threshold, "margin": rule.margin,
+           "failures": rule.failures, "worst": rule.worst, "confounded": rule.confounded,
+           "interval": stats.interval, "level": stats.level, "min_seeds": stats.min_seeds, "paired": False,
+           "n": min(len(s["values"]) for s in sides), "n_a": len(sides[0]["values"]),
+           "n_b": len(sides[1]["values"]) if len(sides) > 1 else None,
+           "failed_a": sides[0]["failed"], "failed_b": sides[1]["failed"] if len(sides) > 1 else None,
+           "runs_a": sides[0]["runs"], "runs_b": sides[1]["runs"] if len(sides) > 1 else None}  # fmt: skip
+    nan = {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    if any(s["runs"] == 0 for s in sides) or any(s["measured"] == 0 and s["runs"] > s["failed"] for s in sides):
+        return {**out, **nan, "verdict": "not measured"}
     if rule.b is None:
-        if not len(xa):
-            return {**out, "verdict": "not measured", "estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-        est, (lo, hi) = float(xa.mean()), bootstrap_ci(xa)
-        boundary, side = rule.threshold, (-1 if rule.kind == "below" else 1)
-        n = len(xa)
+        est, lo, hi = difference_interval(sides[0]["values"], level=stats.level, method=stats.interval)
     else:
-        gb = groups[1][1]
-        xb = gb[rule.metric].to_numpy(float) if rule.metric in gb else np.array([])
-        xb_seeds = gb["seed"].to_numpy() if len(gb) else np.array([])
-        keep = np.isfinite(xb)
-        xb, xb_seeds = xb[keep], xb_seeds[keep]
-        if not len(xa) or not len(xb):
-            return {**out, "verdict": "not measured", "estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan, "n": 0}
-        est = float(xa.mean() - xb.mean())
-        common = sorted(set(xa_seeds.tolist()) & set(xb_seeds.tolist()))
-        if len(common) >= 2 and len(common) == len(xa) == len(xb):  # same seeds: paired differences
-            da = dict(zip(xa_seeds.tolist(), xa))
-            db = dict(zip(xb_seeds.tolist(), xb))
-            lo, hi = bootstrap_ci(np.array([da[s] - db[s] for s in common]))
-        else:
-            lo, hi = _two_sample_ci(xa, xb)
-        n = min(len(xa), len(xb))
-        if rule.kind == "equivalent":
-            m = rule.margin
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                verdict = "inconclusive"
-            elif -m < lo and hi < m:
-                verdict = "supported"
-            elif lo >= m or hi <= -m:
-                verdict = "contradicted"
-            else:
-                verdict = "inconclusive"
-            return {**out, "verdict": verdict, "estimate": est, "ci_low": lo, "ci_high": hi, "n": n}
-        if rule.kind == "noninferior":
-            boundary, side = -rule.margin, 1
-        else:
-            boundary, side = 0.0, (1 if rule.kind == "greater" else -1)
+        a, b = sides
+        pair = paired_values(a["values"], a["seeds"], b["values"], b["seeds"])
+        out["paired"] = pair is not None
+        est, lo, hi = difference_interval(*(pair or (a["values"], b["values"])), paired=pair is not None,
+                                          level=stats.level, method=stats.interval)  # fmt: skip
+    out.update(estimate=est, ci_low=lo, ci_high=hi)
+    if rule.failures == "exclude" and any(s["failed"] > MAX_FAILED_SHARE * s["runs"] for s in sides):
+        return {**out, "verdict": "unstable"}
+    if any(len(s["values"]) < stats.min_seeds for s in sides):
+        return {**out, "verdict": "insufficient seeds"}
+    return {**out, "verdict": _decide(rule, lo, hi)}
+
+
+def _decide(rule: VerdictRule, lo: float, hi: float) -> str:
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        verdict = "inconclusive"
-    elif (side > 0 and lo > boundary) or (side < 0 and hi < boundary):
-        verdict = "supported"
-    elif (side > 0 and hi < boundary) or (side < 0 and lo > boundary):
-        verdict = "contradicted"
+        return "inconclusive"
+    if rule.kind == "equivalent":
+        m = rule.margin
+        if -m < lo and hi < m:
+            return "supported"
+        return "contradicted" if (lo >= m or hi <= -m) else "inconclusive"
+    if rule.kind in ("below", "above"):
+        boundary, side = rule.threshold, (-1 if rule.kind == "below" else 1)
+    elif rule.kind == "noninferior":
+        boundary, side = -rule.margin, 1
     else:
-        verdict = "inconclusive"
-    return {**out, "verdict": verdict, "estimate": est, "ci_low": lo, "ci_high": hi, "n": n}
+        boundary, side = 0.0, (1 if rule.kind == "greater" else -1)
+    if (side > 0 and lo > boundary) or (side < 0 and hi < boundary):
+        return "supported"
+    if (side > 0 and hi < boundary) or (side < 0 and lo > boundary):
+        return "contradicted"
+    return "inconclusive"
 
 
-def _two_sample_ci(xa: np.ndarray, xb: np.ndarray) -> tuple[float, float]:
-    if len(xa) < 2 or len(xb) < 2:
-        return (math.nan, math.nan)
-    from scipy.stats import bootstrap
-
-    res = bootstrap((xa, xb), lambda a, b, axis=-1: a.mean(axis) - b.mean(axis), confidence_level=CONFIDENCE,
-                    n_resamples=N_RESAMPLES, method="percentile", random_state=np.random.default_rng(SEED))  # fmt: skip
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def claim_verdict(rule_verdicts: list[str]) -> str:
+    """A claim from its rules' verdicts: supported only if every rule is (intersection-union)."""
+    vs = list(rule_verdicts)
+    if not vs:
+        return "not measured"
+    if all(v == "supported" for v in vs):
+        return "supported"
+    if any(v in ("not measured", "insufficient seeds") for v in vs):
+        return "incomplete"
+    for v in ("contradicted", "unstable"):
+        if v in vs:
+            return v
+    return "inconclusive"
 
 
 def claim_verdicts(rule_results: list[dict]) -> dict[str, str]:
-    """Combine rule verdicts per claim: any contradicted -> contradicted; all supported -> supported."""
-    out: dict[str, str] = {}
-    for claim in dict.fromkeys(r["claim"] for r in rule_results):
-        vs = [r["verdict"] for r in rule_results if r["claim"] == claim and r["verdict"] != "not measured"]
-        if not vs:
-            out[claim] = "not measured"
-        elif "contradicted" in vs:
-            out[claim] = "contradicted"
-        elif all(v == "supported" for v in vs):
-            out[claim] = "supported"
-        else:
-            out[claim] = "inconclusive"
-    return out
+    """``claim_verdict`` for each claim of ``rule_results``, in their order."""
+    claims = dict.fromkeys(r["claim"] for r in rule_results)
+    return {c: claim_verdict([r["verdict"] for r in rule_results if r["claim"] == c]) for c in claims}
