@@ -48,13 +48,13 @@ SPECIALS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "u
 class ModelConfig(BaseModel):
     """The policy network. Either a tiny model built for the task, or a local checkpoint."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     path: str | None = Field(None, description="local checkpoint directory (save_pretrained layout); replaces the tiny model")
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="architecture of the tiny model")
-    n_layer: int = Field(2, ge=1, description="transformer blocks")
-    n_embd: int = Field(64, ge=8, description="hidden width")
-    n_head: int = Field(4, ge=1, description="attention heads")
+    n_layer: int = Field(2, ge=1, le=1024, description="transformer blocks")
+    n_embd: int = Field(64, ge=8, le=65_536, description="hidden width")
+    n_head: int = Field(4, ge=1, le=1024, description="attention heads")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")
     impl: Literal["hf", "native"] = Field(
         "hf", description="'hf': the transformers model; 'native': workbench.native_gpt2, the same GPT-2 (same weights, "

@@ -34,7 +34,7 @@ class PreferenceOptions(BaseModel):
     pairs: Literal["auto", "all", "random"] = Field(
         "auto", description="'all': every pair of completions (enumerable tasks); 'random': n_pairs uniform pairs; 'auto': all if at most 20,000 pairs"
     )  # fmt: skip
-    n_pairs: int = Field(2048, ge=1, description="pairs drawn when pairs='random'")
+    n_pairs: int = Field(2048, ge=1, le=100_000_000, description="pairs drawn when pairs='random'")
     labels: Literal["soft", "sampled"] = Field("soft", description="'soft': store P(chosen wins); 'sampled': draw a winner")
     bt_temperature: float = Field(1.0, ge=0, description="label noise: P = sigmoid(dr / temperature); 0 = noiseless")
     coverage: float = Field(1.0, gt=0, le=1, description="fraction of the action set that appears in the pairs")
@@ -42,7 +42,7 @@ class PreferenceOptions(BaseModel):
 
 class DPOConfig(AlgoConfig, PreferenceOptions):
     loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO (sigmoid) or IPO (squared)")
-    batch_size: int = Field(64, ge=1, description="preference pairs per gradient step (offline)")
+    batch_size: int = Field(64, ge=1, le=100_000_000, description="preference pairs per gradient step (offline)")
 
 
 class OnlineDPOConfig(AlgoConfig):

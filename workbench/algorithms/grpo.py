@@ -32,8 +32,8 @@ class GRPOConfig(AlgoConfig):
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator in the loss (the paper: k3)")
     kl_ratio_correction: bool = Field(False, description="multiply kl_it by rho_it (TRL's use_bias_correction_kl, its default); the paper: off")
     eps: float = Field(1e-4, gt=0, description="eps added to the std")
-    epochs: int = Field(1, ge=1, description="passes over each rollout (TRL num_iterations)")
-    minibatches: int = Field(1, ge=1, description="minibatches per pass")
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over each rollout (TRL num_iterations)")
+    minibatches: int = Field(1, ge=1, le=100_000, description="minibatches per pass")
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:

@@ -36,8 +36,8 @@ class PPOConfig(AlgoConfig):
     kl_estimator: KLEstimator = Field("k1", description="KL estimator")
     whiten_advantages: bool = Field(True, description="whiten advantages per rollout")
     use_value_head: bool = Field(True, description="False: no critic, V = 0 (advantages are returns-to-go)")
-    epochs: int = Field(4, ge=1, description="passes over each rollout")
-    minibatches: int = Field(4, ge=1, description="minibatches per pass")
+    epochs: int = Field(4, ge=1, le=10_000, description="passes over each rollout")
+    minibatches: int = Field(4, ge=1, le=100_000, description="minibatches per pass")
     aggregation: Aggregation = Field("token_mean", description="loss aggregation")
 
 

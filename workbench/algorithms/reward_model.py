@@ -22,7 +22,7 @@ from .spec import AlgorithmSpec
 
 
 class RewardModelConfig(AlgoConfig, PreferenceOptions):
-    batch_size: int = Field(64, ge=1, description="preference pairs per gradient step")
+    batch_size: int = Field(64, ge=1, le=100_000_000, description="preference pairs per gradient step")
     margin: float = Field(0.0, description="margin subtracted inside the sigmoid (TRL: per-example margin)")
 
 

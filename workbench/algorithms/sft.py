@@ -17,8 +17,8 @@ from .spec import AlgorithmSpec
 
 
 class SFTConfig(AlgoConfig):
-    batch_size: int = Field(64, ge=1, description="demonstrations per gradient step")
-    n_demos: int = Field(4096, ge=1, description="size of the fixed demonstration set")
+    batch_size: int = Field(64, ge=1, le=100_000_000, description="demonstrations per gradient step")
+    n_demos: int = Field(4096, ge=1, le=100_000_000, description="size of the fixed demonstration set")
     aggregation: Aggregation = Field("token_mean", description="loss aggregation over tokens (TRL: token mean)")
 
 

@@ -21,8 +21,8 @@ DIGITS = [str(d) for d in range(10)]
 
 class ArithmeticConfig(TaskConfig):
     n_digits: int = Field(2, ge=1, le=6, description="n, digits per operand")
-    n_eval_prompts: int = Field(64, ge=1, description="size of the fixed evaluation prompt set")
-    seed: int = Field(0, description="seed of the evaluation prompt set")
+    n_eval_prompts: int = Field(64, ge=1, le=1_000_000, description="size of the fixed evaluation prompt set")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the evaluation prompt set")
 
 
 class Arithmetic(Task):

@@ -34,7 +34,7 @@ MAX_ENUMERABLE = 100_000  # completions per prompt above which a task is not enu
 class TaskConfig(BaseModel):
     """Base of every task's typed parameters; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf or nan parameter is a ConfigError
 
 
 @dataclass

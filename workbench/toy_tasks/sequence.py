@@ -31,7 +31,7 @@ class SequenceConfig(TaskConfig):
     variant: Literal["outcome", "process", "decisive"] = Field("outcome", description="reward variant, see module doc")
     threshold: int | None = Field(None, ge=1, description="outcome only: pass/fail at this many matches")
     decisive_position: int = Field(0, ge=0, description="j for the 'decisive' variant")
-    seed: int = Field(0, description="seed of the targets (not of training)")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the targets (not of training)")
 
 
 class Sequence(Task):
