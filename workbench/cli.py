@@ -56,6 +56,8 @@ def cmd_run(args) -> int:
     from .study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
 
     study = load_study(args.study)
+    for w in study.warnings:  # allowed but likely wrong: a verdict metric no run logs
+        print(f"workbench run: warning: {study.path}: {w}", file=sys.stderr)
     if args.device == "cuda":
         import torch
 
@@ -97,11 +99,17 @@ def _print_issues(issues: list[dict]) -> None:
 
 
 def _study_name(arg: str) -> str:
-    """A study given by name or by its file (``*.toml``)."""
-    if arg.endswith(".toml") or os.sep in arg:
-        from .study import load_study
+    """A study given by name or by its file (``*.toml``): the name, as in the file's ``name`` (else its stem).
 
+    Raises ``ConfigError`` for a name no study can have (``..``, a path, 300 characters).
+    """
+    from .study import load_study, study_name_problem
+
+    if arg.endswith(".toml") or os.sep in arg or (os.altsep and os.altsep in arg):
         return load_study(arg).name
+    why = study_name_problem(arg)
+    if why:
+        raise ConfigError(f"{arg[:60]!r}{'...' if len(arg) > 60 else ''} is not a study name: {why}")
     return arg
 
 
@@ -260,7 +268,7 @@ def cmd_report(args) -> int:
     from .analysis.report import build_report
     from .store import results_dir
 
-    study = Path(args.study).stem if args.study.endswith(".toml") else args.study
+    study = _study_name(args.study)  # a study file: its `name`, not its file name
     root = results_dir(args.results)
     if not (root / "index.sqlite").exists():
         print(f"workbench report: no results at {root}; run the study first: workbench run studies/{study}.toml", file=sys.stderr)
@@ -282,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except ConfigError as e:
-        what = "invalid study" if args.cmd in ("run", "status") else "invalid configuration"
+        what = "invalid study" if args.cmd in ("run", "status", "report") else "invalid configuration"
         print(f"workbench {args.cmd}: {what}\n{e}", file=sys.stderr)
         return 2
 

@@ -57,7 +57,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .analysis.verdicts import VerdictRule
-from .config import ConfigError, Resolved, RunConfig, resolve
+from .config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
 from .policy import ModelConfig
 from .store import Heartbeat, Owner, Store, is_stale, load_final, publish_metrics, publish_text, read_progress
 
@@ -76,12 +76,31 @@ class StudyError(ConfigError):
     """A bad study file; ``str()`` names the file, the key path and what is allowed."""
 
 
+# a study's name names files and folders (studies/<name>.toml, reports/<name>/) and is typed on command lines
+MAX_STUDY_NAME = 100
+STUDY_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # not '.', '..' or '.hidden', not '-option', no '/'
+
+
+def study_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a study's name (for a message), or None when it can."""
+    import re
+
+    if not name:
+        return "a study name cannot be empty"
+    if len(name) > MAX_STUDY_NAME:
+        return f"a study name has at most {MAX_STUDY_NAME} characters (got {len(name)})"
+    if not re.fullmatch(STUDY_NAME_PATTERN, name):
+        return (f"a study name is letters, digits, '_', '.' and '-', starting with a letter, digit or '_' "
+                f"(got {name!r})")  # fmt: skip
+    return None
+
+
 # -- the study file schema ----------------------------------------------------------------------
 
 
 def _settings_model(name: str, exclude: set[str], doc: str) -> type[BaseModel]:
     fields = {k: (f.annotation, copy.copy(f)) for k, f in RunConfig.model_fields.items() if k not in exclude}
-    return create_model(name, __config__=ConfigDict(extra="forbid"), __doc__=doc, **fields)
+    return create_model(name, __config__=ConfigDict(extra="forbid", allow_inf_nan=False), __doc__=doc, **fields)
 
 
 Settings = _settings_model("Settings", _NOT_SETTINGS, "Run settings shared by every run of the study.")
@@ -93,10 +112,10 @@ GridValues = Annotated[list[Any], Field(min_length=1)]
 
 
 class Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    steps: int = Field(ge=1, description="gradient-update rounds of every run")
-    batch_size: int = Field(64, ge=1, description="per round: completions (online) or demonstrations / preference pairs (offline)")
+    steps: int = Field(ge=1, le=MAX_STEPS, description="gradient-update rounds of every run")
+    batch_size: int = Field(64, ge=1, le=MAX_COUNT, description="per round: completions (online) or demonstrations / preference pairs (offline)")
 
 
 class TaskEntry(BaseModel):
@@ -133,10 +152,10 @@ class ReportOptions(BaseModel):
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="defaults to the file name")
+    name: str | None = Field(None, pattern=STUDY_NAME_PATTERN, max_length=MAX_STUDY_NAME, description="defaults to the file name")
     description: str = ""
     claims: list[Literal[CLAIM_IDS]] = Field(min_length=1, description="claim ids from CLAIMS.md that this study tests")  # type: ignore[valid-type]
-    seeds: list[int] = Field(min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     budget: Budget
     settings: Settings = Field(default_factory=Settings)  # type: ignore[valid-type]
@@ -151,6 +170,7 @@ class Study:
     config: StudyConfig
     path: Path
     text: str
+    warnings: list[str] = field(default_factory=list)  # what is allowed but likely wrong (verdict metrics no run logs)
 
     @property
     def name(self) -> str:
@@ -180,9 +200,11 @@ def load_study(path: str | os.PathLike) -> Study:
     except ValidationError as e:
         raise StudyError(_report(path, _pydantic_lines(e, "", StudyConfig))) from None
     problems = _check(cfg)
+    if cfg.name is None and (why := study_name_problem(path.stem)):
+        problems.insert(0, f"name: the file name {_short(path.stem)} cannot name the study ({why}); set name = \"...\" in the file")
     if problems:
         raise StudyError(_report(path, problems))
-    return Study(cfg, path, text)
+    return Study(cfg, path, text, metric_warnings(cfg))
 
 
 def _report(path: Path, lines: list[str], limit: int = 15) -> str:
@@ -208,8 +230,14 @@ def _pydantic_lines(err: ValidationError, prefix: str, root: type[BaseModel]) ->
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e['input']!r})")
+            lines.append(f"{key}: {e['msg']} (got {_short(e['input'])})")
     return lines
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 300-character name need not be echoed whole)."""
+    r = repr(value)
+    return r if len(r) <= limit else f"{r[: limit - 5]}...{r[-1]} ({len(value) if isinstance(value, str) else len(r)} characters)"
 
 
 def _model_at(model, loc) -> type[BaseModel] | None:
@@ -282,6 +310,32 @@ def _check(cfg: StudyConfig) -> list[str]:
     return problems
 
 
+def metric_warnings(cfg: StudyConfig) -> list[str]:
+    """Metric names in verdict rules and ``[report]`` that no run of the study would log: a typo would
+    otherwise show only as 'not measured'. Warnings, not errors (``workbench run`` prints them)."""
+    from . import metric_names
+
+    out: list[str] = []
+    algo_of = {a.label or a.name: a.name for a in cfg.algorithms}
+    for i, v in enumerate(cfg.verdicts):
+        metric = getattr(v, "metric", None)
+        if not isinstance(metric, str):
+            continue
+        if not metric_names.is_known(metric):
+            out.append(f"verdicts[{i}].metric: {metric_names.unknown_message(metric)}; the rule will be 'not measured'")
+            continue
+        only = metric_names.ONLY_FROM.get(metric)
+        sides = [lab for lab in (getattr(v, "a", None), getattr(v, "b", None)) if lab in algo_of]
+        lacking = sorted({algo_of[lab] for lab in sides if algo_of[lab] not in (only or {algo_of[lab]})})
+        if lacking:
+            out.append(f"verdicts[{i}].metric: {metric!r} is logged only by {', '.join(sorted(only))}, not by "
+                       f"{', '.join(lacking)}; the rule will be 'not measured'")  # fmt: skip
+    for j, m in enumerate(cfg.report.metrics):
+        if not metric_names.is_known(m):
+            out.append(f"report.metrics[{j}]: {metric_names.unknown_message(m)}; it will be skipped")
+    return out
+
+
 def _extra_lines(err: ValidationError, where: str, model: type[BaseModel], entry_keys: set[str]) -> list[str]:
     lines = []
     for e in err.errors():
@@ -289,7 +343,7 @@ def _extra_lines(err: ValidationError, where: str, model: type[BaseModel], entry
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key; allowed here: {', '.join(sorted(set(model.model_fields) | entry_keys - {'batch_size'}))}")
         else:
-            lines.append(f"{key}: {e['msg']} (got {e['input']!r})")
+            lines.append(f"{key}: {e['msg']} (got {_short(e['input'])})")
     return lines
 
 

@@ -1,0 +1,82 @@
+"""Every metric name the workbench logs (``docs/metrics.md``), to check the names a study file uses.
+
+``tests/test_validation_faults.py`` checks that ``KNOWN`` and ``PATTERNS`` are exactly the
+names in the first column of ``docs/metrics.md``'s tables (``names_in_docs``). A name with
+a placeholder (``trl/<name>``) stands for any name of that form.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+KNOWN: tuple[str, ...] = (
+    # the loop
+    "step", "samples", "lr", "time/elapsed_s",
+    # online rollouts and measurements
+    "reward/mean", "reward/std", "reward/gold_mean", "reward/eval", "reward/exact",
+    "kl/exact", "kl/exact_ref_to_policy", "kl/exact_to_optimal", "entropy/exact", "objective/exact",
+    "optimal/reward", "optimal/kl", "optimal/objective",
+    "kl/k1_reward", "kl/k2_reward", "kl/k3_reward", "kl/k1_loss", "kl/k2_loss", "kl/k3_loss",
+    "kl/k1_monitor", "kl/k2_monitor", "kl/k3_monitor", "adv/mean", "adv/std", "grad/norm",
+    # the algorithms' losses
+    "loss/policy", "loss/value", "value/explained_variance", "loss/total", "clip/ratio", "loss/sft", "loss/dpo",
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "online_dpo/tie_fraction",
+    "loss/rm", "rm/accuracy", "rm/margin", "rm/gold_correlation", "model/n_params",
+    # the RLHF pipeline inside a run
+    "pipeline/sft_loss", "pipeline/rm_loss", "rm/exact_accuracy",
+    "reward/proxy_exact", "reward/proxy_gain", "reward/gold_gain", "rm/overoptimisation",
+    # probes
+    "grad/norm_mean", "grad/total_var", "grad/snr", "grad/cos_true", "grad/cos_mean_true", "grad/true_norm",
+    "grad/exact_norm", "grad/cos_sft_rl", "grad/cos_dpo_rl",
+    "credit/corr", "credit/mse", "credit/decisive_share", "credit/decisive_share_exact", "time/probe_s",
+)  # fmt: skip
+PATTERNS: tuple[str, ...] = ("trl/<name>",)  # <...>: any non-empty name
+
+# metrics only some algorithms log (registry names); any other known metric may come from any of them
+ONLY_FROM: dict[str, frozenset[str]] = {
+    **dict.fromkeys(["loss/sft"], frozenset({"sft"})),
+    **dict.fromkeys(["loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"],
+                    frozenset({"dpo", "ipo", "online_dpo"})),
+    **dict.fromkeys(["online_dpo/tie_fraction"], frozenset({"online_dpo"})),
+    **dict.fromkeys(["loss/rm", "rm/accuracy", "rm/margin"], frozenset({"rm"})),
+    **dict.fromkeys(["loss/value", "value/explained_variance", "loss/total"], frozenset({"ppo"})),
+    **dict.fromkeys(["clip/ratio"], frozenset({"ppo", "grpo"})),
+    **dict.fromkeys(["loss/policy"], frozenset({"reinforce", "rloo", "ppo", "grpo"})),
+}  # fmt: skip
+
+
+def _regex(pattern: str) -> re.Pattern:
+    return re.compile("".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", pattern)))
+
+
+_PATTERN_RES = [_regex(p) for p in PATTERNS]
+
+
+def is_known(name: str) -> bool:
+    return name in KNOWN or any(r.fullmatch(name) for r in _PATTERN_RES)
+
+
+def closest(name: str, n: int = 3) -> list[str]:
+    """The known names nearest to ``name`` (typos, a wrong prefix), best first."""
+    near = difflib.get_close_matches(name, KNOWN, n=n, cutoff=0.6)
+    if not near and "/" in name:  # the right name under another prefix, e.g. 'grad/exact_to_optimal'
+        tail = name.split("/", 1)[1]
+        near = difflib.get_close_matches(tail, [k.split("/", 1)[-1] for k in KNOWN], n=n, cutoff=0.6)
+        near = [k for t in near for k in KNOWN if k.split("/", 1)[-1] == t][:n]
+    return near
+
+
+def unknown_message(name: str) -> str:
+    near = closest(name)
+    hint = f"; closest: {', '.join(near)}" if near else ""
+    return f"{name!r} is not a metric the workbench logs (docs/metrics.md){hint}"
+
+
+def names_in_docs(text: str) -> list[str]:
+    """Every name in the first column of the tables of ``docs/metrics.md`` (``KNOWN`` and ``PATTERNS`` must be these)."""
+    names = []
+    for line in text.splitlines():
+        if line.startswith("| `"):
+            names += re.findall(r"`([^`]+)`", line.split(" | ")[0])
+    return names
