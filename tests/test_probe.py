@@ -71,6 +71,27 @@ def test_probes_do_not_change_the_training_trajectory(tmp_path):
     assert not any("grad/total_var" in r for r in off) and not (tmp_path / "off" / "ppo-0" / "credit.jsonl").exists()
 
 
+def training_rows(*runs):
+    """Each run's rows as {step: training quantities}: the keys every update row of every run has (reward/mean,
+    loss/..., kl/k*_..., grad/norm, lr, samples), not the measurements (*/exact, reward/eval, probes) or timings."""
+    keys = set.intersection(*(set(r) for rs in runs for r in rs[:-1])) - {"time/elapsed_s"}
+    return keys, [{r["step"]: {k: r.get(k) for k in keys} for r in rs} for rs in runs]
+
+
+@pytest.mark.parametrize("algo, task", [("ppo", {"name": "bandit", "n_arms": 4, "n_contexts": 2}), ("grpo", SEQ)])
+def test_measurements_do_not_change_the_training_trajectory(algo, task, tmp_path):
+    """eval_every and probe_every only measure: the same seed trains the same way whatever they are (the
+    evaluation samples from its own generator, as the probes do)."""
+    a, _ = run(tmp_path / "a", algo, steps=6, task=task, eval_every=1, probe_every=0)
+    b, _ = run(tmp_path / "b", algo, steps=6, task=task, eval_every=4, probe_every=3, probe_minibatches=2)
+    assert [r["step"] for r in a if "reward/eval" in r] == list(range(7)) and [r["step"] for r in b if "reward/eval" in r] == [0, 4, 6]
+    keys, (ta, tb) = training_rows(a, b)
+    assert {"reward/mean", "reward/std", "loss/policy", "grad/norm", "lr", "samples"} <= keys, sorted(keys)
+    assert not any(k.endswith("/exact") or k == "reward/eval" or k.startswith("credit/") for k in keys)
+    assert ta == tb
+    assert ta[5]["reward/mean"] != ta[1]["reward/mean"]  # it did train
+
+
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "run"

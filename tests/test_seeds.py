@@ -48,3 +48,20 @@ def test_what_cannot_be_batched_is_a_config_error():
         train_seeds([resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "model.impl": "hf", "seed": s}) for s in (0, 1)], ["a", "b"])
     with pytest.raises(ConfigError, match="not PPO"):
         train_seeds([resolve({"task": TASK, "algo": {"name": "ppo"}}, {**SETS, "seed": s}) for s in (0, 1)], ["a", "b"])
+
+
+def test_measurements_do_not_change_stacked_training(tmp_path):
+    """As for train(): the seeds' evaluation samples come from their own generators, so eval_every and
+    probe_every leave every seed's training quantities unchanged."""
+    def stacked(name, **sets):
+        reses = [resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "steps": 5, **sets, "seed": s}) for s in (0, 1)]
+        outs = [tmp_path / f"{name}{s}" for s in (0, 1)]
+        assert [r["status"] for r in train_seeds(reses, outs)] == ["done", "done"]
+        return [rows(o) for o in outs]
+
+    a = stacked("a", eval_every=1, probe_every=0)
+    b = stacked("b", eval_every=3, probe_every=2, probe_minibatches=2)
+    for ra, rb in zip(a, b, strict=True):
+        keys = set.intersection(*(set(r) for r in ra[:-1] + rb[:-1])) - {"time/elapsed_s"}
+        assert {"reward/mean", "loss/policy", "grad/norm", "lr"} <= keys and "reward/eval" not in keys
+        assert [{k: r[k] for k in keys} for r in ra[:-1]] == [{k: r[k] for k in keys} for r in rb[:-1]]

@@ -32,7 +32,7 @@ from .algorithms.spec import Rollout
 from .config import ConfigError, Resolved
 from .native_gpt2 import NativeGPT2
 from .policy import Policy, PolicyOutput, build_policy, describe, resolve_device
-from .train import Evaluator, RunWriter, _rollout_stats, lr_factor, score
+from .train import Evaluator, RunWriter, _rollout_stats, eval_generator, lr_factor, score
 
 
 def check_batchable(reses: list[Resolved]) -> None:
@@ -79,6 +79,7 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     seeds = [r.run.seed for r in reses]
     gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # as train(): sampling
     data_gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # the prompt streams
+    eval_gens = [eval_generator(s, device) for s in seeds]  # as train(): the measurements' own streams
 
     singles = [build_policy(task, run.model, s, False, device) for s in seeds]
     refs = [p.frozen_copy() for p in singles]
@@ -117,7 +118,7 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
             for s in alive:
                 view = seed_policy(policy, s, task)
                 if measure:
-                    rows[s].update(evaluators[s](view, step, writers[s], gens[s]))
+                    rows[s].update(evaluators[s](view, step, writers[s], eval_gens[s]))
                 if probe:
                     rows[s].update(probers[s](view, step))
         if step < run.steps:

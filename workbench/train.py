@@ -89,6 +89,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         torch.set_num_threads(run.cpu_threads)
     torch.manual_seed(run.seed)
     gen = torch.Generator(device=device).manual_seed(run.seed)  # sampling
+    eval_gen = eval_generator(run.seed, device)  # the measurements' own samples: eval_every never changes training
     data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)  # the prompt stream and fixed datasets
     shuffle_gen = torch.Generator().manual_seed(run.seed + 2_000_003)  # minibatch order
 
@@ -133,7 +134,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         for step in range(run.steps + 1):
             row = {"step": step}
             if step % run.eval_every == 0 or step == run.steps:
-                row.update(evaluator(model, step, writer, gen))
+                row.update(evaluator(model, step, writer, eval_gen))
                 if pipe is not None:
                     row.update(pipe.measure(model, step, row))  # proxy vs gold reward: reward/proxy_*, rm/...
             if prober is not None and (step % run.probe_every == 0 or step == run.steps):
@@ -169,6 +170,19 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     writer.status(status)
     writer.close()
     return {**status, "final": final}
+
+
+EVAL_SEED_OFFSET = 1_592_649_633  # the evaluation's sampling stream, apart from training's (seed) and the others
+
+
+def eval_generator(seed: int, device="cpu") -> torch.Generator:
+    """The generator of a run's evaluation samples (``reward/eval``, ``samples.jsonl``).
+
+    Its own stream, as the probes have theirs: drawing from the training generator would make
+    ``eval_every`` change every rollout after the first measurement. The TRL backend and
+    stacked seeds use the same stream, so a run measures the same samples however it trains.
+    """
+    return torch.Generator(device=device).manual_seed(seed + EVAL_SEED_OFFSET)
 
 
 def lr_factor(schedule: str, steps: int):

@@ -241,7 +241,9 @@ def _callback_class():
             self.names = METRIC_NAMES[res.spec.name]
             self.row: dict | None = None
             self.final: dict = {}
-            self.gen = torch.Generator().manual_seed(res.run.seed)
+            from ..train import eval_generator
+
+            self.gen = eval_generator(res.run.seed)  # the evaluation's own stream, as in workbench.train
             self.t0 = time.perf_counter()
             self.diverged: tuple[int, str] | None = None
 
