@@ -13,9 +13,13 @@ from workbench.study import load_study, run_study
 
 STUDY = """
 name = "tiny_report"
-description = "PPO vs DPO on a bandit, tiny"
-claims = ["C6", "C9"]
+description = "PPO vs DPO on a bandit, tiny, and an SFT arm that diverges"
+claims = ["C6", "C7", "C8", "C9"]
 seeds = [0, 1, 2]
+confirm_seeds = [3, 4, 5]
+
+[statistics]
+min_seeds = 3
 
 [[tasks]]
 name = "bandit"
@@ -35,6 +39,11 @@ name = "ppo"
 
 [[algorithms]]
 name = "dpo"
+
+[[algorithms]]
+name = "sft"
+label = "sft_diverges"
+settings = { lr = 1e12 }   # the loss is non-finite at step 1: every run diverges after logging step 0
 
 [[verdicts]]
 claim = "C6"
@@ -59,6 +68,32 @@ kind = "greater"
 a = "ppo"
 b = "dpo"
 statement = "not measured by this study: must not get a verdict"
+
+[[verdicts]]
+claim = "C9"
+metric = "kl/exact_to_optimal"
+kind = "below"
+a = "ppo"
+threshold = 100.0
+statement = "true, but the claim's other rule measured nothing: the claim is incomplete"
+
+[[verdicts]]
+claim = "C8"
+metric = "reward/exact"
+kind = "above"
+a = "sft_diverges"
+threshold = -1.0
+statement = "true of the step-0 value the diverged runs logged, which must not count: unstable"
+
+[[verdicts]]
+claim = "C7"
+metric = "reward/exact"
+kind = "above"
+a = "sft_diverges"
+threshold = -1.0
+failures = "worst"
+worst = -5.0
+statement = "a diverged run counts as -5: contradicted, never the pre-divergence reward"
 """
 
 
@@ -79,18 +114,24 @@ def test_report_files(report_dir):
     pngs = sorted((out / "figures").glob("*.png"))
     assert pngs and all((out / "figures" / (p.stem + ".svg")).exists() for p in pngs)
     md = (out / "report.md").read_text()
-    for section in ["## Verdicts", "## Final metrics", "## Pairwise tests", "## Provenance", "## How to cite", "CITATION.cff"]:
-        assert section in md
+    for section in ["## Verdicts (confirmation seeds)", "## The same rules on the exploration seeds", "## Final metrics",
+                    "## Tests within each task and grid point", "## Provenance", "## How to cite", "CITATION.cff",
+                    "intersection-union", "docs/claims.md#c6"]:  # fmt: skip
+        assert section in md, section
     prov = json.loads(md.split("## Provenance\n```json\n")[1].split("```")[0])
-    assert prov["seeds"] == [0, 1, 2] and len(prov["run_config_hashes"]) == 6 and "git_dirty" in prov
-    assert prov["packages"]["torch"] and prov["budget_consumed"]["runs"] == 6
+    assert prov["seeds"] == [0, 1, 2, 3, 4, 5] and len(prov["run_config_hashes"]) == 18 and "git_dirty" in prov
+    assert prov["packages"]["torch"] and prov["budget_consumed"]["runs"] == 18
+    assert prov["exploration_seeds"] == [0, 1, 2] and prov["confirmation_seeds"] == [3, 4, 5]
+    assert prov["study_file_sha256"] == hashlib.sha256(STUDY.encode()).hexdigest()
     bib = (out / "report.bib").read_text()
-    assert bib.startswith("@misc{workbench_tiny_report_") and "C6, C9" in bib
+    assert bib.startswith("@misc{workbench_tiny_report_") and "C6, C7, C8, C9" in bib
 
 
 def test_verdicts_are_computed_and_unmeasured_claims_get_none(report_dir):
     v = json.loads((report_dir / "out" / "verdicts.json").read_text())
-    assert v["verdicts"] == {"C6": "supported", "C9": "not measured"}
+    assert v["verdicts"] == {"C6": "supported", "C9": "incomplete", "C8": "unstable", "C7": "contradicted"}
+    assert [r["verdict"] for r in v["rules"]] == ["supported", "supported", "not measured", "supported", "unstable", "contradicted"]
+    assert v["confirmation_seeds"] == [3, 4, 5] and all(r["n"] == 3 or r["verdict"] != "supported" for r in v["rules"])
     rules = {r["metric"]: r for r in v["rules"]}
     assert rules["grad/snr"]["verdict"] == "not measured"
     assert rules["kl/exact_to_optimal"]["ci_low"] <= rules["kl/exact_to_optimal"]["estimate"] <= rules["kl/exact_to_optimal"]["ci_high"]
@@ -125,3 +166,53 @@ def test_report_is_reproducible(report_dir, tmp_path):
 def test_report_of_unknown_study_exits_2(report_dir, capsys):
     assert main(["report", "nope", "--results", str(report_dir / "results")]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+def test_a_diverged_arm_never_lends_its_pre_divergence_values(report_dir):
+    """The diverged SFT runs logged a step-0 reward (the untrained policy's): no verdict, table or figure uses it."""
+    import pandas as pd
+
+    v = json.loads((report_dir / "out" / "verdicts.json").read_text())
+    unstable, worst = v["rules"][4], v["rules"][5]
+    assert (unstable["failed_a"], unstable["runs_a"], unstable["n_a"]) == (3, 3, 0)
+    assert worst["estimate"] == -5.0 and worst["ci_low"] == worst["ci_high"] == -5.0
+    runs = pd.read_csv(report_dir / "out" / "tables" / "runs.csv")
+    bad = runs[runs["group"] == "sft_diverges"]
+    assert (bad["status"] == "diverged").all() and bad["reward/exact"].isna().all()
+    summary = pd.read_csv(report_dir / "out" / "tables" / "final_metrics.csv")
+    assert set(summary.loc[summary["group"] == "sft_diverges", "diverged"]) == {6}
+    assert summary.loc[summary["group"] == "sft_diverges", "mean"].isna().all()
+    assert "3 of 3 failed or diverged, excluded" in (report_dir / "out" / "report.md").read_text()
+
+
+def test_three_seeds_with_the_default_minimum_are_insufficient(report_dir, tmp_path):
+    """The same runs under a study that keeps the default min_seeds = 5: every rule lacks seeds, no verdict."""
+    strict = STUDY.replace('name = "tiny_report"', 'name = "tiny_strict"').replace("[statistics]\nmin_seeds = 3\n", "")
+    (tmp_path / "tiny_strict.toml").write_text(strict)
+    study = load_study(tmp_path / "tiny_strict.toml")
+    assert any("insufficient seeds" in w for w in study.warnings)
+    out = run_study(study, report_dir / "results", InlineExecutor(), progress=False, quiet=True)
+    assert out.executed == []  # the same runs: done once, whatever study asks
+    v = json.loads((build_report("tiny_strict", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text())
+    by = [r["verdict"] for r in v["rules"]]
+    assert by == ["insufficient seeds", "insufficient seeds", "not measured", "insufficient seeds", "unstable", "insufficient seeds"]
+    assert v["verdicts"] == {"C6": "incomplete", "C9": "incomplete", "C8": "unstable", "C7": "incomplete"}
+
+
+def test_verdicts_come_from_the_confirmation_seeds_only(report_dir, tmp_path, monkeypatch):
+    """Exploration seeds that disagree (DPO far from pi* there) change the exploration table, not the verdict."""
+    from workbench import store
+
+    real = store.load_final
+
+    def disagreeing(*args, **kwargs):
+        df = real(*args, **kwargs)
+        explore = (df["algo_label"] == "dpo") & df["seed"].isin([0, 1, 2])
+        df.loc[explore, "kl/exact_to_optimal"] = 1000.0
+        return df
+
+    monkeypatch.setattr(store, "load_final", disagreeing)
+    v = json.loads((build_report("tiny_report", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text())
+    assert v["rules"][0]["verdict"] == "supported" and v["rules"][0]["estimate"] < 100
+    assert v["exploration"]["rules"][0]["verdict"] == "contradicted" and v["exploration"]["rules"][0]["estimate"] == 1000.0
+    assert v["verdicts"]["C6"] == "supported" and v["exploration"]["verdicts"]["C6"] == "contradicted"

@@ -1,9 +1,13 @@
 """Aggregation over seeds: means with t confidence bands, thinned curves, matched pairs of runs.
 
-Pure pandas / numpy, no Streamlit: the pages call these and the tests check them alone.
+Pure pandas / numpy, no Streamlit: the pages call these and the tests check them alone. The
+band is the report's and the verdicts' interval of a mean (``workbench.analysis.stats``):
 
     mean_s      = (1/n) sum_i x_i                      over the n seeds of one line at one step
     half_width  = t_{0.975, n-1} * sd(x) / sqrt(n)     a 95% band (none with one seed)
+
+Bands of metrics that cannot be negative (KL, entropy, variances, lengths) are clipped at 0;
+``curves`` and ``finals`` mark the rows where that happened (``clipped``).
 """
 
 from __future__ import annotations
@@ -13,23 +17,22 @@ import math
 import numpy as np
 import pandas as pd
 
-LEVEL = 0.95
+from workbench.analysis.stats import LEVEL, is_non_negative, t_half_width
 
 
-def t_quantile(n: np.ndarray | pd.Series, level: float = LEVEL) -> np.ndarray:
-    """Two-sided Student-t quantile for ``n`` samples (``n - 1`` degrees of freedom); NaN where n < 2."""
-    from scipy.special import stdtrit
+def mean_band(df: pd.DataFrame, keys: list[str], value: str, level: float = LEVEL, metric: str | None = None) -> pd.DataFrame:
+    """Per group of ``keys``: ``mean``, ``lo``, ``hi`` (t band over rows) and ``n`` of ``value``.
 
-    n = np.asarray(n, dtype=float)
-    with np.errstate(invalid="ignore"):
-        return np.where(n >= 2, stdtrit(np.maximum(n - 1, 1), 0.5 + level / 2), np.nan)
-
-
-def mean_band(df: pd.DataFrame, keys: list[str], value: str, level: float = LEVEL) -> pd.DataFrame:
-    """Per group of ``keys``: ``mean``, ``lo``, ``hi`` (t band over rows) and ``n`` of ``value``."""
+    ``metric`` (default ``value``) names what is averaged: a non-negative one has its band
+    clipped at 0, and ``clipped`` says where.
+    """
     g = df.groupby(keys, sort=True, observed=True)[value].agg(["mean", "std", "count"]).reset_index()
-    half = t_quantile(g["count"], level) * g["std"] / np.sqrt(g["count"])
+    half = t_half_width(g["std"], g["count"], level)
     g["lo"], g["hi"] = g["mean"] - half, g["mean"] + half
+    g["clipped"] = False
+    if is_non_negative(metric or value):
+        g["clipped"] = g["lo"] < 0
+        g["lo"] = g["lo"].clip(lower=0)
     return g.rename(columns={"count": "n"}).drop(columns="std")
 
 
@@ -52,7 +55,7 @@ def curves(m: pd.DataFrame, line_of: pd.Series, metric: str, max_points: int = 4
     m = m.loc[m["run_id"].isin(line_of.index), ["run_id", "step", "samples", metric]]
     m = m[m[metric].notna()]
     if not len(m):
-        return pd.DataFrame(columns=["line", "step", "samples", "mean", "lo", "hi", "n"]), 1
+        return pd.DataFrame(columns=["line", "step", "samples", "mean", "lo", "hi", "n", "clipped"]), 1
     keep = thin(m["step"].to_numpy(), max_points)
     stride = max(1, round(len(np.unique(m["step"])) / max(len(keep), 1)))
     m = m[m["step"].isin(keep)]
@@ -60,7 +63,7 @@ def curves(m: pd.DataFrame, line_of: pd.Series, metric: str, max_points: int = 4
     out = mean_band(m, ["line", "step"], metric)
     samples = m.groupby(["line", "step"], observed=True)["samples"].mean().rename("samples").reset_index()
     out = out.merge(samples, on=["line", "step"])
-    return out[["line", "step", "samples", "mean", "lo", "hi", "n"]], stride
+    return out[["line", "step", "samples", "mean", "lo", "hi", "n", "clipped"]], stride
 
 
 def finals(final: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataFrame:
@@ -70,7 +73,7 @@ def finals(final: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.DataF
         if m not in final:
             continue
         g = mean_band(final[final[m].notna()], keys, m).rename(
-            columns={"mean": m, "lo": f"{m}:lo", "hi": f"{m}:hi", "n": f"{m}:n"}
+            columns={"mean": m, "lo": f"{m}:lo", "hi": f"{m}:hi", "n": f"{m}:n", "clipped": f"{m}:clipped"}
         )
         out = g if out is None else out.merge(g, on=keys, how="outer")
     return out if out is not None else pd.DataFrame(columns=keys)

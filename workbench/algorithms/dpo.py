@@ -120,17 +120,25 @@ def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
     return loss, per_seq, stats
 
 
+def offline_regulariser(cfg: DPOConfig, beta: float) -> str:
+    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on {cfg.labels} Bradley-Terry labels"
+
+
+def online_regulariser(cfg: OnlineDPOConfig, beta: float) -> str:
+    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on hard labels (the better of two samples)"
+
+
 SPEC = AlgorithmSpec(
     name="dpo", Config=DPOConfig, kind="offline", summary="DPO/IPO on a fixed preference set",
-    dataset=preference_dataset, step=step,
+    dataset=preference_dataset, step=step, regulariser=offline_regulariser,
 )  # fmt: skip
 
 IPO_SPEC = AlgorithmSpec(
     name="ipo", Config=DPOConfig, kind="offline", summary="IPO on a fixed preference set",
-    dataset=preference_dataset, step=step, defaults={"algo.loss_type": "ipo"},
+    dataset=preference_dataset, step=step, defaults={"algo.loss_type": "ipo"}, regulariser=offline_regulariser,
 )  # fmt: skip
 
 ONLINE_SPEC = AlgorithmSpec(
     name="online_dpo", Config=OnlineDPOConfig, kind="online", summary="DPO on pairs sampled from the policy",
-    prepare=prepare_online, loss=loss_online, min_group_size=2, defaults={"group_size": 2},
+    prepare=prepare_online, loss=loss_online, min_group_size=2, defaults={"group_size": 2}, regulariser=online_regulariser,
 )  # fmt: skip

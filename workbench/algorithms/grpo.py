@@ -78,7 +78,13 @@ def loss(out, batch, cfg: GRPOConfig, beta: float):
     return grpo_loss(out.logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"], cfg, beta)
 
 
+def regulariser(cfg: GRPOConfig, beta: float) -> str:
+    if beta == 0:
+        return "no KL penalty"
+    return f"KL {cfg.kl_estimator} in the loss" + (" (ratio-corrected)" if cfg.kl_ratio_correction else "")
+
+
 SPEC = AlgorithmSpec(
     name="grpo", Config=GRPOConfig, kind="online", summary="group-relative policy optimisation",
-    prepare=prepare, loss=loss, min_group_size=2,
+    prepare=prepare, loss=loss, min_group_size=2, regulariser=regulariser,
 )  # fmt: skip

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..analysis.kl import kl_estimate
 from .common import AlgoConfig, Aggregation, aggregate, explained_variance, gae, masked_whiten
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards
-from .spec import AlgorithmSpec, Rollout
+from .spec import AlgorithmSpec, Rollout, kl_penalty
 
 
 class PPOConfig(AlgoConfig):
@@ -89,5 +89,5 @@ def loss(out, batch, cfg: PPOConfig, beta: float):
 
 SPEC = AlgorithmSpec(
     name="ppo", Config=PPOConfig, kind="online", summary="PPO with value head, GAE and clipping",
-    prepare=prepare, loss=loss, value_head=True, defaults={"group_size": 1},
+    prepare=prepare, loss=loss, value_head=True, defaults={"group_size": 1}, regulariser=kl_penalty,
 )  # fmt: skip

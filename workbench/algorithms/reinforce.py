@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..analysis.kl import kl_estimate
 from .common import AlgoConfig, Aggregation, aggregate
-from .spec import AlgorithmSpec, Rollout
+from .spec import AlgorithmSpec, Rollout, kl_penalty
 
 KLPlace = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -86,5 +86,5 @@ def loss(out, batch, cfg: ReinforceConfig, beta: float):
 
 SPEC = AlgorithmSpec(
     name="reinforce", Config=ReinforceConfig, kind="online", summary="REINFORCE, optional baseline",
-    prepare=prepare, loss=loss, defaults={"group_size": 1},
+    prepare=prepare, loss=loss, defaults={"group_size": 1}, regulariser=kl_penalty,
 )  # fmt: skip

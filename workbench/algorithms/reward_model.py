@@ -46,4 +46,5 @@ def step(rm, ref, batch, cfg: RewardModelConfig, beta: float):
 SPEC = AlgorithmSpec(
     name="rm", Config=RewardModelConfig, kind="offline", trains="reward_model",
     summary="Bradley-Terry reward model", dataset=preference_dataset, step=step,
+    regulariser=lambda cfg, beta: "a reward model, not a policy",
 )  # fmt: skip

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .common import AlgoConfig, Aggregation, group_view
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards, reinforce_loss
-from .spec import AlgorithmSpec, Rollout
+from .spec import AlgorithmSpec, Rollout, kl_penalty
 
 
 class RLOOConfig(AlgoConfig):
@@ -48,5 +48,5 @@ def loss(out, batch, cfg: RLOOConfig, beta: float):
 
 SPEC = AlgorithmSpec(
     name="rloo", Config=RLOOConfig, kind="online", summary="REINFORCE with leave-one-out baseline",
-    prepare=prepare, loss=loss, min_group_size=2,
+    prepare=prepare, loss=loss, min_group_size=2, regulariser=kl_penalty,
 )  # fmt: skip

@@ -40,5 +40,6 @@ def step(policy, ref, batch, cfg: SFTConfig, beta: float):
 
 
 SPEC = AlgorithmSpec(
-    name="sft", Config=SFTConfig, kind="offline", summary="masked NLL on demonstrations", dataset=dataset, step=step
+    name="sft", Config=SFTConfig, kind="offline", summary="masked NLL on demonstrations", dataset=dataset, step=step,
+    regulariser=lambda cfg, beta: "SFT: cross-entropy on demonstrations, no KL",
 )

@@ -33,6 +33,11 @@ class Rollout:
     old_values: Tensor | None = None  # (B, T) V_old(s_t) with a value head
 
 
+def kl_penalty(cfg: Any, beta: float) -> str:
+    """The regulariser of an RL method with ``kl_estimator`` and ``kl_in`` fields."""
+    return "no KL penalty" if beta == 0 else f"KL {cfg.kl_estimator} in the {cfg.kl_in}"
+
+
 @dataclass
 class AlgorithmSpec:
     name: str
@@ -47,6 +52,9 @@ class AlgorithmSpec:
     step: Callable[..., tuple[Tensor, Tensor, dict]] | None = None
     min_group_size: int = 1
     defaults: dict = field(default_factory=dict)  # run-level defaults this algorithm prefers
+    # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
+    # whose regularisers read differently are not compared on raw reward or KL (workbench.study checks rules)
+    regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"
 
     def epochs(self, cfg: AlgoConfig) -> int:
         return getattr(cfg, "epochs", 1)

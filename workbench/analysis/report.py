@@ -378,7 +378,7 @@ def _with_counts(summary: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
     counts = counts.reindex(columns=["done", *FAILED], fill_value=0).reset_index() if len(counts) else counts
     if summary.empty:
         return counts
-    return summary.merge(counts, on="group", how="left")
+    return summary.merge(counts, on="group", how="outer")  # a group whose every run failed still shows its counts
 
 
 def _aggregates(finished: pd.DataFrame, metric_names: list[str], stats: Statistics) -> dict[str, pd.DataFrame]:

@@ -40,7 +40,7 @@ BOOTSTRAP_RESAMPLES = 9999
 Method = Literal["t", "bca"]
 
 # metrics that cannot be negative: their bands are clipped at 0 in figures (and the figure says so)
-NON_NEGATIVE_PREFIXES = ("kl/exact", "kl/k2", "kl/k3", "optimal/kl", "entropy/", "length/", "grad/var", "grad/trace",
+NON_NEGATIVE_PREFIXES = ("kl/exact", "kl/k2", "kl/k3", "optimal/kl", "entropy/", "length/", "grad/total_var",
                          "grad/norm", "grad/true_norm", "grad/exact_norm", "time/", "memory/")  # fmt: skip
 
 
