@@ -94,6 +94,12 @@ threshold = -1.0
 failures = "worst"
 worst = -5.0
 statement = "a diverged run counts as -5: contradicted, never the pre-divergence reward"
+
+[[deviations]]
+what = "lr of sft_diverges"
+from = 3e-3
+to = 1e12
+why = "to make every run of the arm diverge"
 """
 
 
@@ -116,7 +122,8 @@ def test_report_files(report_dir):
     md = (out / "report.md").read_text()
     for section in ["## Verdicts (confirmation seeds)", "## The same rules on the exploration seeds", "## Final metrics",
                     "## Tests within each task and grid point", "## Provenance", "## How to cite", "CITATION.cff",
-                    "intersection-union", "docs/claims.md#c6"]:  # fmt: skip
+                    "intersection-union", "docs/claims.md#c6", "## Deviations declared by the study",
+                    "to make every run of the arm diverge"]:  # fmt: skip
         assert section in md, section
     prov = json.loads(md.split("## Provenance\n```json\n")[1].split("```")[0])
     assert prov["seeds"] == [0, 1, 2, 3, 4, 5] and len(prov["run_config_hashes"]) == 18 and "git_dirty" in prov

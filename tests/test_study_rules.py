@@ -1,0 +1,118 @@
+"""What a study must declare before its verdicts can be cited: confirmation seeds, deviations, like-for-like rules."""
+
+import subprocess
+import sys
+
+import pytest
+
+from workbench.study import StudyError, load_study
+
+STUDY = """
+name = "rules"
+claims = ["C9"]
+seeds = [0, 1, 2]
+confirm_seeds = [100, 101, 102, 103, 104]
+
+[[tasks]]
+name = "bandit"
+n_arms = 4
+
+[budget]
+steps = 2
+batch_size = 8
+
+[settings]
+beta = 0.1
+model = { n_layer = 1, n_embd = 16, n_head = 2 }
+
+[[algorithms]]
+name = "ppo"
+
+[[algorithms]]
+name = "grpo"
+
+[[algorithms]]
+name = "ppo"
+label = "ppo_k3loss"
+kl_in = "loss"
+kl_estimator = "k3"
+
+[[verdicts]]
+claim = "C9"
+metric = "reward/exact"
+kind = "greater"
+a = "grpo"
+b = "ppo"
+"""
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "rules.toml"
+    path.write_text(text)
+    return path
+
+
+def test_raw_reward_between_grpo_and_ppo_is_refused_with_the_fix(tmp_path):
+    """GRPO (k3 in the loss) vs PPO (k1 in the reward) on raw reward: exit 2, the rule named, the fix given."""
+    path = write(tmp_path, STUDY)
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    err = out.stderr
+    assert str(path) in err and "verdicts[0] (reward/exact: grpo vs ppo)" in err
+    assert "KL k3 in the loss" in err and "KL k1 in the reward" in err
+    assert "objective/exact" in err and "kl/exact_to_optimal" in err and "confounded" in err
+    assert not (tmp_path / "r" / "index.sqlite").exists()  # refused before anything was registered
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        ('metric = "reward/exact"', 'metric = "objective/exact"'),  # the regularised objective: comparable
+        ('metric = "reward/exact"', 'metric = "kl/exact_to_optimal"'),  # the distance to pi*: comparable
+        ('b = "ppo"', 'b = "ppo_k3loss"'),  # PPO with GRPO's penalty: the same regulariser
+        ('b = "ppo"', 'b = "ppo"\nconfounded = "declared: the reward gap is the point"'),
+    ],
+)
+def test_like_for_like_or_declared_comparisons_pass(tmp_path, change):
+    study = load_study(write(tmp_path, STUDY.replace(*change)))
+    assert study.config.verdicts[0].b in ("ppo", "ppo_k3loss")
+
+
+def test_different_regularisers_through_a_grid_or_beta_are_caught(tmp_path):
+    # PPO at beta = 0 (no penalty) against PPO at beta = 0.1 (k1 in the reward): the penalty differs
+    text = STUDY.replace('[[algorithms]]\nname = "grpo"\n', '[[algorithms]]\nname = "grpo"\nsettings = { beta = 0.0 }\n')
+    with pytest.raises(StudyError, match="no KL penalty vs KL k1 in the reward"):
+        load_study(write(tmp_path, text))
+    # both without a penalty (beta = 0): raw reward compares like for like
+    both = text.replace('[settings]\nbeta = 0.1', '[settings]\nbeta = 0.0')
+    assert load_study(write(tmp_path, both))
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("confirm_seeds = [100, 101, 102, 103, 104]\n", "", "confirm_seeds: required when the study has [[verdicts]]"),
+        ("confirm_seeds = [100, 101, 102, 103, 104]", "confirm_seeds = [2, 100, 101, 102, 103]", "must not repeat exploration seeds"),
+        ("confirm_seeds = [100, 101, 102, 103, 104]", "confirm_seeds = [100, 100, 101, 102, 103]", "each seed once"),
+        ('b = "ppo"', 'b = "ppo_k3loss"\nfailures = "worst"', "worst"),
+        ('name = "rules"', 'name = "rules"\n[statistics]\nmin_seeds = 2', "min_seeds"),
+    ],
+)
+def test_seed_and_rule_declarations_are_checked(tmp_path, old, new, message):
+    assert old in STUDY
+    with pytest.raises(StudyError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        load_study(write(tmp_path, STUDY.replace(old, new)))
+
+
+def test_few_confirmation_seeds_warn_and_deviations_load(tmp_path):
+    text = STUDY.replace("confirm_seeds = [100, 101, 102, 103, 104]", "confirm_seeds = [100, 101, 102]")
+    text = text.replace('b = "ppo"', 'b = "ppo_k3loss"') + (
+        '\n[[deviations]]\nwhat = "beta"\nfrom = 0.05\nto = 0.1\nwhy = "seen on seeds 0-2"\n'
+    )
+    study = load_study(write(tmp_path, text))
+    assert any("insufficient seeds" in w for w in study.warnings)
+    d = study.config.deviations[0]
+    assert (d.what, d.from_, d.to, d.why) == ("beta", 0.05, 0.1, "seen on seeds 0-2")
+    assert study.config.all_seeds == [0, 1, 2, 100, 101, 102]
