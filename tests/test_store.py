@@ -11,7 +11,7 @@ import time
 import pytest
 
 from workbench.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
-from workbench.store import Owner, Store, is_stale, pid_alive, publish, publish_text, read_progress, results_dir
+from workbench.store import Owner, Store, is_stale, pid_alive, publish, publish_metrics, publish_text, read_progress, results_dir
 
 
 def add_run(store: Store, run_id="r1", study="s"):
@@ -94,10 +94,11 @@ def test_a_published_run_is_recovered_not_rerun(tmp_path):
     d = store.run_dir("r1")
     d.mkdir(parents=True)
     publish_text(d / "status.json", '{"status": "diverged", "step": 2, "reason": "non-finite loss nan"}')
-    publish_text(d / "metrics.parquet", "x")
+    publish_text(d / "metrics.jsonl", '{"step": 0, "samples": 0}\n{"step": 1, "samples": 4}\n')
+    publish_metrics(d)  # (a metrics.parquet that does not read is published again or the run redone: test_faults.py)
     assert store.claim("r1", Owner.current()) == "recovered"
     row = store.states(["r1"])["r1"]
-    assert (row["status"], row["step"], row["attempts"]) == ("diverged", 2, 0)
+    assert (row["status"], row["step"], row["samples"], row["attempts"]) == ("diverged", 2, 4, 0)
     assert store.claim("r1", Owner.current()) == "finished"
 
 

@@ -2,7 +2,9 @@
 
 Exit status: 0 done; 1 ``run``: some runs failed (the others finished; run it again to
 retry them); 2 bad input (a message, no traceback); 3 ``train``: the run diverged (marked
-in ``status.json``, files kept); 130 interrupted (``run`` again to resume).
+in ``status.json``, files kept); 4 the results folder cannot be written (a full disk, a
+read-only folder, no permission: one line naming the path; the runs in flight are
+released, run again once it is fixed); 130 interrupted (``run`` again to resume).
 
 The results folder is ``--results``, else ``$WORKBENCH_RESULTS``, else ``./results``.
 """
@@ -12,8 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import sqlite3
 import sys
+import tempfile
 from pathlib import Path
 
 from .config import ConfigError, parse_value, resolve
@@ -41,6 +46,7 @@ def cmd_train(args) -> int:
     if args.algo not in ALGORITHMS:
         pass  # resolve() reports it with the allowed names
     res = resolve(raw, overrides)
+    _prepare_out(Path(args.out), args.overwrite)
     from .train import train
 
     result = train(res, args.out, progress=not args.quiet)
@@ -50,9 +56,38 @@ def cmd_train(args) -> int:
     return 0 if result["status"] == "done" else 3
 
 
+class OptionError(ConfigError):
+    """A bad command-line option (not a configuration): one line, exit status 2."""
+
+
+RUN_FILES = ("config.json", "metrics.jsonl", "status.json", "metrics.parquet", "samples.jsonl", "checkpoint", "error.txt")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new or empty folder (or, with ``--overwrite``, a run folder: emptied first) we can write."""
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"--out {out}: exists and is not a folder; choose a new folder for the run")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names:
+        if not overwrite:
+            raise OptionError(f"--out {out}: already holds files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''});"
+                              " choose a new folder, or pass --overwrite to delete them and train again")  # fmt: skip
+        if not any((out / f).exists() for f in RUN_FILES):
+            raise OptionError(f"--out {out}: not a run folder (none of {', '.join(RUN_FILES[:3])}); "
+                              "--overwrite only empties run folders")  # fmt: skip
+    try:
+        if out.is_dir() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise OptionError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
 def cmd_run(args) -> int:
     from .executors import LocalProcessExecutor
-    from .store import results_dir
+    from .store import StoreFault, results_dir, storage_fault
     from .study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
 
     study = load_study(args.study)
@@ -74,6 +109,16 @@ def cmd_run(args) -> int:
         print(f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
               f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
         return 130
+    except (StoreFault, OSError, sqlite3.Error) as e:  # a full disk, a read-only folder: stopped, nothing lost
+        e = storage_fault(e, results / "index.sqlite")
+        if e is None:
+            raise
+        released, left = getattr(e, "released", 0), getattr(e, "unreleased", [])
+        held = (f"{released} run(s) in flight released" if released else "no run was in flight") + (
+            f", {len(left)} left 'running' for the next run to take back" if left else "")  # fmt: skip
+        print(f"workbench run: {e}; stopped ({held}). Free space or restore write permission, then run again to resume: "
+              f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
+        return 4
     finally:
         executor.shutdown(wait=True)
         signal.signal(signal.SIGTERM, previous)
@@ -140,7 +185,7 @@ def cmd_status(args) -> int:
         samples = f"{int(r['samples'])} {r['unit']}" if r["samples"] == r["samples"] and r["samples"] is not None else "-"
         grid = ",".join(f"{k}={v}" for k, v in r["grid"].items())
         rows.append([r["algo_label"] + (f"[{grid}]" if grid else ""), r["task_label"], r["seed"], status, step, samples,
-                     r["attempts"], r["run_id"], (r["reason"] or "")[:60]])  # fmt: skip
+                     r["attempts"], r["run_id"], r["reason"][:60] if isinstance(r["reason"], str) else ""])  # fmt: skip
     print(f"study {name}: {len(runs)} runs")
     print(text_table(["algorithm", "task", "seed", "status", "step", "consumed", "attempts", "run_id", "reason"], rows))
     if (runs["status"].isin(["done", "diverged"])).any():
@@ -218,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. algo.clip_eps=0.1, task.n_arms=4, lr=3e-4")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--overwrite", action="store_true", help="--out may be an existing run folder: it is emptied first")
     t.set_defaults(func=cmd_train)
 
     results_help = "results folder (default: $WORKBENCH_RESULTS, else ./results)"
@@ -285,14 +331,58 @@ def cmd_report(args) -> int:
     return 0
 
 
+INDEX_COMMANDS = ("run", "status", "list", "report")  # commands that read or write the results index
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        code = _dispatch(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return code
+    except BrokenPipeError:  # `workbench status | head`: the reader left; say nothing more
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        except (OSError, ValueError):
+            pass
+        return 1
+
+
+def _dispatch(args, retried: bool = False) -> int:
+    from .store import StoreFault, _is_corrupt, ensure_index, repair_index, results_dir, storage_fault
+
+    try:
+        if args.cmd in INDEX_COMMANDS:  # a damaged index is set aside and rebuilt before anything reads it
+            notice = ensure_index(results_dir(args.results))
+            if notice:
+                print(f"workbench {args.cmd}: {notice}", file=sys.stderr)
         return args.func(args)
+    except OptionError as e:
+        print(f"workbench {args.cmd}: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:
         what = "invalid study" if args.cmd in ("run", "status", "report") else "invalid configuration"
         print(f"workbench {args.cmd}: {what}\n{e}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error, RuntimeError, StoreFault) as e:
+        if args.cmd in INDEX_COMMANDS and _is_corrupt(e) and not retried:  # damaged where the check did not look
+            try:
+                notice = repair_index(results_dir(args.results), str(e))
+            except Exception as repair_error:  # noqa: BLE001  (a read-only folder: said below)
+                e = repair_error
+            else:
+                print(f"workbench {args.cmd}: {notice or 'the results index was rebuilt by another process'}; running again",
+                      file=sys.stderr)  # fmt: skip
+                return _dispatch(args, retried=True)
+        fault = storage_fault(e, getattr(args, "out", None))
+        if fault is None and isinstance(e, sqlite3.Error):
+            where = results_dir(getattr(args, "results", None)) / "index.sqlite"
+            print(f"workbench {args.cmd}: the results index {where}: {e}", file=sys.stderr)
+            return 4
+        if fault is None:
+            raise
+        print(f"workbench {args.cmd}: {fault}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ and skips corrupt files instead of failing the whole load.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import socket
@@ -79,6 +81,94 @@ def results_dir(arg: str | os.PathLike | None = None) -> Path:
     return Path(arg or os.environ.get("WORKBENCH_RESULTS") or "results")
 
 
+# -- faults of the storage: full disk, read-only folder, no permission -----------------------------
+
+# errors that are the storage's, not the run's: anywhere, and (permissions) inside the results folder
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+# SQLite primary result codes: PERM, READONLY, IOERR, FULL, CANTOPEN
+_SQLITE_STORAGE = {3, 8, 10, 13, 14}
+_SQLITE_STORAGE_WORDS = ("disk is full", "readonly database", "unable to open database", "disk i/o error")
+
+
+class StoreFault(Exception):
+    """The results folder cannot be written: a full disk, a read-only folder, no permission.
+
+    ``str()`` is one line naming the path. Nothing is lost: what was written stays, the runs
+    in flight are released, and ``workbench run`` resumes once the space or permission is back.
+    """
+
+    def __init__(self, path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"cannot write {self.path}: {reason}")
+
+
+def storage_fault(exc: BaseException, path=None, root=None) -> StoreFault | None:
+    """``exc`` as a ``StoreFault`` when the storage is at fault (it, or what it was raised from), else ``None``.
+
+    A full disk, a quota, a read-only file system: anywhere. No permission (EACCES, EPERM):
+    where ``root`` is given, only for a path inside it (a checkpoint the run cannot read is
+    the run's problem). SQLite's full / read-only / cannot-open / I/O errors name ``path``.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, StoreFault):
+            return e
+        if isinstance(e, OSError) and (e.errno in _SPACE_ERRNOS or e.errno in _PERMISSION_ERRNOS):
+            where = e.filename if e.filename is not None else path
+            inside = root is None or where is None or _inside(where, root)
+            if e.errno in _SPACE_ERRNOS or inside:
+                return StoreFault(where if where is not None else "?", e.strerror or str(e))
+        if isinstance(e, sqlite3.OperationalError):
+            code = getattr(e, "sqlite_errorcode", None)
+            if (code is not None and code & 0xFF in _SQLITE_STORAGE) or any(w in str(e).lower() for w in _SQLITE_STORAGE_WORDS):
+                return StoreFault(path if path is not None else INDEX, str(e))
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in (exc, exc.__cause__, exc.__context__) if x is not None)
+    for words in _SPACE_WORDS:  # errors that carry the OS error as text only (safetensors, torch's writers)
+        if words in text:
+            return StoreFault(path if path is not None else "?", words)
+    return None
+
+
+_SPACE_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system")
+
+
+def _inside(path, root) -> bool:
+    try:
+        Path(os.path.abspath(path)).relative_to(os.path.abspath(root))
+        return True
+    except (ValueError, TypeError):
+        return False
+
+
+RESERVE = ".reserve"  # <results>/.reserve: space kept back so that a full disk still lets a runner release its runs
+RESERVE_BYTES = 256 * 1024
+
+
+def _keep_reserve(root: Path) -> None:
+    """Write the reserve file if it is missing (quietly: no space is no reason to stop here)."""
+    path = root / RESERVE
+    if path.exists():
+        return
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * RESERVE_BYTES)
+    except OSError:
+        path.unlink(missing_ok=True)
+
+
+def free_reserve(results) -> bool:
+    """Delete the reserve file (a full disk: the index can then record releases). Returns whether there was one."""
+    try:
+        (results_dir(results) / RESERVE).unlink()
+        return True
+    except OSError:
+        return False
+
+
 # -- atomic publishing ----------------------------------------------------------------------
 
 
@@ -93,6 +183,19 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask (read without changing it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)  # no /proc: the only portable way to read it is to set it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def publish(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` so that readers see the old file or the whole new one, never a part.
 
@@ -102,6 +205,7 @@ def publish(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, file_mode())  # mkstemp makes it 0600; published files read like their neighbours
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -203,24 +307,287 @@ def read_progress(run_dir: str | os.PathLike) -> dict | None:
     return None
 
 
-def published(run_dir: str | os.PathLike) -> dict | None:
-    """``status.json`` of a run that has finished and published its metrics, else ``None``."""
+def published(run_dir: str | os.PathLike, verify: bool = False) -> dict | None:
+    """``status.json`` of a run that has finished and published its metrics, else ``None``.
+
+    With ``verify``, ``metrics.parquet`` must also read whole; one that does not is
+    published again from ``metrics.jsonl`` when that file is complete (``republished`` is
+    then set in the returned dict), else the run counts as unpublished (it is run again).
+    """
     run_dir = Path(run_dir)
     st = read_status(run_dir)
-    if st and st.get("status") in FINISHED and (run_dir / "metrics.parquet").exists():
-        return st
-    return None
+    if not (st and st.get("status") in FINISHED and (run_dir / "metrics.parquet").exists()):
+        return None
+    if verify and not _parquet_reads(run_dir / "metrics.parquet"):
+        rows, problem = _read_jsonl(run_dir / "metrics.jsonl")
+        if problem or (st["status"] == "done" and (not rows or rows[-1].get("step") != st.get("step"))):
+            return None  # not the whole record of the run: run it again
+        try:
+            publish_metrics(run_dir)
+        except (ValueError, OSError) as e:  # metrics.jsonl damaged too (or the folder is not writable): run it again
+            if storage_fault(e) is not None:
+                raise
+            return None
+        if not _parquet_reads(run_dir / "metrics.parquet"):
+            return None
+        st = {**st, "republished": True}
+    return st
+
+
+def _parquet_reads(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_table(path)
+        return True
+    except Exception:  # noqa: BLE001  pyarrow raises ArrowInvalid, OSError, ... on a damaged file
+        return False
+
+
+def consumption(run_dir: str | os.PathLike) -> tuple[int | None, int | None]:
+    """``(step, samples)`` of the last complete row a run logged (``metrics.jsonl``, else ``metrics.parquet``)."""
+    run_dir = Path(run_dir)
+    row = read_progress(run_dir)
+    if row is None and (run_dir / "metrics.parquet").exists():
+        import pyarrow.parquet as pq
+
+        try:
+            t = pq.read_table(run_dir / "metrics.parquet", columns=["step", "samples"]).to_pylist()
+            row = t[-1] if t else None
+        except Exception:  # noqa: BLE001
+            row = None
+    if not row:
+        return None, None
+    as_int = lambda v: int(v) if isinstance(v, (int, float)) and v == v else None  # noqa: E731
+    return as_int(row.get("step")), as_int(row.get("samples"))
 
 
 # -- the index --------------------------------------------------------------------------------
 
 
+def spec_hash(run_ids: Iterable[str]) -> str:
+    """A study's ``spec_hash``: the hash of its sorted run ids."""
+    return hashlib.sha256(json.dumps(sorted(run_ids)).encode()).hexdigest()[:16]
+
+
+# -- a damaged index: detected, set aside, rebuilt from the run folders -----------------------------
+
+
+class IndexRepaired(UserWarning):
+    """The index was damaged; it was set aside (``index.sqlite.corrupt-<time>``) and rebuilt."""
+
+
+def _is_corrupt(e: BaseException) -> bool:
+    """SQLite's 'database disk image is malformed' (SQLITE_CORRUPT) or 'file is not a database' (SQLITE_NOTADB)."""
+    if not isinstance(e, sqlite3.DatabaseError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (11, 26)
+    return any(w in str(e).lower() for w in ("malformed", "not a database"))
+
+
+def index_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with the index file at ``path`` (SQLite's ``quick_check``), or ``None``: sound or absent."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        db = _connect_reader(path)
+        try:
+            rows = [str(r[0]) for r in db.execute("PRAGMA quick_check").fetchall()]
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as e:
+        if _is_corrupt(e):
+            return str(e)
+        raise
+    return None if rows == ["ok"] else "; ".join(rows[:2])
+
+
+_CHECKED: dict[str, tuple] = {}  # index path -> (inode, size, mtime) when last found sound by this process
+
+
+def _signature(path: Path) -> tuple:
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def ensure_index(results=None) -> str | None:
+    """Check the index (again whenever its file changed); a damaged one is set aside and rebuilt.
+
+    Returns the one-line notice of a rebuild (``repair_index``), else ``None``.
+    """
+    path = results_dir(results) / INDEX
+    try:
+        sig = _signature(path)
+    except FileNotFoundError:
+        return None
+    if _CHECKED.get(str(path)) == sig:
+        return None
+    problem = index_problem(path)
+    notice = repair_index(results, problem) if problem is not None else None
+    try:
+        _CHECKED[str(path)] = _signature(path)
+    except OSError:
+        pass
+    return notice
+
+
+def _ensure_index_warn(results) -> None:
+    notice = ensure_index(results)
+    if notice:
+        warnings.warn(notice, IndexRepaired, stacklevel=3)
+
+
+@contextmanager
+def _repair_lock(root: Path):
+    import fcntl
+
+    try:
+        fd = os.open(root / ".index.lock", os.O_RDWR | os.O_CREAT, file_mode())
+    except OSError as e:
+        raise StoreFault(root / ".index.lock", f"{e.strerror}; the damaged index {root / INDEX} cannot be rebuilt here") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def repair_index(results, problem: str) -> str | None:
+    """Move the damaged index (and its -wal, -shm) aside as ``index.sqlite.corrupt-<time>`` and rebuild it.
+
+    Returns a one-line notice of what happened, or ``None`` when another process had already
+    rebuilt it. The rebuild reads the study copies (``studies/*.toml``) and the run folders
+    (``rebuild_index``).
+    """
+    root = results_dir(results)
+    path = root / INDEX
+    t0 = time.perf_counter()
+    with _repair_lock(root):
+        if path.exists() and index_problem(path) is None:
+            return None  # rebuilt meanwhile by another process
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = root / f"{INDEX}.corrupt-{stamp}", 1
+        while aside.exists():
+            aside, n = root / f"{INDEX}.corrupt-{stamp}-{n}", n + 1
+        for suffix in ("-wal", "-shm", ""):  # a stale -wal next to a new index would be replayed into it
+            src = Path(f"{path}{suffix}")
+            if src.exists():
+                os.replace(src, Path(f"{aside}{suffix}"))
+        done = rebuild_index(root)
+    skipped = f"; left out: {'; '.join(done['skipped'])}" if done["skipped"] else ""
+    return (f"the results index {path} was damaged ({problem}); set it aside as {aside.name} and rebuilt it from "
+            f"{done['studies']} study file(s) and {done['folders']} run folder(s) in {time.perf_counter() - t0:.1f} s{skipped}")  # fmt: skip
+
+
+def rebuild_index(results) -> dict:
+    """Fill an index from what the results folder holds (the index must not exist yet).
+
+    Studies from their copies in ``studies/*.toml`` (expanded on the device, auto, cpu or
+    cuda, that matches the most run folders); runs from their folders: published ones are
+    done / diverged with the ``step`` and ``samples`` they logged, ones with ``error.txt``
+    failed, others (killed) queued; run folders of no study are added without one. Returns
+    counts: ``studies``, ``runs``, ``folders``, and ``skipped`` (lines naming what could not be read).
+    """
+    from .config import ConfigError
+    from .registry import ALGORITHMS
+    from .study import consumption_unit, expand, load_study
+
+    root = results_dir(results)
+    runs_dir = root / "runs"
+    folders = {d.name for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")} if runs_dir.is_dir() else set()
+    out: dict = {"studies": 0, "runs": 0, "folders": len(folders), "skipped": []}
+    with Store(root) as store:
+        known: set[str] = set()
+        for f in sorted((root / "studies").glob("*.toml")):
+            best = None
+            try:
+                study = load_study(f)
+                for device in ("auto", "cpu", "cuda"):
+                    try:
+                        plan = expand(study, device)
+                    except ConfigError:
+                        continue
+                    hits = sum(p.run_id in folders for p in plan)
+                    if best is None or hits > best[0]:
+                        best = (hits, plan)
+            except ConfigError as e:
+                out["skipped"].append(f"{f.name}: {str(e).strip().splitlines()[-1].strip()}")
+                continue
+            if best is None:
+                out["skipped"].append(f"{f.name}: its runs do not resolve")
+                continue
+            plan = best[1]
+            cfg = study.config
+            store.register_study(study.name, str(f), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan),
+                                 [p.record() for p in plan])  # fmt: skip
+            known.update(p.run_id for p in plan)
+            out["studies"] += 1
+        now = time.time()
+        with store._tx() as db:
+            for rid in sorted(folders - known):  # a run folder of no study (its study file is gone)
+                try:
+                    c = json.loads((runs_dir / rid / "config.json").read_text())["config"]
+                    task, algo, seed, steps = c["task"]["name"], c["algo"]["name"], c["seed"], c["steps"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    out["skipped"].append(f"runs/{rid}: no readable config.json")
+                    continue
+                unit = consumption_unit(ALGORITHMS[algo]) if algo in ALGORITHMS else None
+                db.execute("INSERT OR IGNORE INTO runs(run_id, task, algo, seed, steps, unit, config, created_at)"
+                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rid, task, algo, seed, steps, unit, json.dumps(c, sort_keys=True), now))  # fmt: skip
+            for (rid,) in db.execute("SELECT run_id FROM runs").fetchall():
+                out["runs"] += 1
+                d = runs_dir / rid
+                if rid not in folders:
+                    continue  # never started: queued
+                st = published(d)
+                step, samples = consumption(d)
+                if st is not None:
+                    status, reason, step = st["status"], st.get("reason"), st.get("step", step)
+                elif (d / "error.txt").exists():
+                    status, reason = "failed", _last_line(d / "error.txt")
+                else:  # started and killed: trained again from scratch by the next run
+                    status, reason, step, samples = "queued", None, None, None
+                db.execute("UPDATE runs SET status=?, step=?, samples=?, reason=?, attempts=1, finished_at=? WHERE run_id=?",
+                           (status, step, samples, reason, None if status == "queued" else now, rid))  # fmt: skip
+                store._event(db, rid, None, "rebuilt", status)
+    return out
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:500] if lines else ""
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    try:
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed transaction survives a killed process
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _connect_reader(path: Path) -> sqlite3.Connection:
+    """``_connect``, or where SQLite cannot open it for reading because the folder is read-only (a WAL
+    index needs its -shm file, which it cannot create there), the file as immutable: read as it is."""
+    try:
+        return _connect(path)
+    except sqlite3.OperationalError as e:
+        code = getattr(e, "sqlite_errorcode", None)
+        if not ((code is not None and code & 0xFF in (8, 14)) or "readonly" in str(e) or "unable to open" in str(e)):
+            raise
+    db = sqlite3.connect(Path(os.path.abspath(path)).as_uri() + "?immutable=1", uri=True, check_same_thread=False)
     db.row_factory = sqlite3.Row
-    db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed transaction survives a killed process
     return db
 
 
@@ -267,12 +634,20 @@ class Store:
 
     def __init__(self, root: str | os.PathLike, create: bool = True):
         self.root = Path(root)
-        if create:
-            (self.root / "runs").mkdir(parents=True, exist_ok=True)
-            (self.root / "studies").mkdir(exist_ok=True)
-        elif not (self.root / INDEX).exists():
-            raise FileNotFoundError(f"no results index at {self.root / INDEX}")
-        self.db = _connect(self.root / INDEX)
+        try:
+            if create:
+                (self.root / "runs").mkdir(parents=True, exist_ok=True)
+                (self.root / "studies").mkdir(exist_ok=True)
+                _keep_reserve(self.root)
+            elif not (self.root / INDEX).exists():
+                raise FileNotFoundError(f"no results index at {self.root / INDEX}")
+            _ensure_index_warn(self.root)
+            self.db = _connect(self.root / INDEX)
+        except (OSError, sqlite3.OperationalError) as e:
+            fault = storage_fault(e, self.root / INDEX)
+            if fault is None:
+                raise
+            raise fault from e
         with self._tx() as db:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
@@ -289,14 +664,27 @@ class Store:
 
     @contextmanager
     def _tx(self):
-        """A write transaction that takes the write lock up front (no lock upgrade deadlocks)."""
-        self.db.execute("BEGIN IMMEDIATE")
+        """A write transaction that takes the write lock up front (no lock upgrade deadlocks).
+
+        A full disk or a read-only index raises ``StoreFault`` (the transaction rolled back).
+        """
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:  # (a failed COMMIT leaves it open)
+                    try:
+                        self.db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                raise
+        except sqlite3.OperationalError as e:
+            fault = storage_fault(e, self.root / INDEX)
+            if fault is None:
+                raise
+            raise fault from e
 
     def run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
@@ -349,7 +737,8 @@ class Store:
         """Try to take a run for execution, atomically. Returns what happened:
 
         - ``"claimed"``: it is now 'running' under ``owner``; execute it;
-        - ``"recovered"``: a previous attempt had published it; the index now says so;
+        - ``"recovered"``: a previous attempt had published it (or its unreadable
+          ``metrics.parquet`` was just published again from ``metrics.jsonl``); the index now says so;
         - ``"finished"``: done or diverged, published; nothing to do;
         - ``"busy"``: another live owner is running it;
         - ``"failed"``: it failed, and someone attempted it since ``expected_attempts`` was read
@@ -365,19 +754,20 @@ class Store:
             if row is None:
                 raise KeyError(f"run {run_id} is not in the index")
             status, detail = row["status"], row["status"]
-            if status in FINISHED and published(run_dir):
-                return "finished"
             if status == "running":
                 if not is_stale(row, now, lease_s):
                     return "busy"
                 detail = f"reclaimed from {row['owner']}"
+            st = published(run_dir, verify=True)  # an unreadable metrics.parquet is published again, or the run redone
+            if status in FINISHED and st is not None and not st.get("republished"):
+                return "finished"
             if status == "failed" and expected_attempts is not None and row["attempts"] != expected_attempts:
                 return "failed"
-            st = published(run_dir)
-            if st is not None:  # killed after publishing, before the index heard of it
-                db.execute("UPDATE runs SET status=?, step=?, reason=?, owner=NULL, finished_at=? WHERE run_id=?",
-                           (st["status"], st.get("step"), st.get("reason"), now, run_id))  # fmt: skip
-                self._event(db, run_id, owner.id, "recovered", st["status"])
+            if st is not None:  # killed after publishing, before the index heard of it (or its parquet republished)
+                samples = consumption(run_dir)[1]
+                db.execute("UPDATE runs SET status=?, step=?, samples=?, reason=?, owner=NULL, finished_at=? WHERE run_id=?",
+                           (st["status"], st.get("step"), samples, st.get("reason"), now, run_id))  # fmt: skip
+                self._event(db, run_id, owner.id, "republished" if st.get("republished") else "recovered", st["status"])
                 return "recovered"
             db.execute(
                 "UPDATE runs SET status='running', owner=?, host=?, pid=?, heartbeat_at=?, started_at=?,"
@@ -407,6 +797,25 @@ class Store:
                 self._event(db, run_id, owner.id, status, reason or "")
             return bool(cur.rowcount)
 
+    def release_all(self, run_ids: Iterable[str], owner: Owner) -> list[str]:
+        """``release`` each run, whatever fails; returns the ids it could not release.
+
+        On a full disk the reserve file (``.reserve``) is deleted to make room and the
+        release tried again. A run left 'running' here is reclaimed by the next runner anyway
+        (its owner, this process, will be gone).
+        """
+        left = []
+        for rid in run_ids:
+            for attempt in range(2):
+                try:
+                    self.release(rid, owner)
+                    break
+                except (StoreFault, sqlite3.Error):
+                    if attempt or not free_reserve(self.root):
+                        left.append(rid)
+                        break
+        return left
+
     def release(self, run_id: str, owner: Owner) -> None:
         """Give a claimed run back (interrupted before it ended): it is 'queued' again."""
         with self._tx() as db:
@@ -433,15 +842,17 @@ class Heartbeat:
         self._thread.join()
 
     def _loop(self) -> None:
-        db = Store(self.root, create=False)
+        db = None
         try:
             while not self._stop.wait(self.interval):
                 try:
+                    db = db or Store(self.root, create=False)
                     db.heartbeat(self.owner)
-                except sqlite3.Error as e:  # a missed beat is not fatal; the lease is 12 beats long
+                except (sqlite3.Error, OSError, StoreFault) as e:  # a missed beat is not fatal; the lease is 12 beats long
                     warnings.warn(f"heartbeat failed: {e}", RuntimeWarning, stacklevel=1)
         finally:
-            db.close()
+            if db is not None:
+                db.close()
 
 
 # -- the loader: every reader goes through these ------------------------------------------------
@@ -455,7 +866,8 @@ def _open_index(results) -> sqlite3.Connection:
     path = results_dir(results) / INDEX
     if not path.exists():
         raise FileNotFoundError(f"no results index at {path}")
-    db = _connect(path)
+    _ensure_index_warn(results)
+    db = _connect_reader(path)
     if db.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('studies', 'runs', 'study_runs')").fetchone()[0] < 3:
         db.close()
         raise FileNotFoundError(f"results index at {path} is being created")

@@ -38,9 +38,7 @@ and restarted, it picks up where it stopped.
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 import os
 import shutil
 import sys
@@ -59,7 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .analysis.verdicts import VerdictRule
 from .config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
 from .policy import ModelConfig
-from .store import Heartbeat, Owner, Store, is_stale, load_final, publish_metrics, publish_text, read_progress
+from .store import (Heartbeat, Owner, Store, StoreFault, is_stale, load_final, publish_metrics, publish_text, read_progress,
+                    spec_hash, storage_fault)  # fmt: skip
 
 CLAIM_IDS = tuple(f"C{i}" for i in range(1, 14))
 # run settings a study fixes elsewhere: the budget, the seeds, the task and algorithm tables, the command line
@@ -473,17 +472,33 @@ def execute_run(task: RunTask) -> dict:
     if res.config_hash != task.run_id:
         raise RuntimeError(f"config resolves to {res.config_hash}, not run {task.run_id}")
     out = Path(task.run_dir)
-    if out.exists():  # a previous, interrupted attempt
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    root = out.parent.parent  # the results folder
     try:
+        if out.exists():  # a previous, interrupted attempt
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
         result = train(res, out, progress=False)
         publish_metrics(out)
+    except Exception as e:
+        fault = storage_fault(e, out, root)
+        if fault is not None:  # the storage's fault, not the run's: the runner stops, releases it and says so
+            return {"status": "fault", "path": fault.path, "reason": fault.reason}
+        _write_error(out, traceback.format_exc())
+        raise
     except BaseException:
-        (out / "error.txt").write_text(traceback.format_exc())
+        _write_error(out, traceback.format_exc())
         raise
     return {"status": result["status"], "step": result["step"], "samples": result["final"].get("samples"),
             "reason": result.get("reason")}  # fmt: skip
+
+
+def _write_error(out: Path, text: str) -> None:
+    """``error.txt``, if the folder takes it (the error that brought us here matters more)."""
+    try:
+        if out.is_dir():
+            (out / "error.txt").write_text(text)
+    except OSError:
+        pass
 
 
 # -- running a study -------------------------------------------------------------------------------
@@ -524,8 +539,7 @@ def run_study(study: Study, results, executor, *, device: str = "auto", progress
 def _run(study, plan, store, executor, progress, quiet, poll_s) -> StudyOutcome:
     cfg = study.config
     records = [p.record() for p in plan]
-    spec_hash = hashlib.sha256(json.dumps(sorted(p.run_id for p in plan)).encode()).hexdigest()[:16]
-    store.register_study(study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash, records)
+    store.register_study(study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan), records)
     publish_text(store.root / "studies" / f"{study.name}.toml", study.text)
     outcome = StudyOutcome(study.name, len(plan))
     attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
@@ -559,14 +573,18 @@ def _run(study, plan, store, executor, progress, quiet, poll_s) -> StudyOutcome:
                 if in_flight:
                     done, _ = wait(list(in_flight), timeout=poll_s, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        _finish(store, owner, in_flight.pop(fut), fut, outcome, bars)
+                        _finish(store, owner, in_flight[fut], fut, outcome, bars)
+                        del in_flight[fut]  # (after: a run whose end could not be recorded is released below)
                     bars.poll(store, in_flight.values())
                 elif todo:
                     time.sleep(poll_s)  # the rest is running elsewhere
-    except BaseException:
+    except BaseException as e:
         executor.shutdown(wait=True, cancel_futures=True, kill=True)
-        for p in in_flight.values():
-            store.release(p.run_id, owner)
+        left = store.release_all([p.run_id for p in in_flight.values()], owner)
+        fault = storage_fault(e, store.root / "index.sqlite") if isinstance(e, Exception) else None
+        if fault is not None:  # a full disk, a read-only folder: one line for the person, after the releases
+            fault.released, fault.unreleased = len(in_flight) - len(left), left
+            raise fault from e
         raise
     finally:
         bars.close()
@@ -576,12 +594,19 @@ def _run(study, plan, store, executor, progress, quiet, poll_s) -> StudyOutcome:
 def _finish(store: Store, owner: Owner, p: PlannedRun, fut: Future, outcome: StudyOutcome, bars) -> None:
     try:
         r = fut.result()
+        if r["status"] == "fault":  # the worker could not write its folder: stop (the run is released by _run)
+            raise StoreFault(r["path"], r["reason"])
         status, step, samples, reason = r["status"], r["step"], r["samples"], r.get("reason")
+    except StoreFault:
+        raise
     except Exception as e:  # the run raised, or its process died
         status, step, samples, reason = "failed", None, None, str(e).split("\n\n")[0][:500]
         err = store.run_dir(p.run_id) / "error.txt"
         if err.parent.exists() and not err.exists():
-            err.write_text(str(e))
+            try:
+                err.write_text(str(e))
+            except OSError as write_error:
+                raise (storage_fault(write_error, err) or write_error) from e
     store.finish(p.run_id, owner, status, step, samples, reason)
     outcome.executed.append(p.run_id)
     outcome.statuses[p.run_id] = status
@@ -643,7 +668,8 @@ def summarize(results, study: str) -> Any:
     """Per task x algorithm x grid point: run counts and mean / std over seeds of the final metrics.
 
     Only runs that finished ``done`` enter the statistics; diverged and failed runs are counted.
-    Runs whose files cannot be read are left out and listed in ``df.attrs["issues"]``.
+    Runs whose files cannot be read are counted as ``unreadable`` (not done), left out of the
+    statistics and listed in ``df.attrs["issues"]``.
     """
     import warnings
 
@@ -655,12 +681,15 @@ def summarize(results, study: str) -> Any:
         warnings.simplefilter("ignore", LoadWarning)  # reported through attrs["issues"]
         final = load_final(results, study)
     final["grid_label"] = final["grid"].map(grid_label)
+    unreadable = {i["run_id"] for i in final.attrs.get("issues", [])}  # finished, but its metrics do not load
     keys = ["task_label", "algo_label", "grid_label"]
     rows = []
     for key, g in final.groupby(keys, sort=False):
-        ok = g[g["status"] == "done"]
+        bad = g["run_id"].isin(unreadable)
+        ok = g[(g["status"] == "done") & ~bad]
         row = dict(zip(keys, key))
-        row.update({s: int((g["status"] == s).sum()) for s in ("done", "diverged", "failed")}, runs=len(g))
+        row.update({s: int(((g["status"] == s) & ~bad).sum()) for s in ("done", "diverged", "failed")}, runs=len(g))
+        row["unreadable"] = int(bad.sum())
         for m in SUMMARY_METRICS:
             vals = ok[m].dropna() if m in ok else pd.Series(dtype=float)
             row[f"{m}:mean"] = vals.mean() if len(vals) else float("nan")
@@ -688,7 +717,7 @@ def format_summary(df) -> str:
     head = ["task", "algorithm"] + (["grid"] if show_grid else []) + ["done"] + metrics
     body = []
     for _, r in df.iterrows():
-        extra = "".join(f" {r[s]} {s}" for s in ("diverged", "failed") if r[s])
+        extra = "".join(f" {r[s]} {s}" for s in ("diverged", "failed", "unreadable") if r.get(s, 0))
         cells = [r["task_label"], r["algo_label"]] + ([r["grid_label"]] if show_grid else []) + [f"{r['done']}/{r['runs']}{extra}"]
         for m in metrics:
             mean, std = r[f"{m}:mean"], r[f"{m}:std"]
