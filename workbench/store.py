@@ -849,7 +849,8 @@ class Heartbeat:
                     db = db or Store(self.root, create=False)
                     db.heartbeat(self.owner)
                 except (sqlite3.Error, OSError, StoreFault) as e:  # a missed beat is not fatal; the lease is 12 beats long
-                    warnings.warn(f"heartbeat failed: {e}", RuntimeWarning, stacklevel=1)
+                    if storage_fault(e) is None:  # (a full disk or read-only folder: the runner meets it and says so)
+                        warnings.warn(f"heartbeat failed: {e}", RuntimeWarning, stacklevel=1)
         finally:
             if db is not None:
                 db.close()
