@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -99,6 +100,38 @@ def copy_of(results, tmp_path):
         return dst
 
     return make
+
+
+OTHER = "other"  # a second study over the DPO runs, under other labels
+
+
+def extend(res: Path) -> Path:
+    """Add a report to the study (the Claims page's evidence and buttons) and a second study, ``other``, with
+    its own task and algorithm labels (so filters chosen in one study match nothing in the other) and report."""
+    runs = store.load_runs(res, STUDY)
+    records = [{"run_id": r["run_id"], "task": r["task"], "algo": r["algo"], "seed": int(r["seed"]), "steps": int(r["steps"]),
+                "unit": r["unit"], "config": json.loads(r["config"]), "task_label": "bandit-4", "algo_label": "dpo-b",
+                "grid": r["grid"]} for r in runs.to_dict("records") if r["algo"] == "dpo"]  # fmt: skip
+    with store.Store(res) as s:
+        s.register_study(OTHER, "other.toml", "the DPO runs again, labelled differently", ["C6"], "x", records)
+    for study, algo, claims in ((STUDY, "ppo", {"C6": "supported", "C13": "not measured"}), (OTHER, "dpo-b", {"C6": "supported"})):
+        rep = res / "reports" / study
+        rep.mkdir(parents=True)
+        (rep / "report.md").write_text("# report\n")
+        rule = {"claim": "C6", "metric": "kl/exact_to_optimal", "kind": "below", "a": algo, "b": None, "where": {},
+                "statement": f"{algo} ends near pi*.", "threshold": 1.0, "margin": None, "verdict": "supported",
+                "estimate": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 2, "figure": None}  # fmt: skip
+        (rep / "verdicts.json").write_text(json.dumps({"study": study, "claims": list(claims), "verdicts": claims, "rules": [rule],
+                                                       "report": {"md": "report.md"}, "bibtex_id": "x"}))  # fmt: skip
+    return res
+
+
+@pytest.fixture(scope="session")
+def extended(results, tmp_path_factory) -> Path:
+    """The study's store with reports and a second study (``extend``): read-only for the tests."""
+    dst = tmp_path_factory.mktemp("dashboard_extended") / "results"
+    shutil.copytree(results, dst, ignore=shutil.ignore_patterns("checkpoint"))
+    return extend(dst)
 
 
 # -- AppTest helpers -----------------------------------------------------------------------------
@@ -364,6 +397,38 @@ def test_a_corrupt_and_a_running_run_show_warnings_and_the_rest_loads(copy_of, m
     assert "live: refreshing every" in texts(at)
 
 
+def test_switching_study_starts_the_filters_afresh(extended, monkeypatch):
+    at = app(extended, "compare", monkeypatch)
+    at.multiselect(key="compare_algo").set_value(["ppo"]).run()
+    assert set(table(at, "line", "mean")["line"]) == {"ppo"}
+    at.sidebar.selectbox(key="study").set_value(OTHER).run()
+    assert not at.exception and "No run passes the filters." not in texts(at)
+    assert at.multiselect(key="compare_algo").value == ["dpo-b"] and at.multiselect(key="compare_task").value == ["bandit-4"]
+    assert set(table(at, "line", "mean")["line"]) == {"dpo-b algo.coverage=0.5"}
+    at.sidebar.selectbox(key="study").set_value(STUDY).run()  # and back: the first study's defaults again
+    assert at.multiselect(key="compare_algo").value == ["ppo", "dpo"]
+
+
+def test_the_run_query_parameter_opens_that_run(results, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    ppo = store.load_runs(results, STUDY).query("algo == 'ppo'")["run_id"].iloc[0]
+    monkeypatch.setenv("WORKBENCH_RESULTS", str(results))
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = ppo
+    at.run()
+    assert not at.exception and at.selectbox(key="run").value == ppo and "status **done**" in texts(at)
+    other = store.load_runs(results, STUDY).query("algo == 'dpo'")["run_id"].iloc[0]
+    at.selectbox(key="run").set_value(other).run()
+    assert at.query_params["run"] in (other, [other])  # the URL holds the run id, not its label
+    at.selectbox(key="run").set_value(None).run()
+    assert "run" not in at.query_params
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.query_params["run"] = "not-a-run"
+    at.run()
+    assert not at.exception and at.selectbox(key="run").value is None and "run" not in at.query_params
+
+
 def test_the_dashboard_imports_only_the_store(results, tmp_path):
     """Run every page in a fresh interpreter; no training code (nor torch) may be imported."""
     script = textwrap.dedent(f"""
@@ -404,6 +469,15 @@ def _free_port() -> int:
 @pytest.fixture
 def server(results):
     """``workbench dashboard`` on a free loopback port; stopped (its process group) afterwards."""
+    yield from _serve(results)
+
+
+@pytest.fixture
+def extended_server(extended):
+    yield from _serve(extended)
+
+
+def _serve(results: Path):
     port = _free_port()
     proc = subprocess.Popen([*CLI, "dashboard", "--results", str(results), "--port", str(port)], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
@@ -515,3 +589,119 @@ def test_browser_every_page(chromium, server, results, tmp_path):
         browser.close()
     assert sorted(f.stem for f in shots.glob("*.png")) == sorted(PAGES)
     print(f"screenshots: {shots}")
+
+
+APP_BUTTONS = '[data-testid^="stBaseButton-"]:not([data-testid="stBaseButton-elementToolbar"]):not([data-testid="stBaseButton-headerNoPadding"])'
+NAV = {"Studies": "", "Compare": "compare", "Frontier": "frontier", "Gradients": "gradients", "Credit": "credit",
+       "Convergence map": "convergence", "Claims": "claims"}  # fmt: skip
+
+
+@pytest.mark.timeout(600)
+def test_browser_clicks_every_button_and_link(chromium, extended_server, extended, tmp_path):
+    """Every button (the app's own: not Streamlit's table and chart toolbars) and every link of every page, clicked in
+    a real browser, with a run open on the Studies page and a report on the Claims page; then the three paths AppTest
+    cannot see: Claims' "Open ... in Compare" (st.switch_page with a URL-bound widget), a switch of study on Compare,
+    and ?run=RUN_ID. No Streamlit exception may show."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = extended_server
+    run_id = store.load_runs(extended, STUDY).query("algo == 'ppo'")["run_id"].iloc[0]
+    clicked: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 2200}, accept_downloads=True)
+        page.set_default_timeout(30_000)
+
+        def settle():  # until the script run a click or a page load started is over, and its elements are drawn
+            page.wait_for_timeout(300)
+            page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+            shown = None
+            for _ in range(30):
+                now = page.locator('[data-testid="stMain"]').inner_text()
+                if now == shown:
+                    break
+                shown = now
+                page.wait_for_timeout(300)
+
+        def no_exception(what: str):
+            settle()
+            shown = page.locator('[data-testid="stException"]')
+            assert shown.count() == 0, f"{what}: {shown.first.inner_text()[:1500]}"
+
+        def open_page(path: str, query: str):
+            page.goto(f"{url}/{path}?{query}")
+            expect(page.locator("h1").first).to_be_visible()
+            no_exception(f"opening /{path}?{query}")
+
+        pages = {title: (path, f"study={STUDY}") for title, path in NAV.items()}
+        pages["Studies, a run open"] = ("", f"study={STUDY}&run={run_id}")
+        pages[f"Claims of {OTHER}"] = ("claims", f"study={OTHER}")
+        for title, (path, query) in pages.items():
+            open_page(path, query)
+            here = page.url.split("#")[0]
+            n_buttons = page.locator(APP_BUTTONS).filter(visible=True).count()
+            assert n_buttons >= 1, title
+            for i in range(n_buttons):
+                if page.url.split("#")[0] != here:  # the last click went to another page
+                    open_page(path, query)
+                button = page.locator(APP_BUTTONS).filter(visible=True).nth(i)
+                name = button.inner_text().strip()
+                button.click()
+                no_exception(f"{title}: button {name!r}")
+                clicked.append(f"{title}: {name}")
+            anchors = page.locator('[data-testid="stMain"] a[href]')
+            for i in range(anchors.count()):
+                if page.url.split("#")[0] != here:
+                    open_page(path, query)
+                href = anchors.nth(i).get_attribute("href") or ""
+                assert href.startswith(("#", url)), f"{title}: a link leaves the dashboard: {href}"
+                anchors.nth(i).click(force=True)  # heading anchors show on hover only
+                no_exception(f"{title}: link {href}")
+                clicked.append(f"{title}: link {href}")
+        nav = page.locator('[data-testid="stSidebarNav"] a')  # the same on every page: each once, in turn
+        assert nav.count() == len(NAV)
+        for i in range(len(NAV)):
+            name = nav.nth(i).inner_text().strip().split("\n")[-1]
+            nav.nth(i).click()
+            expect(page.get_by_role("heading", name=name, level=1)).to_be_visible()
+            no_exception(f"link {name}")
+            clicked.append(f"link {name}")
+        assert any("Open kl/exact_to_optimal in Compare" in c for c in clicked) and any("Reload" in c for c in clicked)
+        assert any("Download the report" in c for c in clicked) and "link Convergence map" in clicked
+        assert "Compare: Download the data shown (CSV)" in clicked and "Frontier: Download (CSV)" in clicked
+
+        # Claims -> Compare of a study picked in the sidebar (the URL binds ?study=): the metric, the same study
+        open_page("", f"study={STUDY}")
+        page.get_by_role("combobox", name="Study", exact=True).click()
+        page.get_by_role("option", name=OTHER, exact=True).click()
+        no_exception("picking a study")
+        page.get_by_role("link", name="Claims").click()
+        expect(page.get_by_role("heading", name="Claims", level=1)).to_be_visible()
+        page.get_by_role("button", name="Open kl/exact_to_optimal in Compare").click()
+        expect(page.get_by_role("heading", name="Compare", level=1)).to_be_visible()
+        no_exception("Open in Compare")
+        expect(page.get_by_role("combobox", name="Metric", exact=True)).to_have_value("kl/exact_to_optimal")
+        expect(page.get_by_role("combobox", name="Study", exact=True)).to_have_value(OTHER)
+        assert f"study={OTHER}" in page.url
+
+        # switching study on Compare after narrowing the filters: the new study's runs, not "No run passes the filters"
+        open_page("compare", f"study={STUDY}")
+        page.get_by_role("button", name="Remove dpo").first.click()  # the algorithm filter: ppo only
+        no_exception("narrowing the filters")
+        page.get_by_role("combobox", name="Study", exact=True).click()
+        page.get_by_role("option", name=OTHER, exact=True).click()
+        no_exception("switching study")
+        expect(page.get_by_text("at the last logged step")).to_be_visible()
+        assert page.get_by_text("No run passes the filters").count() == 0
+
+        # ?run=RUN_ID opens that run, and picking another run writes its id to the URL
+        open_page("", f"study={STUDY}&run={run_id}")
+        expect(page.get_by_role("combobox", name="Run", exact=True)).to_have_value(re.compile(f"\\({run_id}\\)$"))
+        expect(page.get_by_text("status done")).to_be_visible()
+        page.get_by_role("combobox", name="Run", exact=True).click()
+        page.get_by_role("option").filter(has_text="seed 1").first.click()
+        no_exception("picking a run")
+        chosen = re.search(r"\((\w+)\)$", page.get_by_role("combobox", name="Run", exact=True).input_value()).group(1)
+        expect(page).to_have_url(re.compile(f"run={chosen}"))
+        browser.close()
+    print(f"clicked {len(clicked)}: {clicked}")

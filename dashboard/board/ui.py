@@ -37,7 +37,25 @@ def sidebar() -> Context | None:
     names = list(studies["name"])
     study = st.sidebar.selectbox("Study", names, key="study", bind="query-params", help="the study every page shows")
     st.sidebar.button("Reload", key="reload", help="read the store again (pages also reload when runs finish)")
+    _forget_the_last_study(study)
     return Context(root, sig, study, studies)
+
+
+KEPT = {"study", "reload", "ctx", "compare_goto", "_study_shown"}  # what survives a switch of study
+
+
+def _forget_the_last_study(study: str) -> None:
+    """A switch of study resets every page's widgets (filters, picks, the open run): they were chosen among the
+    last study's tasks, algorithms and grid values, and kept, they could leave nothing to show."""
+    last = st.session_state.get("_study_shown")
+    if last is not None and last != study:
+        for k in list(st.session_state.keys()):
+            if k not in KEPT:
+                del st.session_state[k]
+        for k in list(st.query_params.keys()):
+            if k != "study":
+                del st.query_params[k]  # ?run=... named a run of the last study
+    st.session_state["_study_shown"] = study
 
 
 def empty_store(root: Path) -> None:

@@ -86,4 +86,6 @@ for i, v in mine.reset_index(drop=True).iterrows():
                 st.image(fig, width=480)
             if r.get("metric") and st.button(f"Open {r['metric']} in Compare", key=f"claims_goto_{i}_{j}"):
                 st.session_state["compare_goto"] = r["metric"]
-                st.switch_page(PAGES["Compare"])
+                # query_params={}: the default (None) clears every query parameter, and ?study= is bound to the
+                # sidebar's picker, which makes Streamlit raise; the picker writes ?study= back on the next page
+                st.switch_page(PAGES["Compare"], query_params={})

@@ -92,8 +92,23 @@ st.fragment(run_every=LIVE_S if live else None)(study_view)(live)
 st.subheader("Open a run")
 labels = {r["run_id"]: f"{r['algo_label']}{' [' + r['grid_label'] + ']' if r['grid_label'] else ''} / {r['task_label']} / seed {r['seed']} ({r['run_id']})"
           for r in runs.to_dict("records")}  # fmt: skip
+
+
+def _run_to_url() -> None:
+    """Keep ``?run=RUN_ID`` in the URL in step with the picker (the id, not the label a bound selectbox would write)."""
+    if st.session_state.get("run") is None:
+        st.query_params.pop("run", None)
+    else:
+        st.query_params["run"] = st.session_state["run"]
+
+
+wanted = st.query_params.get("run")
+if wanted is not None and wanted not in labels:  # another study's run, or a stale link
+    st.query_params.pop("run", None)
+elif wanted is not None and "run" not in st.session_state:  # ?run=RUN_ID opens that run
+    st.session_state["run"] = wanted
 rid = st.selectbox("Run", [None, *labels], format_func=lambda r: "(choose a run)" if r is None else labels.get(r, r),
-                   key="run", bind="query-params")  # fmt: skip
+                   key="run", on_change=_run_to_url, help="its id is kept in the URL: ?run=RUN_ID")  # fmt: skip
 
 
 def run_view(rid: str, live: bool) -> None:
