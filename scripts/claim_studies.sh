@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run every claim study at its default size, then its report; print each one's wall time and verdicts.
-#   bash scripts/claim_studies.sh [RESULTS_DIR] [STUDY ...]     (default: results/, every study in studies/)
+#   [SEEDS=confirm] bash scripts/claim_studies.sh [RESULTS_DIR] [STUDY ...]   (default: results/, every study; all seeds)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 results=${1:-results}; shift || true
@@ -9,7 +9,7 @@ names=("$@")
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 for s in "${names[@]}"; do
   start=$(date +%s)
-  .venv/bin/workbench run "studies/$s.toml" --workers 2 --results "$results" --quiet > "$results.$s.log" 2>&1
+  .venv/bin/workbench run "studies/$s.toml" --workers 2 --results "$results" --quiet --seeds "${SEEDS:-all}" > "$results.$s.log" 2>&1
   rc=$?
   end=$(date +%s)
   .venv/bin/workbench report "$s" --results "$results" >> "$results.$s.log" 2>&1

@@ -299,14 +299,16 @@ def test_no_code_unpickles_arbitrary_objects():
 def test_quickstart_study_is_valid_and_runs_scaled_down(tmp_path):
     study = load_study(Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml")
     plan = expand(study)
-    assert [p.res.spec.name for p in plan[::3]] == ["sft", "ppo", "grpo", "dpo"] and len(plan) == 12
+    assert [p.algo_label for p in plan[::8]] == ["sft", "ppo", "grpo", "dpo", "ppo_k3loss"] and len(plan) == 40
+    assert [p.seed for p in plan[:8]] == [0, 1, 2, 100, 101, 102, 103, 104]  # exploration, then confirmation seeds
     assert study.config.claims and all(p.res.task.enumerable for p in plan)
     study.config.budget.steps = 3  # the same file, three steps, a tiny model
     study.config.settings.model = study.config.settings.model.model_copy(update={"n_layer": 1, "n_embd": 16, "n_head": 2})
     study.config.settings.eval_every = 3
-    study.config.seeds = [0]
-    out = run_study(study, tmp_path / "results", InlineExecutor(), progress=False, quiet=True)
-    assert out.count("done") == 4
+    study.config.seeds, study.config.confirm_seeds = [0], [1]
+    out = run_study(study, tmp_path / "results", InlineExecutor(), progress=False, quiet=True, seeds="confirm")
+    assert out.count("done") == 5 and {p.seed for p in expand(study)} == {0, 1}
+    assert {s for s in load_runs(tmp_path / "results", "quickstart").query("status == 'done'")["seed"]} == {1}
     table = format_summary(summarize(tmp_path / "results", "quickstart"))
     for word in ("sft", "ppo", "grpo", "dpo", "reward/exact", "kl/exact", "kl/exact_to_optimal"):
         assert word in table

@@ -104,7 +104,8 @@ def cmd_run(args) -> int:
     executor = LocalProcessExecutor(args.workers, preload=WORKER_PRELOAD)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: release the runs in flight, then exit
     try:
-        out = run_study(study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet)
+        out = run_study(study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet,
+                        seeds=args.seeds)  # fmt: skip
     except KeyboardInterrupt:
         print(f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
               f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
@@ -273,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device of every run (part of each run's config)")
     r.add_argument("--results", default=None, help=results_help)
     r.add_argument("--quiet", action="store_true", help="no progress bars, no per-run lines")
+    r.add_argument("--seeds", choices=("all", "explore", "confirm"), default="all",
+                   help="run only the exploration seeds (while designing the study) or the confirmation seeds "
+                   "(to decide its verdicts); default: all")  # fmt: skip
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="the state of every study, or of one study's runs")

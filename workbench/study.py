@@ -3,7 +3,7 @@
 A study file (``studies/*.toml``, format in ``docs/studies.md``)::
 
     name = "quickstart"
-    claims = ["C6", "C13"]          # ids from CLAIMS.md that the study tests
+    claims = ["C6", "C13"]          # ids from docs/claims.md that the study tests
     seeds = [0, 1, 2]
 
     [[tasks]]                       # one table per task: its name and parameters
@@ -54,7 +54,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from .analysis.verdicts import VerdictRule
+from .analysis.verdicts import Statistics, VerdictRule
 from .config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
 from .policy import ModelConfig
 from .store import (Heartbeat, Owner, Store, StoreFault, is_stale, load_final, publish_metrics, publish_text, read_progress,
@@ -137,6 +137,17 @@ class AlgorithmEntry(BaseModel):
     grid: dict[str, GridValues] = Field(default_factory=dict, description="dotted key -> values: algo.<param> or a run setting")
 
 
+class Deviation(BaseModel):
+    """A setting changed after seeing results: declared, and printed in the report."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    what: str = Field(description="the setting or rule that changed")
+    from_: Any = Field(alias="from", description="its value before")
+    to: Any = Field(description="its value now")
+    why: str = Field(description="what was seen that made the change")
+
+
 class ReportOptions(BaseModel):
     """What ``workbench report`` plots and tabulates."""
 
@@ -153,7 +164,7 @@ class StudyConfig(BaseModel):
 
     name: str | None = Field(None, pattern=STUDY_NAME_PATTERN, max_length=MAX_STUDY_NAME, description="defaults to the file name")
     description: str = ""
-    claims: list[Literal[CLAIM_IDS]] = Field(min_length=1, description="claim ids from CLAIMS.md that this study tests")  # type: ignore[valid-type]
+    claims: list[Literal[CLAIM_IDS]] = Field(min_length=1, description="claim ids from docs/claims.md that this study tests")  # type: ignore[valid-type]
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     budget: Budget
@@ -162,6 +173,17 @@ class StudyConfig(BaseModel):
     algorithms: list[AlgorithmEntry] = Field(min_length=1)
     verdicts: list[VerdictRule] = Field(default_factory=list, description="rules deciding each claim from the final metrics (workbench report)")
     report: ReportOptions = Field(default_factory=lambda: ReportOptions())
+    confirm_seeds: list[int] = Field(
+        default_factory=list, description="seeds never looked at while the study was designed: they alone decide the "
+        "verdicts ('seeds' are the exploration seeds); required with [[verdicts]], disjoint from 'seeds'",
+    )  # fmt: skip
+    statistics: Statistics = Field(default_factory=Statistics, description="how verdicts are decided: min_seeds, interval, level")
+    deviations: list[Deviation] = Field(default_factory=list, description="settings changed after seeing results")
+
+    @property
+    def all_seeds(self) -> list[int]:
+        """Exploration then confirmation seeds: every seed the study runs."""
+        return list(self.seeds) + list(self.confirm_seeds)
 
 
 @dataclass
@@ -203,7 +225,7 @@ def load_study(path: str | os.PathLike) -> Study:
         problems.insert(0, f"name: the file name {_short(path.stem)} cannot name the study ({why}); set name = \"...\" in the file")
     if problems:
         raise StudyError(_report(path, problems))
-    return Study(cfg, path, text, metric_warnings(cfg))
+    return Study(cfg, path, text, seed_warnings(cfg) + metric_warnings(cfg))
 
 
 def _report(path: Path, lines: list[str], limit: int = 15) -> str:
@@ -266,6 +288,14 @@ def _check(cfg: StudyConfig) -> list[str]:
     problems: list[str] = []
     if len(set(cfg.seeds)) != len(cfg.seeds):
         problems.append(f"seeds: each seed once (got {cfg.seeds})")
+    if len(set(cfg.confirm_seeds)) != len(cfg.confirm_seeds):
+        problems.append(f"confirm_seeds: each seed once (got {cfg.confirm_seeds})")
+    if both := sorted(set(cfg.seeds) & set(cfg.confirm_seeds)):
+        problems.append(f"confirm_seeds: must not repeat exploration seeds (both hold {both}); confirmation seeds are "
+                        "ones never looked at while the study was designed")  # fmt: skip
+    if cfg.verdicts and not cfg.confirm_seeds:
+        problems.append("confirm_seeds: required when the study has [[verdicts]]: verdicts are decided on seeds that did "
+                        "not guide the design (e.g. seeds = [0, 1, 2] to explore, confirm_seeds = [100, 101, 102, 103, 104])")  # fmt: skip
     task_params: list[set[str]] = []
     for i, t in enumerate(cfg.tasks):
         if t.name not in TASKS:
@@ -306,7 +336,60 @@ def _check(cfg: StudyConfig) -> list[str]:
             lab = getattr(v, side)
             if lab is not None and lab not in labels:
                 problems.append(f"verdicts[{i}].{side}: unknown algorithm label {lab!r}; allowed: {', '.join(labels)}")
+    if not problems:
+        problems += _confound_lines(cfg)
     return problems
+
+
+def seed_warnings(cfg: StudyConfig) -> list[str]:
+    """Too few confirmation seeds to decide: allowed (the study still runs), but every rule will say so."""
+    if cfg.verdicts and len(cfg.confirm_seeds) < cfg.statistics.min_seeds:
+        return [f"confirm_seeds: {len(cfg.confirm_seeds)} seeds, fewer than statistics.min_seeds = "
+                f"{cfg.statistics.min_seeds}: every verdict rule will report 'insufficient seeds'"]  # fmt: skip
+    return []
+
+
+def is_raw_metric(metric: str) -> bool:
+    """Reward and KL figures whose meaning depends on how a method regularises (not ``objective/exact``,
+    which is the regularised objective at the run's beta, nor ``kl/exact_to_optimal``, the distance to pi*)."""
+    return metric.startswith(("reward/", "kl/")) and metric != "kl/exact_to_optimal"
+
+
+def _regularisers(cfg: StudyConfig, label: str, where: dict) -> set[str]:
+    """How the runs of algorithm ``label`` that ``where`` selects keep near pi_ref (``AlgorithmSpec.regulariser``)."""
+    from .registry import ALGORITHMS
+
+    entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
+    spec = ALGORITHMS[entry.name]
+    base = {k[5:]: v for k, v in spec.defaults.items() if k.startswith("algo.")} | dict(entry.model_extra or {})
+    beta = entry.settings.model_dump(exclude_unset=True).get(
+        "beta", cfg.settings.model_dump(exclude_unset=True).get("beta", spec.defaults.get("beta", RunConfig.model_fields["beta"].default))
+    )  # fmt: skip
+    out = set()
+    for point in ({**g, **h} for g in _points(cfg.grid) for h in _points(entry.grid)):
+        if any(k != "task" and k in point and point[k] != v for k, v in where.items()):
+            continue
+        params = base | {k[5:]: v for k, v in point.items() if k.startswith("algo.")}
+        params.pop("batch_size", None)
+        out.add(spec.regulariser(spec.Config(**params), float(point.get("beta", beta))))
+    return out
+
+
+def _confound_lines(cfg: StudyConfig) -> list[str]:
+    """Raw reward / KL comparisons between methods that regularise differently, unless declared ``confounded``."""
+    lines = []
+    for i, v in enumerate(cfg.verdicts):
+        if v.b is None or v.confounded or not is_raw_metric(v.metric):
+            continue
+        ra, rb = _regularisers(cfg, v.a, v.where_a), _regularisers(cfg, v.b, v.where_b)
+        if ra and rb and (len(ra | rb) > 1):
+            lines.append(
+                f"verdicts[{i}] ({v.metric}: {v.a} vs {v.b}): the two sides regularise differently "
+                f"({' / '.join(sorted(ra))} vs {' / '.join(sorted(rb))}), so raw {v.metric} mostly measures the "
+                "regulariser; compare 'objective/exact' (the regularised objective at the run's beta) or "
+                "'kl/exact_to_optimal', or state why the comparison still holds with confounded = \"...\""
+            )
+    return lines
 
 
 def metric_warnings(cfg: StudyConfig) -> list[str]:
@@ -423,7 +506,7 @@ def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
                 params["batch_size"] = cfg.budget.batch_size
             for g_study, g_algo in itertools.product(_points(cfg.grid), _points(algo.grid)):
                 point = {**g_study, **g_algo}
-                for seed in cfg.seeds:
+                for seed in cfg.all_seeds:
                     raw = {
                         **copy.deepcopy(shared), **algo.settings.model_dump(exclude_unset=True),
                         "task": {"name": task.name, **(task.model_extra or {})}, "algo": {"name": algo.name, **params},
@@ -520,27 +603,34 @@ class StudyOutcome:
         return self.count("failed") == 0
 
 
+SeedSet = Literal["all", "explore", "confirm"]
+
+
 def run_study(study: Study, results, executor, *, device: str = "auto", progress: bool = True, quiet: bool = False,
-              poll_s: float = 0.5) -> StudyOutcome:  # fmt: skip
+              poll_s: float = 0.5, seeds: SeedSet = "all") -> StudyOutcome:  # fmt: skip
     """Run every run of ``study`` that has not finished, ``executor.max_workers`` at a time.
 
     Safe to run again (finished runs are skipped), after a kill (runs left 'running' by a
     dead owner are reclaimed), and from several processes at once (claims are atomic).
-    Failed runs from earlier calls are retried once per call.
+    Failed runs from earlier calls are retried once per call. ``seeds``: run only the
+    exploration (``seeds``) or the confirmation seeds (``confirm_seeds``); every run of the
+    study is registered either way, the others stay queued.
     """
     plan = expand(study, device)
     store = Store(results)
     try:
-        return _run(study, plan, store, executor, progress, quiet, poll_s)
+        return _run(study, plan, store, executor, progress, quiet, poll_s, seeds)
     finally:
         store.close()
 
 
-def _run(study, plan, store, executor, progress, quiet, poll_s) -> StudyOutcome:
+def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet = "all") -> StudyOutcome:
     cfg = study.config
     records = [p.record() for p in plan]
     store.register_study(study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan), records)
     publish_text(store.root / "studies" / f"{study.name}.toml", study.text)
+    keep = {"all": set(cfg.all_seeds), "explore": set(cfg.seeds), "confirm": set(cfg.confirm_seeds)}[seeds]
+    plan = [p for p in plan if p.seed in keep]
     outcome = StudyOutcome(study.name, len(plan))
     attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
     todo = {p.run_id: p for p in plan}

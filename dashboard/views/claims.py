@@ -7,7 +7,7 @@ import streamlit as st
 
 from board import data, ui
 
-CLAIMS = {  # CLAIMS.md, shortened
+CLAIMS = {  # docs/claims.md, shortened
     "C1": "RL uses stochastic gradient estimates; SFT is ordinary gradient descent on fixed targets",
     "C2": "Policy gradients optimise non-differentiable rewards",
     "C3": "Policy gradients are high-variance and need variance reduction",
@@ -23,16 +23,19 @@ CLAIMS = {  # CLAIMS.md, shortened
     "C13": "Whether supervised learning can replace RL remains open",
 }
 BADGE = {"supported": ":green-badge[supported]", "contradicted": ":red-badge[contradicted]",
-         "inconclusive": ":orange-badge[inconclusive]", "not measured": ":gray-badge[not measured]"}  # fmt: skip
+         "inconclusive": ":orange-badge[inconclusive]", "unstable": ":orange-badge[unstable]",
+         "incomplete": ":gray-badge[incomplete]", "insufficient seeds": ":gray-badge[insufficient seeds]",
+         "not measured": ":gray-badge[not measured]"}  # fmt: skip
 PAGES = {"Compare": "views/compare.py"}
 
 ctx = ui.current()
 st.title("Claims")
 st.caption(
-    "Each study names the claims it tests; `workbench report STUDY` decides each one (supported, contradicted or "
-    "inconclusive) with the figure and interval that decided it, and writes "
-    f"`{ctx.root}/reports/STUDY/verdicts.json` beside the report. A claim is never supported by a run that did "
-    "not measure it."
+    "Each study names the claims it tests; `workbench report STUDY` decides each one on the study's confirmation "
+    "seeds (supported only if every rule is; otherwise incomplete, contradicted, unstable or inconclusive) with the "
+    f"figure and interval that decided it, and writes `{ctx.root}/reports/STUDY/verdicts.json` beside the report. "
+    "A claim is never supported by a run that did not measure it, nor by a failed run's earlier values. "
+    "Each claim in full, with what measures it: docs/claims.md."
 )
 
 verdicts, issues = data.verdicts(ctx.root, data.reports_signature(ctx.root))
