@@ -56,7 +56,9 @@ if stride > 1:
     notes.append(f"every {stride}th logged step shown (at most {MAX_POINTS} points a line)")
 if dropped:
     notes.append(f"{dropped} non-positive points left out of the log scale")
-st.caption("; ".join(notes) + ". Band: 95% t interval over seeds (none with a single seed).")
+if curve["clipped"].any():
+    notes.append(f"{metric} cannot be negative: its band is clipped at 0 where the t interval reaches below")
+st.caption("; ".join(notes) + ". Band: 95% t interval over seeds (none with a single seed), as in the report.")
 
 last = curve.sort_values("step").groupby("line").tail(1).sort_values("mean", ascending=False)
 st.markdown(f"**{metric} at the last logged step** (mean, 95% band, seeds)")

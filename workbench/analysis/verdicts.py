@@ -76,7 +76,7 @@ class VerdictRule(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    claim: str = Field(description="claim id from CLAIMS.md, e.g. 'C6'")
+    claim: str = Field(description="claim id from docs/claims.md, e.g. 'C6'")
     metric: str = Field(description="metric name (docs/metrics.md), final value per run")
     kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(description="what supports the claim")
     a: str = Field(description="group label: an algorithm label of the study")
