@@ -160,11 +160,14 @@ name = "grpo"
 
 
 def test_failed_run_is_marked_retried_once_per_call_and_the_study_completes(tmp_path):
-    algos = """
+    broken = tmp_path / "broken-rm"  # passes validation (a folder with a config.json), fails to load at run time
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    algos = f"""
 [[algorithms]]
 name = "grpo"
 label = "grpo-missing-rm"
-settings = { reward_model = "/nonexistent/reward-model" }
+settings = {{ reward_model = "{broken}" }}
 
 [[algorithms]]
 name = "sft"
