@@ -173,7 +173,7 @@ class StudyConfig(BaseModel):
     algorithms: list[AlgorithmEntry] = Field(min_length=1)
     verdicts: list[VerdictRule] = Field(default_factory=list, description="rules deciding each claim from the final metrics (workbench report)")
     report: ReportOptions = Field(default_factory=lambda: ReportOptions())
-    confirm_seeds: list[int] = Field(
+    confirm_seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
         default_factory=list, description="seeds never looked at while the study was designed: they alone decide the "
         "verdicts ('seeds' are the exploration seeds); required with [[verdicts]], disjoint from 'seeds'",
     )  # fmt: skip

@@ -74,7 +74,7 @@ class Statistics(BaseModel):
 class VerdictRule(BaseModel):
     """One test of a claim on a study's final metrics."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     claim: str = Field(description="claim id from docs/claims.md, e.g. 'C6'")
     metric: str = Field(description="metric name (docs/metrics.md), final value per run")
