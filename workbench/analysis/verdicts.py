@@ -227,15 +227,18 @@ def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condi
     df = df[np.isfinite(df[metric].to_numpy(float))]
     rng = np.random.default_rng(SEED)
     by = {g: {c: x[metric].to_numpy(float) for c, x in d.groupby(condition)} for g, d in df.groupby(group)}
-    alpha = (1 - level) / 2
+    q = [(1 - level) / 2, (1 + level) / 2]
+
+    def resample(x: np.ndarray) -> np.ndarray:  # (resamples, n): seeds drawn with replacement within one condition
+        return x[rng.integers(0, len(x), (resamples, len(x)))]
+
     iqm_rows = []
     for g, conds in sorted(by.items()):
         if len(conds) < 2:
             continue
         values = np.concatenate(list(conds.values()))
-        boots = [trim_mean(np.concatenate([x[rng.integers(0, len(x), len(x))] for x in conds.values()]), 0.25)
-                 for _ in range(resamples)]  # fmt: skip
-        lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+        boots = trim_mean(np.concatenate([resample(x) for x in conds.values()], axis=1), 0.25, axis=1)
+        lo, hi = np.quantile(boots, q)
         iqm_rows.append({"group": g, "metric": metric, "conditions": len(conds), "n": len(values),
                          "iqm": trim_mean(values, 0.25), "ci_low": lo, "ci_high": hi})  # fmt: skip
     imp_rows = []
@@ -247,18 +250,18 @@ def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condi
                 continue
             pairs = [(by[a][c], by[b][c]) for c in common]
             est = np.mean([_prob_greater(x, y) for x, y in pairs])
-            boots = [np.mean([_prob_greater(x[rng.integers(0, len(x), len(x))], y[rng.integers(0, len(y), len(y))])
-                              for x, y in pairs]) for _ in range(resamples)]  # fmt: skip
-            lo, hi = np.quantile(boots, [alpha, 1 - alpha])
+            boots = np.mean([_prob_greater(resample(x), resample(y)) for x, y in pairs], axis=0)
+            lo, hi = np.quantile(boots, q)
             imp_rows.append({"a": a, "b": b, "metric": metric, "conditions": len(common), "p_a_greater": est,
                              "ci_low": lo, "ci_high": hi})  # fmt: skip
     return pd.DataFrame(iqm_rows), pd.DataFrame(imp_rows)
 
 
-def _prob_greater(x: np.ndarray, y: np.ndarray) -> float:
-    """P(X > Y) + P(X = Y)/2 for independent draws from the samples x and y."""
-    d = x[:, None] - y[None, :]
-    return float((d > 0).mean() + 0.5 * (d == 0).mean())
+def _prob_greater(x: np.ndarray, y: np.ndarray):
+    """P(X > Y) + P(X = Y)/2 for independent draws from the samples x and y: ``(n,), (m,)`` -> a float,
+    or row by row for ``(B, n), (B, m)`` -> ``(B,)``."""
+    d = x[..., :, None] - y[..., None, :]
+    return (d > 0).mean(axis=(-2, -1)) + 0.5 * (d == 0).mean(axis=(-2, -1))
 
 
 def _select(final: pd.DataFrame, label: str, where: dict) -> pd.DataFrame:
