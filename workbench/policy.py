@@ -25,6 +25,7 @@ logits only (``head_ids``); the interface is the same.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -159,6 +160,8 @@ class Policy(nn.Module):
         self.register_buffer("prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False)
         self.register_buffer("prompt_ids", torch.tensor(word_ids(tokenizer, task.prompt_words)), persistent=False)
         self.register_buffer("action_ids", torch.tensor(word_ids(tokenizer, task.action_words)), persistent=False)
+        # the KV cache's keyword: `cache` from transformers 5.2x (and the native GPT-2), `past_key_values` before
+        self._cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         hidden = model.config.get_text_config().hidden_size
         self.value_head = nn.Linear(hidden, 1) if value_head else None
         if self.value_head is not None:
@@ -219,8 +222,8 @@ class Policy(nn.Module):
         comps, logps = [], []
         native = {"max_length": ids.shape[-1] + T, **self._head()} if self._head() else {}
         for t in range(T):
-            out = self.model(input_ids=ids, cache=cache, use_cache=t < T - 1, logits_to_keep=1, **native)
-            cache = out.cache
+            out = self.model(input_ids=ids, use_cache=t < T - 1, logits_to_keep=1, **{self._cache_kw: cache}, **native)
+            cache = out.cache if hasattr(out, "cache") else out.past_key_values  # the output's name moved as well
             logits = F.log_softmax(self._action_logits(out.logits[..., -1, :]), dim=-1)  # (B, A) log pi(. | s_t)
             z = logits if temperature == 1.0 else logits / temperature
             y = (z + gumbel[..., t, :]).argmax(-1, keepdim=True)  # (B, 1) y_t ~ softmax(z)
