@@ -4,7 +4,7 @@
 #   bash scripts/check_transformers.sh [VERSION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-v=${1:-5.17.0}
+v=${1:-5.17.0}; shift || true
 target=/tmp/workbench-transformers-$v
 [ -d "$target/transformers" ] || .venv/bin/python -m pip install -q --target "$target" "transformers==$v" httpx "huggingface-hub>=1.5,<2"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONPATH="$target"
