@@ -116,3 +116,27 @@ def test_few_confirmation_seeds_warn_and_deviations_load(tmp_path):
     d = study.config.deviations[0]
     assert (d.what, d.from_, d.to, d.why) == ("beta", 0.05, 0.1, "seen on seeds 0-2")
     assert study.config.all_seeds == [0, 1, 2, 100, 101, 102]
+
+
+def test_a_rule_side_that_pools_grid_points_is_refused(tmp_path):
+    """Values from two grid points are not seeds of one condition: the rule must pin the grid point."""
+    text = STUDY.replace('b = "ppo"', 'b = "ppo_k3loss"').replace("[[algorithms]]\nname = \"ppo\"\n", '[[algorithms]]\nname = "ppo"\n', 1)
+    text = text.replace("[settings]\nbeta = 0.1", '[grid]\nlr = [0.001, 0.003]\n\n[settings]\nbeta = 0.1')
+    with pytest.raises(StudyError, match=r"verdicts\[0\]\.a: 'grpo' spans 2 tasks x grid points.*pin lr"):
+        load_study(write(tmp_path, text))
+    assert load_study(write(tmp_path, text.replace('b = "ppo_k3loss"', 'b = "ppo_k3loss"\nwhere = { lr = 0.001 }')))
+
+
+def test_a_different_beta_is_a_different_regulariser(tmp_path):
+    text = STUDY.replace('b = "ppo"', 'b = "ppo_k3loss"')
+    text = text.replace('kl_estimator = "k3"\n', 'kl_estimator = "k3"\nsettings = { beta = 1.0 }\n')
+    with pytest.raises(StudyError, match="beta 0.1 vs KL k3 in the loss, beta 1"):
+        load_study(write(tmp_path, text))
+
+
+def test_a_bad_grid_value_is_a_message_not_a_traceback(tmp_path):
+    text = STUDY.replace('kl_estimator = "k3"\n', 'kl_estimator = "k3"\ngrid = { "algo.kl_estimator" = ["k9"] }\n')
+    text = text.replace('b = "ppo"', 'b = "ppo_k3loss"')
+    out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", str(write(tmp_path, text)), "--results", str(tmp_path / "r")],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "k9" in out.stderr, out.stderr

@@ -219,3 +219,31 @@ def test_aggregate_iqm_and_probability_of_improvement_by_hand():
     row = imp.iloc[0]
     assert (row["a"], row["b"]) == ("a", "b") and row["p_a_greater"] == pytest.approx((1.0 + 0.5) / 2)
     assert row["ci_low"] <= 0.75 <= row["ci_high"]
+
+
+def test_queued_runs_are_pending_not_failures_and_pooled_values_are_not_seeds():
+    df = frame({"a": [0.9, 0.91, 0.92, 0.9, 0.93], "b": [0.5, 0.52, 0.49, 0.51, 0.48]})
+    df.loc[(df.algo_label == "a") & (df.seed == 0), "status"] = "failed"
+    df.loc[(df.algo_label == "a") & df.seed.isin([1, 2]), "status"] = "queued"
+    r = evaluate_rule(df, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"))
+    assert r["verdict"] == "insufficient seeds" and r["failed_a"] == 1 and r["runs_a"] == 5  # 1 of 5 failed: not unstable
+    two_points = pd.concat([frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 0.1}),
+                            frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 1.0})])  # fmt: skip
+    r = evaluate_rule(two_points, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"), Statistics(min_seeds=4))
+    assert r["n_a"] == 6 and r["verdict"] == "insufficient seeds"  # 6 values, 3 seeds
+
+
+def test_a_step_rule_with_nothing_logged_still_sees_the_failed_runs():
+    from workbench.analysis.verdicts import at_step
+
+    runs = frame({"a": [0.4] * 5, "b": [0.5] * 5}, metric="reward/exact", status={"a": "diverged", "b": "diverged"})
+    df = at_step(runs.assign(run_id=[f"r{i}" for i in range(10)]), pd.DataFrame(), 0)
+    assert len(df) == 10 and df["reward/exact"].isna().all()  # kept, with nothing logged at the step
+    r = evaluate_rule(df, VerdictRule(claim="C8", metric="reward/exact", kind="less", a="a", b="b", step=0))
+    assert r["verdict"] == "unstable"
+
+
+def test_bca_needs_many_seeds():
+    with pytest.raises(ValueError, match="min_seeds >= 20"):
+        Statistics(interval="bca")
+    assert Statistics(interval="bca", min_seeds=20).interval == "bca"

@@ -337,7 +337,7 @@ def _check(cfg: StudyConfig) -> list[str]:
             if lab is not None and lab not in labels:
                 problems.append(f"verdicts[{i}].{side}: unknown algorithm label {lab!r}; allowed: {', '.join(labels)}")
     if not problems:
-        problems += _confound_lines(cfg)
+        problems += _span_lines(cfg) or _confound_lines(cfg)
     return problems
 
 
@@ -366,13 +366,37 @@ def _regularisers(cfg: StudyConfig, label: str, where: dict) -> set[str]:
         "beta", cfg.settings.model_dump(exclude_unset=True).get("beta", spec.defaults.get("beta", RunConfig.model_fields["beta"].default))
     )  # fmt: skip
     out = set()
-    for point in ({**g, **h} for g in _points(cfg.grid) for h in _points(entry.grid)):
-        if any(k != "task" and k in point and point[k] != v for k, v in where.items()):
-            continue
+    for point in _side_points(cfg, entry, where):
         params = base | {k[5:]: v for k, v in point.items() if k.startswith("algo.")}
         params.pop("batch_size", None)
-        out.add(spec.regulariser(spec.Config(**params), float(point.get("beta", beta))))
+        try:
+            out.add(spec.regulariser(spec.Config(**params), float(point.get("beta", beta))))
+        except (ValidationError, ValueError, TypeError):  # a bad grid value: expand() reports it with its key
+            continue
     return out
+
+
+def _side_points(cfg: StudyConfig, entry: AlgorithmEntry, where: dict) -> list[dict]:
+    """The grid points (study grid x the algorithm's grid) a rule side's ``where`` selects."""
+    points = [{**g, **h} for g in _points(cfg.grid) for h in _points(entry.grid)]
+    return [p for p in points if not any(k != "task" and k in p and p[k] != v for k, v in where.items())]
+
+
+def _span_lines(cfg: StudyConfig) -> list[str]:
+    """Rule sides that pool several tasks or grid points: their values are not seeds of one condition."""
+    lines = []
+    for i, v in enumerate(cfg.verdicts):
+        for side, label, where in (("a", v.a, v.where_a), ("b", v.b, v.where_b)):
+            if label is None:
+                continue
+            entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
+            tasks = [t.label or t.name for t in cfg.tasks if where.get("task", t.label or t.name) == (t.label or t.name)]
+            points = _side_points(cfg, entry, where)
+            if len(tasks) * len(points) > 1:
+                varying = sorted({k for p in points for k in p} | ({"task"} if len(tasks) > 1 else set()))
+                lines.append(f"verdicts[{i}].{side}: {label!r} spans {len(tasks) * len(points)} tasks x grid points; a rule "
+                             f"compares seeds of one condition: pin {', '.join(varying)} with where / {side}_where")  # fmt: skip
+    return lines
 
 
 def _confound_lines(cfg: StudyConfig) -> list[str]:

@@ -93,8 +93,15 @@ def metrics(root: Path, study: str | None, columns: tuple[str, ...], sig: tuple,
 
 @st.cache_resource(show_spinner=False, max_entries=16)
 def final(root: Path, study: str | None, columns: tuple[str, ...], sig: tuple) -> tuple[pd.DataFrame, list]:
-    """``(frame, issues)``: one row per (study, run) with the last logged value of each of ``columns``."""
+    """``(frame, issues)``: one row per (study, run) with the last logged value of each of ``columns``.
+
+    A diverged or failed run's values are blanked: its last logged value predates the failure
+    (often the untrained policy's) and must not reach a figure or a table.
+    """
     df = _quiet(store.load_final, root, study, columns=list(columns))
+    if "status" in df:
+        gone = df["status"].isin(["diverged", "failed"])
+        df.loc[gone, [c for c in columns if c in df]] = float("nan")
     if "online" not in df:
         extra = runs(root, study, sig)[["run_id", "online", "grid_label", "batch_size", "beta"]].drop_duplicates("run_id")
         df = df.merge(extra, on="run_id", how="left")

@@ -121,11 +121,11 @@ def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
 
 
 def offline_regulariser(cfg: DPOConfig, beta: float) -> str:
-    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on {cfg.labels} Bradley-Terry labels"
+    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on {cfg.labels} Bradley-Terry labels, beta {beta:g}"
 
 
 def online_regulariser(cfg: OnlineDPOConfig, beta: float) -> str:
-    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on hard labels (the better of two samples)"
+    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on hard labels (the better of two samples), beta {beta:g}"
 
 
 SPEC = AlgorithmSpec(

@@ -81,7 +81,7 @@ def loss(out, batch, cfg: GRPOConfig, beta: float):
 def regulariser(cfg: GRPOConfig, beta: float) -> str:
     if beta == 0:
         return "no KL penalty"
-    return f"KL {cfg.kl_estimator} in the loss" + (" (ratio-corrected)" if cfg.kl_ratio_correction else "")
+    return f"KL {cfg.kl_estimator} in the loss" + (" (ratio-corrected)" if cfg.kl_ratio_correction else "") + f", beta {beta:g}"
 
 
 SPEC = AlgorithmSpec(

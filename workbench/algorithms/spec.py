@@ -35,7 +35,7 @@ class Rollout:
 
 def kl_penalty(cfg: Any, beta: float) -> str:
     """The regulariser of an RL method with ``kl_estimator`` and ``kl_in`` fields."""
-    return "no KL penalty" if beta == 0 else f"KL {cfg.kl_estimator} in the {cfg.kl_in}"
+    return "no KL penalty" if beta == 0 else f"KL {cfg.kl_estimator} in the {cfg.kl_in}, beta {beta:g}"
 
 
 @dataclass

@@ -279,9 +279,9 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     final = final[final["seed"].isin(list(spec.seeds) + list(spec.confirm_seeds))].copy()
     if len(final):
         final["group"] = _group_label(final)
-        final["condition"] = _condition(final)
+        final["condition"], final["method"] = _condition(final, set(spec.grid))
     else:
-        final["group"], final["condition"] = [], []
+        final["group"], final["condition"], final["method"] = [], [], []
     final = without_failed_values(final)  # a failed run's pre-failure values never reach a table
     finished = final[final["status"] == "done"].copy()
     metrics = load_metrics(root, study) if len(finished) else pd.DataFrame()
@@ -291,7 +291,7 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
 
     # tables (finished runs of every seed: exploration and confirmation)
     summary = _with_counts(summarise(finished, metric_names, ["group"], stats) if metric_names else pd.DataFrame(), final)
-    pw = pd.concat([pairwise(finished, m, "algo_label", ("condition",)) for m in metric_names], ignore_index=True) \
+    pw = pd.concat([pairwise(finished, m, "method", ("condition",)) for m in metric_names], ignore_index=True) \
         if metric_names else pd.DataFrame()  # fmt: skip
     aggregates = _aggregates(finished, metric_names, stats)
 
@@ -366,10 +366,19 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     return out
 
 
-def _condition(df: pd.DataFrame) -> pd.Series:
-    """Task label and grid point of each run: runs of one condition differ only in algorithm and seed."""
-    grid = df["grid"].map(lambda g: ", ".join(f"{k}={v}" for k, v in sorted(g.items())) if isinstance(g, dict) else "")
-    return df["task_label"].astype(str) + grid.map(lambda g: f" [{g}]" if g else "")
+def _condition(df: pd.DataFrame, study_keys: set[str]) -> tuple[pd.Series, pd.Series]:
+    """``(condition, method)`` of each run. A condition is a task and a point of the study's grid: the runs
+    of one condition differ only in method and seed. A method is an algorithm label with the values
+    of its own grid (``[[algorithms]] grid``), which are part of the method, not of the condition."""
+
+    def label(g, own: bool) -> str:
+        items = sorted((k, v) for k, v in (g or {}).items() if (k in study_keys) != own)
+        return ", ".join(f"{k}={v}" for k, v in items)
+
+    cond = df["grid"].map(lambda g: label(g, False))
+    own = df["grid"].map(lambda g: label(g, True))
+    return (df["task_label"].astype(str) + cond.map(lambda g: f" [{g}]" if g else ""),
+            df["algo_label"].astype(str) + own.map(lambda g: f" [{g}]" if g else ""))  # fmt: skip
 
 
 def _with_counts(summary: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
@@ -385,7 +394,7 @@ def _aggregates(finished: pd.DataFrame, metric_names: list[str], stats: Statisti
     """IQM and probability of improvement across conditions, when the study has several."""
     if not len(finished) or finished["condition"].nunique() < 2:
         return {}
-    iqm, imp = zip(*(aggregate(finished, m, "algo_label", "condition", stats.level) for m in metric_names)) if metric_names else ((), ())
+    iqm, imp = zip(*(aggregate(finished, m, "method", "condition", stats.level) for m in metric_names)) if metric_names else ((), ())
     out = {"aggregate_iqm": pd.concat(iqm, ignore_index=True) if iqm else pd.DataFrame(),
            "aggregate_improvement": pd.concat(imp, ignore_index=True) if imp else pd.DataFrame()}  # fmt: skip
     return {k: v for k, v in out.items() if len(v)}
@@ -484,7 +493,8 @@ class _Document:
             parts.append("These seeds guided the study's design; they are shown so a reader can see whether the "
                          "confirmation agreed.\n")  # fmt: skip
             parts.append(_md_table(_verdict_rows(self.explore_verdicts, self.explore, lv)))
-        parts.append(f"\n## Final metrics (finished runs; mean, std and {lv:.0%} t interval over seeds; run counts by status)\n")
+        parts.append(f"\n## Final metrics (finished runs; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; "
+                     "run counts by status)\n")  # fmt: skip
         parts.append(_md_table(self.summary))
         parts.append("\n## Tests within each task and grid point\n")
         parts.append("Paired t when the two groups' runs pair by seed, Welch otherwise; Holm-corrected across the "
@@ -552,7 +562,8 @@ img{{max-width:100%}} pre{{font-size:8pt;white-space:pre-wrap;background:#f6f8fa
 <h2>Verdicts (confirmation seeds)</h2><p>{e(self.about)}</p>
 {verdict_table(self.verdicts, self.rule_results)}
 <ul>{notes}</ul>{dev}{exp}
-<h2>Final metrics</h2><p>Finished runs only; mean, std and {lv:.0%} t interval over seeds; run counts by status.</p>{table(self.summary)}
+<h2>Final metrics</h2><p>Finished runs only; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; run counts by
+status.</p>{table(self.summary)}
 <h2>Tests within each task and grid point</h2><p>Paired t when the two groups' runs pair by seed, Welch otherwise;
 Holm-corrected across the comparisons of each metric. Groups without spread get no p-value.</p>{table(self.pw)}
 {aggs}

@@ -70,6 +70,13 @@ class Statistics(BaseModel):
     interval: Literal["t", "bca"] = Field("t", description="t: Student / paired t / Welch intervals; bca: a seeded BCa bootstrap")
     level: float = Field(LEVEL, gt=0.5, lt=1, description="confidence level of every interval")
 
+    @model_validator(mode="after")
+    def _bca_needs_seeds(self) -> Statistics:
+        if self.interval == "bca" and self.min_seeds < 20:
+            raise ValueError("interval = 'bca' needs min_seeds >= 20: a nominal 95% BCa interval covered the mean 75-89% "
+                             "of the time at 3-10 seeds in a simulation (normal data); use 't' below that")  # fmt: skip
+        return self
+
 
 class VerdictRule(BaseModel):
     """One test of a claim on a study's final metrics."""
@@ -265,13 +272,15 @@ def _prob_greater(x: np.ndarray, y: np.ndarray):
 
 
 def _select(final: pd.DataFrame, label: str, where: dict) -> pd.DataFrame:
-    g = final[final["algo_label"] == label]
+    if not len(final):
+        return final
+    keep = (final["algo_label"] == label).to_numpy(bool).copy()
     for k, v in where.items():
         if k == "task":
-            g = g[g["task_label"] == v]
+            keep &= (final["task_label"] == v).to_numpy(bool)
         else:
-            g = g[g["grid"].map(lambda d, k=k, v=v: isinstance(d, dict) and d.get(k) == v)]
-    return g
+            keep &= final["grid"].map(lambda d, k=k, v=v: isinstance(d, dict) and d.get(k) == v).to_numpy(bool)
+    return final.loc[keep]
 
 
 def rule_groups(final: pd.DataFrame, rule: VerdictRule | dict) -> list[tuple[str, pd.DataFrame]]:
@@ -293,8 +302,8 @@ def at_step(runs: pd.DataFrame, metrics: pd.DataFrame, step: int) -> pd.DataFram
     ``metrics`` is the long frame of ``store.load_metrics``; a metric a run did not log at
     that step is NaN (so a rule on it is 'not measured', never decided by another step).
     """
-    if "step" not in metrics.columns:  # nothing logged
-        return runs.iloc[0:0]
+    if "step" not in metrics.columns:  # nothing logged (every run failed before logging, or none ran): keep the runs
+        return runs.assign(**{c: math.nan for c in runs.columns if "/" in str(c)})
     names = [c for c in metrics.columns if c not in ("run_id", "step", "samples")]
     keep = runs.drop(columns=[c for c in names if c in runs.columns])
     at = metrics[metrics["step"] == step].drop_duplicates("run_id", keep="last")[["run_id", *names]]
@@ -305,7 +314,8 @@ def side_values(runs: pd.DataFrame, rule: VerdictRule) -> dict:
     """One side of a rule: the usable ``values`` and their ``seeds``, and the counts of runs and failures.
 
     Only runs that finished ``done`` give their metric; failed and diverged runs are
-    dropped (``failures = "exclude"``) or take ``rule.worst``; queued or running runs are absent.
+    dropped (``failures = "exclude"``) or take ``rule.worst``; queued or running runs give no
+    value but count in ``runs`` (the denominator of the failure share).
     """
     done = runs[runs["status"] == "done"] if "status" in runs else runs
     failed = runs[runs["status"].isin(FAILED)] if "status" in runs else runs.iloc[0:0]
@@ -315,8 +325,8 @@ def side_values(runs: pd.DataFrame, rule: VerdictRule) -> dict:
     if rule.failures == "worst":
         values += [float(rule.worst)] * len(failed)
         seeds += list(failed["seed"])
-    return {"values": np.array(values, dtype=float), "seeds": seeds, "runs": len(done) + len(failed),
-            "failed": len(failed), "measured": int(ok.sum())}  # fmt: skip
+    return {"values": np.array(values, dtype=float), "seeds": seeds, "runs": len(runs), "failed": len(failed),
+            "measured": int(ok.sum()), "finished": len(done) + len(failed), "distinct": len(set(seeds))}  # fmt: skip
 
 
 def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | None = None) -> dict:
@@ -337,7 +347,7 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | No
            "failed_a": sides[0]["failed"], "failed_b": sides[1]["failed"] if len(sides) > 1 else None,
            "runs_a": sides[0]["runs"], "runs_b": sides[1]["runs"] if len(sides) > 1 else None}  # fmt: skip
     nan = {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
-    if any(s["runs"] == 0 for s in sides) or any(s["measured"] == 0 and s["runs"] > s["failed"] for s in sides):
+    if any(s["finished"] == 0 or (s["measured"] == 0 and s["finished"] > s["failed"]) for s in sides):
         return {**out, **nan, "verdict": "not measured"}
     if rule.b is None:
         est, lo, hi = difference_interval(sides[0]["values"], level=stats.level, method=stats.interval)
@@ -350,7 +360,7 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | No
     out.update(estimate=est, ci_low=lo, ci_high=hi)
     if rule.failures == "exclude" and any(s["failed"] > MAX_FAILED_SHARE * s["runs"] for s in sides):
         return {**out, "verdict": "unstable"}
-    if any(len(s["values"]) < stats.min_seeds for s in sides):
+    if any(s["distinct"] < stats.min_seeds for s in sides):  # seeds, not values: a side pooling grid points is one seed each
         return {**out, "verdict": "insufficient seeds"}
     return {**out, "verdict": _decide(rule, lo, hi)}
 
