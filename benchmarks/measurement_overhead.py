@@ -46,15 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sequence")
     p.add_argument("--algos", nargs="+", default=ALGOS)
-    p.add_argument("--steps", type=int, default=None, help="default: the run default (%d)" % RunConfig.model_fields["steps"].default)
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"default: the run default ({RunConfig.model_fields['steps'].default})",
+    )
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--max-ratio", type=float, default=2.0)
     args = p.parse_args(argv)
     default_every = RunConfig.model_fields["probe_every"].default
     torch.set_num_threads(1)
-    print(f"task {args.task}, steps {args.steps or RunConfig.model_fields['steps'].default}, probe_every {default_every} (default)")
+    print(
+        f"task {args.task}, steps {args.steps or RunConfig.model_fields['steps'].default}, "
+        f"probe_every {default_every} (default)"
+    )
     timed(args.task, args.algos[0], 2, 1)  # warm-up
-    print(f"{'algo':<12} {'off_cpu_s':>9} {'on_cpu_s':>9} {'ratio':>6} {'off_wall_s':>10} {'on_wall_s':>9} {'wall_ratio':>10}")
+    print(
+        f"{'algo':<12} {'off_cpu_s':>9} {'on_cpu_s':>9} {'ratio':>6} {'off_wall_s':>10} "
+        f"{'on_wall_s':>9} {'wall_ratio':>10}"
+    )
     ratios, tot = {}, {"off": 0.0, "on": 0.0}
     for algo in args.algos:
         runs: dict[str, list] = {"off": [], "on": []}
@@ -71,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(ratios, key=ratios.get)
     print(f"ratio on/off (CPU time): overall {tot['on'] / tot['off']:.2f}, worst {worst} {ratios[worst]:.2f}")
     if ratios[worst] > args.max_ratio:
-        print(f"FAIL: {worst} takes {ratios[worst]:.2f}x as long with measurements on (budget {args.max_ratio}x)", file=sys.stderr)
+        print(
+            f"FAIL: {worst} takes {ratios[worst]:.2f}x as long with measurements on (budget {args.max_ratio}x)",
+            file=sys.stderr,
+        )
         return 1
     print(f"OK: every ratio <= {args.max_ratio}")
     return 0

@@ -62,8 +62,17 @@ MODEL = {"model.n_layer": 2, "model.n_embd": 64, "model.n_head": 4}
 
 def run_config(algo: str, steps: int, threads: int, seed: int = 0, **sets):
     """The resolved config of one section; the workbench side uses the native GPT-2."""
-    overrides = {**MODEL, "steps": steps, "seed": seed, "eval_every": 10**9, "save_checkpoint": False,
-                 "cpu_threads": threads, "device": "cpu", "model.impl": "native", **sets}  # fmt: skip
+    overrides = {
+        **MODEL,
+        "steps": steps,
+        "seed": seed,
+        "eval_every": 10**9,
+        "save_checkpoint": False,
+        "cpu_threads": threads,
+        "device": "cpu",
+        "model.impl": "native",
+        **sets,
+    }
     if "probe_every" in RunConfig.model_fields:
         overrides["probe_every"] = 0
     return resolve({"task": TASK, "algo": {"name": algo}}, overrides)
@@ -74,8 +83,13 @@ def online(prompts: int, steps: int, threads: int, seed: int = 0):
 
 
 def offline(algo: str, steps: int, threads: int):
-    return run_config(algo, steps, threads, beta=0.1, **{"algo.batch_size": 64, "algo.labels": "sampled"} if algo == "dpo"
-                      else {"algo.batch_size": 64})  # fmt: skip
+    return run_config(
+        algo,
+        steps,
+        threads,
+        beta=0.1,
+        **{"algo.batch_size": 64, "algo.labels": "sampled"} if algo == "dpo" else {"algo.batch_size": 64},
+    )
 
 
 # -- one timed run per system ---------------------------------------------------------------------
@@ -151,9 +165,12 @@ def compare(name: str, res, warmup: int, repeats: int, unit: float, unit_name: s
         out[f"{system}_runs"] = [x[0] for x in xs]
     out["ratio"] = out["workbench"] / out["trl"]
     out["ratio_cpu"] = out["workbench_cpu"] / out["trl_cpu"]
-    print(f"{name:8s} workbench {out['workbench']:7.1f}  TRL {out['trl']:7.1f} {unit_name}  ratio {out['ratio']:.2f}x   "
-          f"[per CPU-second: {out['workbench_cpu']:.1f} vs {out['trl_cpu']:.1f}, {out['ratio_cpu']:.2f}x]   "
-          f"(runs: workbench {fmt(out['workbench_runs'])}; TRL {fmt(out['trl_runs'])})", flush=True)  # fmt: skip
+    print(
+        f"{name:8s} workbench {out['workbench']:7.1f}  TRL {out['trl']:7.1f} {unit_name}  ratio {out['ratio']:.2f}x   "
+        f"[per CPU-second: {out['workbench_cpu']:.1f} vs {out['trl_cpu']:.1f}, {out['ratio_cpu']:.2f}x]   "
+        f"(runs: workbench {fmt(out['workbench_runs'])}; TRL {fmt(out['trl_runs'])})",
+        flush=True,
+    )
     return out
 
 
@@ -184,7 +201,8 @@ def _train_seeds(args: tuple) -> float:
 
 
 def study(steps: int, n_seeds: int, procs: int, trl_rate: float | None, trl_cpu_rate: float | None) -> dict:
-    """Wall time of 8 seeds x ``steps`` updates: sequential, ``procs`` processes, ``procs`` processes of stacked seeds."""
+    """Wall time of 8 seeds x ``steps`` updates: sequential, ``procs`` processes, ``procs`` processes of
+    stacked seeds."""
     seeds = list(range(n_seeds))
     chunks = [seeds[i::procs] for i in range(procs)]
     completions = n_seeds * steps * 32
@@ -198,18 +216,33 @@ def study(steps: int, n_seeds: int, procs: int, trl_rate: float | None, trl_cpu_
         for batched in (False, True):
             t = time.perf_counter()
             cpus = pool.map(_train_seeds, [(c, steps, batched) for c in chunks])
-            how = f"{procs} processes x " + (f"{len(chunks[0])} seeds stacked" if batched else f"{len(chunks[0])} seeds one by one")
+            how = f"{procs} processes x " + (
+                f"{len(chunks[0])} seeds stacked" if batched else f"{len(chunks[0])} seeds one by one"
+            )
             walls[how], busiest[how] = time.perf_counter() - t, max(cpus)
-    out = {"section": "study", "seeds": n_seeds, "steps": steps, "completions": completions, "wall_s": walls,
-           "busiest_process_cpu_s": busiest}  # fmt: skip
-    print(f"study    {n_seeds} seeds x {steps} updates x 32 completions (wall time, model building and "
-          f"evaluations included; [CPU seconds of the busiest process: the wall time on idle cores]):", flush=True)  # fmt: skip
+    out = {
+        "section": "study",
+        "seeds": n_seeds,
+        "steps": steps,
+        "completions": completions,
+        "wall_s": walls,
+        "busiest_process_cpu_s": busiest,
+    }
+    print(
+        f"study    {n_seeds} seeds x {steps} updates x 32 completions (wall time, model building and "
+        f"evaluations included; [CPU seconds of the busiest process: the wall time on idle cores]):",
+        flush=True,
+    )
     for how, wall in walls.items():
         line = f"           {how:32s} {wall:6.1f} s   {completions / wall:6.0f} completions/s"
         if trl_rate:
             line += f" = {completions / wall / trl_rate:.2f}x TRL's per-seed {trl_rate:.0f}"
         line += f"   [{busiest[how]:.1f} CPU s: {completions / busiest[how]:.0f}/s"
-        line += f" = {completions / busiest[how] / trl_cpu_rate:.2f}x TRL's {trl_cpu_rate:.0f} per CPU-second]" if trl_cpu_rate else "]"
+        line += (
+            f" = {completions / busiest[how] / trl_cpu_rate:.2f}x TRL's {trl_cpu_rate:.0f} per CPU-second]"
+            if trl_cpu_rate
+            else "]"
+        )
         print(line, flush=True)
     best = min(walls.values())
     out["best_completions_per_s"] = completions / best
@@ -229,11 +262,15 @@ def main() -> None:
     reps = 2 if a.quick else a.repeats
     k = 2 if a.quick else 1
     torch.set_num_threads(a.threads)
-    import transformers, trl  # noqa: E401
+    import transformers  # noqa: E401
+    import trl
 
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
-          f"{os.cpu_count()} CPUs, {a.threads} thread(s) per process; medians of {reps} interleaved repeats; "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)  # fmt: skip
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+        f"{os.cpu_count()} CPUs, {a.threads} thread(s) per process; medians of {reps} interleaved repeats; "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     results = []
     trl_rate = trl_cpu_rate = None
     if "grpo" in a.sections:

@@ -21,7 +21,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the pages import board.*
 
 import streamlit as st  # noqa: E402
-
 from board import ui  # noqa: E402
 
 st.set_page_config(page_title="workbench", page_icon="⚖️", layout="wide")

@@ -21,8 +21,14 @@ def fmt(x) -> str:
 def rule_text(r: dict) -> str:
     where = "".join(f" {k}={v}" for k, v in (r.get("where") or {}).items())
     sides = r["a"] + (f" vs {r['b']}" if r.get("b") else "")
-    bound = {"below": f"< {r['threshold']}", "above": f"> {r['threshold']}", "greater": "a > b", "less": "a < b",
-             "equivalent": f"\\|a - b\\| < {r['margin']}", "noninferior": f"a > b - {r['margin']}"}[r["kind"]]  # fmt: skip
+    bound = {
+        "below": f"< {r['threshold']}",
+        "above": f"> {r['threshold']}",
+        "greater": "a > b",
+        "less": "a < b",
+        "equivalent": f"\\|a - b\\| < {r['margin']}",
+        "noninferior": f"a > b - {r['margin']}",
+    }[r["kind"]]
     return f"`{r['metric']}` {sides}{where}: {bound}"
 
 
@@ -32,8 +38,17 @@ def main(results: str = "results") -> None:
         doc = json.loads(path.read_text())
         for r in doc["rules"]:
             n = str(r["n_a"]) if r.get("n_b") is None else f"{r['n_a']}/{r['n_b']}"
-            rows.append((r["claim"], doc["study"], doc["verdicts"][r["claim"]], rule_text(r), r["verdict"],
-                         f"{fmt(r['estimate'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]", n))  # fmt: skip
+            rows.append(
+                (
+                    r["claim"],
+                    doc["study"],
+                    doc["verdicts"][r["claim"]],
+                    rule_text(r),
+                    r["verdict"],
+                    f"{fmt(r['estimate'])} [{fmt(r['ci_low'])}, {fmt(r['ci_high'])}]",
+                    n,
+                )
+            )
     rows.sort(key=lambda x: (int(x[0][1:]), x[1]))
     print("| claim | study | claim verdict | rule | rule verdict | estimate [95% CI] | seeds |")
     print("|---|---|---|---|---|---|---|")

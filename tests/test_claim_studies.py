@@ -10,10 +10,10 @@ can test.
 import json
 import math
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from workbench.analysis.report import build_report
 from workbench.executors import InlineExecutor
@@ -72,8 +72,11 @@ def _value(v) -> str:
 
 def to_toml(raw: dict) -> str:
     """A study dict as TOML: scalars first, then [tables] and [[arrays of tables]] with inline values."""
-    lines = [f"{k} = {_value(v)}" for k, v in raw.items() if not isinstance(v, (dict, list)) or
-             (isinstance(v, list) and not any(isinstance(x, dict) for x in v))]  # fmt: skip
+    lines = [
+        f"{k} = {_value(v)}"
+        for k, v in raw.items()
+        if not isinstance(v, (dict, list)) or (isinstance(v, list) and not any(isinstance(x, dict) for x in v))
+    ]
     for k, v in raw.items():
         if isinstance(v, dict):
             lines += [f"\n[{k}]"] + [f"{json.dumps(kk)} = {_value(x)}" for kk, x in v.items()]
@@ -84,9 +87,16 @@ def to_toml(raw: dict) -> str:
 
 
 def test_to_toml_round_trips():
-    raw = {"name": "x", "claims": ["C1"], "seeds": [0, 1], "budget": {"steps": 2}, "settings": {"model": {"n_layer": 1}, "lr": 1e-3},
-           "grid": {"algo.clip_eps": [0.2, 1e9]}, "algorithms": [{"name": "ppo", "grid": {"beta": [0.0, 0.1]}, "use_value_head": False}],
-           "verdicts": [{"claim": "C1", "a_where": {"task": "t"}, "threshold": float("inf")}]}  # fmt: skip
+    raw = {
+        "name": "x",
+        "claims": ["C1"],
+        "seeds": [0, 1],
+        "budget": {"steps": 2},
+        "settings": {"model": {"n_layer": 1}, "lr": 1e-3},
+        "grid": {"algo.clip_eps": [0.2, 1e9]},
+        "algorithms": [{"name": "ppo", "grid": {"beta": [0.0, 0.1]}, "use_value_head": False}],
+        "verdicts": [{"claim": "C1", "a_where": {"task": "t"}, "threshold": float("inf")}],
+    }
     assert tomllib.loads(to_toml(raw)) == raw
 
 
@@ -96,11 +106,15 @@ def test_the_studies_cover_the_claims():
         study = load_study(path)  # valid, every key checked
         claims |= set(study.config.claims)
         decided = {v.claim for v in study.config.verdicts}
-        assert decided == set(study.config.claims), f"{path.name}: claims without a rule: {set(study.config.claims) - decided}"
+        assert decided == set(study.config.claims), (
+            f"{path.name}: claims without a rule: {set(study.config.claims) - decided}"
+        )
         assert len(study.config.confirm_seeds) >= study.config.statistics.min_seeds >= 5, path.name
         head = path.read_text().split("\n\n")[0]  # the comment on top: measured time on CPU, a size for a GPU
-        assert re.search(r"\d+ min", head) and "GPU" in head, f"{path.name}: state the measured time and a GPU size up top"
-    assert CLAIMS_TESTED <= claims, f"no study tests {sorted(CLAIMS_TESTED - claims)}"
+        assert re.search(r"\d+ min", head) and "GPU" in head, (
+            f"{path.name}: state the measured time and a GPU size up top"
+        )
+    assert claims >= CLAIMS_TESTED, f"no study tests {sorted(CLAIMS_TESTED - claims)}"
 
 
 @pytest.mark.slow
@@ -116,6 +130,10 @@ def test_study_runs_small_and_its_report_decides_every_claim(path, tmp_path):
     doc = json.loads((out / "verdicts.json").read_text())
     assert set(doc["verdicts"]) == set(study.config.claims)
     assert doc["confirmation_seeds"] == raw["confirm_seeds"] and doc["exploration"]["seeds"] == raw["seeds"]
-    for rule in doc["rules"]:  # a rule without data: a typo in a metric, a label or a grid value, or a metric not logged
-        assert rule["verdict"] in DECIDED, f"{path.name}: rule on {rule['metric']} ({rule['statement'][:60]}...): {rule['verdict']}"
+    for rule in doc[
+        "rules"
+    ]:  # a rule without data: a typo in a metric, a label or a grid value, or a metric not logged
+        assert rule["verdict"] in DECIDED, (
+            f"{path.name}: rule on {rule['metric']} ({rule['statement'][:60]}...): {rule['verdict']}"
+        )
         assert rule["n"] >= 3

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,8 +14,24 @@ TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.
 
 def test_train_writes_config_and_metrics(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main(["train", "--task", "sequence", "--algo", "grpo", "--steps", "3", "--out", str(out), *TINY,
-                 "--set", "eval_every=2", "--set", "task.length=3"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            "sequence",
+            "--algo",
+            "grpo",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+            *TINY,
+            "--set",
+            "eval_every=2",
+            "--set",
+            "task.length=3",
+        ]
+    )
     assert code == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["algo"]["name"] == "grpo" and cfg["config"]["task"]["length"] == 3
@@ -32,12 +49,14 @@ def test_train_writes_config_and_metrics(tmp_path, capsys):
 
 
 def test_every_logged_metric_is_documented(tmp_path):
-    doc = open("docs/metrics.md").read()
+    doc = Path("docs/metrics.md").read_text()
     seen = set()
     for algo in ["ppo", "grpo", "reinforce", "rloo", "dpo", "sft", "online_dpo", "rm"]:
         out = tmp_path / algo
         extra = ["--set", "group_size=2"] if algo in ("online_dpo", "rloo", "grpo") else []
-        assert main(["train", "--task", "bandit", "--algo", algo, "--steps", "2", "--out", str(out), *TINY, *extra]) == 0
+        assert (
+            main(["train", "--task", "bandit", "--algo", algo, "--steps", "2", "--out", str(out), *TINY, *extra]) == 0
+        )
         for line in (out / "metrics.jsonl").read_text().splitlines():
             seen |= set(json.loads(line))
     missing = sorted(k for k in seen if f"`{k}`" not in doc)
@@ -49,10 +68,16 @@ def test_every_logged_metric_is_documented(tmp_path):
     [
         (["--task", "bandt", "--algo", "ppo"], ["unknown task 'bandt'", "allowed: arithmetic, bandit, sequence"]),
         (["--task", "bandit", "--algo", "ppx"], ["unknown algorithm 'ppx'", "grpo", "ppo"]),
-        (["--task", "bandit", "--algo", "ppo", "--set", "algo.clip_epz=0.1"], ["unknown key 'algo.clip_epz'", "clip_eps"]),
+        (
+            ["--task", "bandit", "--algo", "ppo", "--set", "algo.clip_epz=0.1"],
+            ["unknown key 'algo.clip_epz'", "clip_eps"],
+        ),
         (["--task", "bandit", "--algo", "ppo", "--set", "task.n_arm=3"], ["unknown key 'task.n_arm'", "n_arms"]),
         (["--task", "bandit", "--algo", "ppo", "--set", "lrr=3"], ["unknown key 'lrr'", "lr"]),
-        (["--task", "bandit", "--algo", "ppo", "--set", "model.n_layers=3"], ["unknown key 'model.n_layers'", "n_layer"]),
+        (
+            ["--task", "bandit", "--algo", "ppo", "--set", "model.n_layers=3"],
+            ["unknown key 'model.n_layers'", "n_layer"],
+        ),
         (["--task", "bandit", "--algo", "ppo", "--set", "lr=fast"], ["lr:", "'fast'"]),
         (["--task", "bandit", "--algo", "grpo", "--set", "group_size=1"], ["group_size >= 2"]),
         (["--task", "sequence", "--algo", "ppo", "--set", "task.decisive_position=9"], ["decisive_position 9"]),
@@ -71,8 +96,22 @@ def test_bad_input_exits_2_with_a_message_and_no_traceback(args, fragments, tmp_
 
 def test_diverged_run_is_marked_not_fatal(tmp_path):
     out = tmp_path / "div"
-    code = main(["train", "--task", "bandit", "--algo", "reinforce", "--steps", "5", "--out", str(out), *TINY,
-                 "--set", "beta=1e30"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            "bandit",
+            "--algo",
+            "reinforce",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+            *TINY,
+            "--set",
+            "beta=1e30",
+        ]
+    )
     assert code == 3
     status = json.loads((out / "status.json").read_text())
     # step 0 is on-policy at pi = pi_ref (KL exactly 0); the first update makes beta * KL overflow

@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from workbench.analysis.credit import (
-    ExactCredit, compare, completion_index, conditional_logprobs, decisive_positions, exact_advantages, step_rewards_all,
-)  # fmt: skip
+    ExactCredit,
+    compare,
+    completion_index,
+    conditional_logprobs,
+    decisive_positions,
+    exact_advantages,
+    step_rewards_all,
+)
 from workbench.analysis.exact import ExactEvaluator, exact_logprobs
 from workbench.config import resolve
 from workbench.policy import build_policy
@@ -34,6 +40,7 @@ def tiny_policy(task, tiny_model_cfg, seed=0, noise=0.5):
 
 
 # ------------------------------------------------------------------- the dynamic programme
+
 
 def test_dp_equals_conditional_expectations_by_brute_force():
     """Q(s_t, a) = E[sum_{t'>=t} R_t' | y_<=t], V(s_t) = E[... | y_<t], summed directly over completions."""
@@ -68,7 +75,9 @@ def continuations(pol, prompt: torch.Tensor, prefix: list[int], n: int, T: int, 
     prompts = prompt.expand(n, -1)
     with torch.no_grad():
         for t in range(len(prefix), T):
-            logits = pol(prompts, comps, values=False).logits[:, t, :]  # log pi(. | x, y_<t): causal, later tokens unseen
+            logits = pol(prompts, comps, values=False).logits[
+                :, t, :
+            ]  # log pi(. | x, y_<t): causal, later tokens unseen
             comps[:, t] = torch.multinomial(logits.exp(), 1, generator=gen)[:, 0]
     return comps
 
@@ -115,6 +124,7 @@ def test_dp_advantages_match_monte_carlo(tiny_model_cfg):
 
 # ------------------------------------------------------------------- the decisive-position task
 
+
 @pytest.mark.parametrize("variant_dense", [False, True])
 def test_decisive_task_advantage_is_zero_after_the_decisive_position_for_any_policy(tiny_model_cfg, variant_dense):
     """Decisive task (L = 4, j = 1), reward m_j paid at the end (outcome) or at j (process), no KL reward.
@@ -139,7 +149,9 @@ def test_decisive_task_advantage_is_zero_after_the_decisive_position_for_any_pol
     assert adv[..., :j].abs().max() > 1e-4  # prefix-dependent policy: earlier tokens carry credit
 
     g = torch.Generator().manual_seed(1)
-    per_pos = torch.log_softmax(torch.randn(2, T, A, generator=g, dtype=D), -1)  # q_t(a) per prompt, no prefix dependence
+    per_pos = torch.log_softmax(
+        torch.randn(2, T, A, generator=g, dtype=D), -1
+    )  # q_t(a) per prompt, no prefix dependence
     logp_prod = sum(per_pos[:, t, comps[:, t]] for t in range(T))  # (P, N)
     adv_prod = exact_advantages(logp_prod, R, A, T)["adv"]
     assert adv_prod[..., :j].abs().max() < 1e-12 and adv_prod[..., j + 1 :].abs().max() < 1e-12
@@ -162,6 +174,7 @@ def test_decisive_positions():
 
 # ------------------------------------------------------------------- comparisons
 
+
 def test_compare_by_hand():
     exact = torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0]])
     method = torch.tensor([[0.5, 0.5, 0.5], [-0.5, -0.5, -0.5]])  # a per-sequence constant, as GRPO's
@@ -180,10 +193,12 @@ def test_methods_advantages_against_exact_on_decisive_task():
     """GRPO's per-sequence advantage spreads its mass evenly over the positions (1/L on the decisive one);
     the exact advantage (no KL reward for GRPO) puts all of it at or before the decisive position."""
     res = resolve(
-        {"task": {"name": "sequence", "vocab_size": 3, "length": 4, "variant": "decisive", "decisive_position": 2},
-         "algo": {"name": "grpo"}},
+        {
+            "task": {"name": "sequence", "vocab_size": 3, "length": 4, "variant": "decisive", "decisive_position": 2},
+            "algo": {"name": "grpo"},
+        },
         {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "group_size": 4},
-    )  # fmt: skip
+    )
     pol = build_policy(res.task, res.run.model, 0, False, CPU)
     ref = pol.frozen_copy()
     ev = ExactEvaluator(res.task, ref, res.run.beta)

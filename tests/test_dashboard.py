@@ -79,13 +79,42 @@ def results(tmp_path_factory) -> Path:
     study = base / f"{STUDY}.toml"
     study.write_text(STUDY_TOML)
     res = base / "results"
-    out = subprocess.run([*CLI, "run", str(study), "--results", str(res), "--workers", "2", "--quiet"],
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)  # fmt: skip
+    out = subprocess.run(
+        [*CLI, "run", str(study), "--results", str(res), "--workers", "2", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     ppo = store.load_runs(res, STUDY).query("algo == 'ppo'")["run_id"].iloc[0]
-    out = subprocess.run([*CLI, "probe", ppo, "--results", str(res), "--what", "gradients", "--batch-sizes", "8", "16",
-                          "--minibatches", "4", "--objectives", "reinforce", "rloo", "ppo", "dpo"],
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=240)  # fmt: skip
+    out = subprocess.run(
+        [
+            *CLI,
+            "probe",
+            ppo,
+            "--results",
+            str(res),
+            "--what",
+            "gradients",
+            "--batch-sizes",
+            "8",
+            "16",
+            "--minibatches",
+            "4",
+            "--objectives",
+            "reinforce",
+            "rloo",
+            "ppo",
+            "dpo",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+        timeout=240,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return res
 
@@ -109,20 +138,60 @@ def extend(res: Path) -> Path:
     """Add a report to the study (the Claims page's evidence and buttons) and a second study, ``other``, with
     its own task and algorithm labels (so filters chosen in one study match nothing in the other) and report."""
     runs = store.load_runs(res, STUDY)
-    records = [{"run_id": r["run_id"], "task": r["task"], "algo": r["algo"], "seed": int(r["seed"]), "steps": int(r["steps"]),
-                "unit": r["unit"], "config": json.loads(r["config"]), "task_label": "bandit-4", "algo_label": "dpo-b",
-                "grid": r["grid"]} for r in runs.to_dict("records") if r["algo"] == "dpo"]  # fmt: skip
+    records = [
+        {
+            "run_id": r["run_id"],
+            "task": r["task"],
+            "algo": r["algo"],
+            "seed": int(r["seed"]),
+            "steps": int(r["steps"]),
+            "unit": r["unit"],
+            "config": json.loads(r["config"]),
+            "task_label": "bandit-4",
+            "algo_label": "dpo-b",
+            "grid": r["grid"],
+        }
+        for r in runs.to_dict("records")
+        if r["algo"] == "dpo"
+    ]
     with store.Store(res) as s:
         s.register_study(OTHER, "other.toml", "the DPO runs again, labelled differently", ["C6"], "x", records)
-    for study, algo, claims in ((STUDY, "ppo", {"C6": "supported", "C13": "not measured"}), (OTHER, "dpo-b", {"C6": "supported"})):
+    for study, algo, claims in (
+        (STUDY, "ppo", {"C6": "supported", "C13": "not measured"}),
+        (OTHER, "dpo-b", {"C6": "supported"}),
+    ):
         rep = res / "reports" / study
         rep.mkdir(parents=True)
         (rep / "report.md").write_text("# report\n")
-        rule = {"claim": "C6", "metric": "kl/exact_to_optimal", "kind": "below", "a": algo, "b": None, "where": {},
-                "statement": f"{algo} ends near pi*.", "threshold": 1.0, "margin": None, "verdict": "supported",
-                "estimate": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 2, "figure": None}  # fmt: skip
-        (rep / "verdicts.json").write_text(json.dumps({"study": study, "claims": list(claims), "verdicts": claims, "rules": [rule],
-                                                       "report": {"md": "report.md"}, "bibtex_id": "x"}))  # fmt: skip
+        rule = {
+            "claim": "C6",
+            "metric": "kl/exact_to_optimal",
+            "kind": "below",
+            "a": algo,
+            "b": None,
+            "where": {},
+            "statement": f"{algo} ends near pi*.",
+            "threshold": 1.0,
+            "margin": None,
+            "verdict": "supported",
+            "estimate": 0.01,
+            "ci_low": 0.0,
+            "ci_high": 0.02,
+            "n": 2,
+            "figure": None,
+        }
+        (rep / "verdicts.json").write_text(
+            json.dumps(
+                {
+                    "study": study,
+                    "claims": list(claims),
+                    "verdicts": claims,
+                    "rules": [rule],
+                    "report": {"md": "report.md"},
+                    "bibtex_id": "x",
+                }
+            )
+        )
     return res
 
 
@@ -164,12 +233,16 @@ def charts(at) -> list[pd.DataFrame]:
     out = []
     for e in at.main:
         if getattr(e, "type", "") == "vega_lite_chart":
-            out.append(pd.concat([pa.ipc.open_stream(d.data.data).read_pandas() for d in e.proto.datasets], ignore_index=True))
+            out.append(
+                pd.concat([pa.ipc.open_stream(d.data.data).read_pandas() for d in e.proto.datasets], ignore_index=True)
+            )
     return out
 
 
 def texts(at) -> str:
-    parts = [x.value for kind in ("title", "markdown", "caption", "info", "warning", "subheader") for x in getattr(at, kind)]
+    parts = [
+        x.value for kind in ("title", "markdown", "caption", "info", "warning", "subheader") for x in getattr(at, kind)
+    ]
     return "\n".join(str(p) for p in parts)
 
 
@@ -252,7 +325,9 @@ def test_compare_page_mean_band_filters_and_scales(results, monkeypatch):
     assert (chart["mean"] > 0).all()
     # step 0 has pi = pi_ref: kl/exact is 0 (left out of the log scale) or float32 noise of ~1e-8
     trained = chart[chart["mean"] > 1e-6]
-    assert sorted(trained["samples"]) == pytest.approx(sorted(m.groupby(["coverage", "step"])["samples"].mean()))  # pairs consumed
+    assert sorted(trained["samples"]) == pytest.approx(
+        sorted(m.groupby(["coverage", "step"])["samples"].mean())
+    )  # pairs consumed
     assert len(trained) == len(chart) - 2 or "non-positive points left out of the log scale" in texts(at)
     assert at.get("download_button")
 
@@ -327,7 +402,11 @@ def test_convergence_page_exact_distances_between_final_policies(results, monkey
     tv = []
     for seed in (0, 1):
         a = runs.query(f"algo == 'ppo' and seed == {seed}")["run_id"].iloc[0]
-        b = [r for r, g, s in zip(runs["run_id"], runs["grid"], runs["seed"]) if g.get("algo.coverage") == 1.0 and s == seed][0]
+        b = [
+            r
+            for r, g, s in zip(runs["run_id"], runs["grid"], runs["seed"])
+            if g.get("algo.coverage") == 1.0 and s == seed
+        ][0]
         p, q = np.exp(pols[a].astype(float)), np.exp(pols[b].astype(float))
         tv.append(0.5 * np.abs(p - q).sum(-1).mean())
     assert cells.set_index("algo.coverage").loc["1.0", "distance"] == pytest.approx(np.mean(tv), rel=1e-5)
@@ -348,13 +427,35 @@ def test_claims_page_without_and_with_a_report(copy_of, monkeypatch):
     rep.mkdir(parents=True)
     (rep / "report.md").write_text("# report\n")
     (rep / "report.html").write_text("<h1>report</h1>")
-    rule = {"claim": "C6", "metric": "kl/exact_to_optimal", "kind": "below", "a": "ppo", "b": None, "where": {},
-            "statement": "PPO ends near pi*.", "threshold": 1.0, "margin": None, "verdict": "supported",
-            "estimate": 0.01, "ci_low": 0.0, "ci_high": 0.02, "n": 2, "figure": None}
-    (rep / "verdicts.json").write_text(json.dumps({  # as workbench.analysis.report writes it
-        "study": STUDY, "claims": ["C6", "C13"], "verdicts": {"C6": "supported", "C13": "not measured"}, "rules": [rule],
-        "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"}, "bibtex_id": "x",
-    }))  # fmt: skip
+    rule = {
+        "claim": "C6",
+        "metric": "kl/exact_to_optimal",
+        "kind": "below",
+        "a": "ppo",
+        "b": None,
+        "where": {},
+        "statement": "PPO ends near pi*.",
+        "threshold": 1.0,
+        "margin": None,
+        "verdict": "supported",
+        "estimate": 0.01,
+        "ci_low": 0.0,
+        "ci_high": 0.02,
+        "n": 2,
+        "figure": None,
+    }
+    (rep / "verdicts.json").write_text(
+        json.dumps(
+            {  # as workbench.analysis.report writes it
+                "study": STUDY,
+                "claims": ["C6", "C13"],
+                "verdicts": {"C6": "supported", "C13": "not measured"},
+                "rules": [rule],
+                "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"},
+                "bibtex_id": "x",
+            }
+        )
+    )
     at = app(res, "claims", monkeypatch)
     claims = table(at, "claim", "verdicts").set_index("claim")
     assert claims.loc["C6", "verdicts"] == f"{STUDY}: supported"
@@ -362,7 +463,10 @@ def test_claims_page_without_and_with_a_report(copy_of, monkeypatch):
     body = texts(at)
     assert ":green-badge[supported]" in body and "PPO ends near pi*." in body and "(95% CI 0 to 0.02)" in body
     # no PDF was written: the HTML report is the one offered
-    assert [b.label for b in at.get("download_button")][:2] == ["Download all verdicts (CSV)", "Download the report (report.html)"]
+    assert [b.label for b in at.get("download_button")][:2] == [
+        "Download all verdicts (CSV)",
+        "Download the report (report.html)",
+    ]
     at.button(key="claims_goto_0_0").click().run()  # evidence: open the metric in Compare
     assert at.title[0].value == "Compare" and at.selectbox(key="compare_metric").value == "kl/exact_to_optimal"
 
@@ -375,10 +479,27 @@ def test_a_corrupt_and_a_running_run_show_warnings_and_the_rest_loads(copy_of, m
     # a study still running: one run claimed by this (live) process, halfway through its metrics file
     with store.Store(res) as s:
         cfg = json.loads(runs["config"].iloc[0])
-        s.register_study("live", "live.toml", "running now", ["C6"], "x", [{
-            "run_id": "live0000", "task": "bandit", "algo": "ppo", "seed": 9, "steps": 10, "unit": "completions",
-            "config": cfg, "task_label": "bandit", "algo_label": "ppo", "grid": {},
-        }])  # fmt: skip
+        s.register_study(
+            "live",
+            "live.toml",
+            "running now",
+            ["C6"],
+            "x",
+            [
+                {
+                    "run_id": "live0000",
+                    "task": "bandit",
+                    "algo": "ppo",
+                    "seed": 9,
+                    "steps": 10,
+                    "unit": "completions",
+                    "config": cfg,
+                    "task_label": "bandit",
+                    "algo_label": "ppo",
+                    "grid": {},
+                }
+            ],
+        )
         assert s.claim("live0000", store.Owner.current()) == "claimed"
     d = res / "runs" / "live0000"
     d.mkdir()
@@ -403,7 +524,9 @@ def test_switching_study_starts_the_filters_afresh(extended, monkeypatch):
     assert set(table(at, "line", "mean")["line"]) == {"ppo"}
     at.sidebar.selectbox(key="study").set_value(OTHER).run()
     assert not at.exception and "No run passes the filters." not in texts(at)
-    assert at.multiselect(key="compare_algo").value == ["dpo-b"] and at.multiselect(key="compare_task").value == ["bandit-4"]
+    assert at.multiselect(key="compare_algo").value == ["dpo-b"] and at.multiselect(key="compare_task").value == [
+        "bandit-4"
+    ]
     assert set(table(at, "line", "mean")["line"]) == {"dpo-b algo.coverage=0.5"}
     at.sidebar.selectbox(key="study").set_value(STUDY).run()  # and back: the first study's defaults again
     assert at.multiselect(key="compare_algo").value == ["ppo", "dpo"]
@@ -442,20 +565,34 @@ def test_the_dashboard_imports_only_the_store(results, tmp_path):
             at.run()
             assert not at.exception, (page, [e.message for e in at.exception])
         print(sorted(m for m in sys.modules if m == "torch" or m.startswith("workbench")))
-    """)  # fmt: skip
+    """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     # the store, and the interval functions the report uses (no torch)
-    assert out.stdout.strip().splitlines()[-1] == "['workbench', 'workbench.analysis', 'workbench.analysis.stats', 'workbench.store']"
+    assert (
+        out.stdout.strip().splitlines()[-1]
+        == "['workbench', 'workbench.analysis', 'workbench.analysis.stats', 'workbench.store']"
+    )
 
 
 # -- end to end: `workbench dashboard` in headless Chromium -------------------------------------------
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-dev-shm-usage",
+]
 
 
 def _chromium() -> str | None:
-    for c in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+    for c in (
+        os.environ.get("CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if c and Path(c).exists():
             return c
     return None
@@ -480,8 +617,15 @@ def extended_server(extended):
 
 def _serve(results: Path):
     port = _free_port()
-    proc = subprocess.Popen([*CLI, "dashboard", "--results", str(results), "--port", str(port)], cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [*CLI, "dashboard", "--results", str(results), "--port", str(port)],
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60
@@ -493,7 +637,9 @@ def _serve(results: Path):
             except OSError:
                 pass
             if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"workbench dashboard did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}")
+                pytest.fail(
+                    f"workbench dashboard did not start:\n{proc.stdout.read() if proc.poll() is not None else ''}"
+                )
             time.sleep(0.3)
         yield url, port
     finally:
@@ -521,7 +667,11 @@ def test_browser_every_page(chromium, server, results, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     url, port = server
-    listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout if shutil.which("ss") else ""
+    listening = (
+        subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        if shutil.which("ss")
+        else ""
+    )
     assert not listening or all(line.split()[3].startswith("127.0.0.1:") for line in listening.splitlines())
 
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path / "screenshots")
@@ -592,9 +742,19 @@ def test_browser_every_page(chromium, server, results, tmp_path):
     print(f"screenshots: {shots}")
 
 
-APP_BUTTONS = '[data-testid^="stBaseButton-"]:not([data-testid="stBaseButton-elementToolbar"]):not([data-testid="stBaseButton-headerNoPadding"])'
-NAV = {"Studies": "", "Compare": "compare", "Frontier": "frontier", "Gradients": "gradients", "Credit": "credit",
-       "Convergence map": "convergence", "Claims": "claims"}  # fmt: skip
+APP_BUTTONS = (
+    '[data-testid^="stBaseButton-"]:not([data-testid="stBaseButton-elementToolbar"])'
+    ':not([data-testid="stBaseButton-headerNoPadding"])'
+)
+NAV = {
+    "Studies": "",
+    "Compare": "compare",
+    "Frontier": "frontier",
+    "Gradients": "gradients",
+    "Credit": "credit",
+    "Convergence map": "convergence",
+    "Claims": "claims",
+}
 
 
 @pytest.mark.timeout(600)

@@ -115,7 +115,10 @@ def test_status_with_done_diverged_and_failed_runs(tmp_path, capsys, monkeypatch
         return real(res, out, progress)
 
     monkeypatch.setattr(train_mod, "train", train)
-    extra = '\n[[algorithms]]\nname = "sft"\nlabel = "sft-huge-lr"\nsettings = { lr = 1e12 }\n\n[[algorithms]]\nname = "ppo"\n'
+    extra = (
+        '\n[[algorithms]]\nname = "sft"\nlabel = "sft-huge-lr"\nsettings = { lr = 1e12 }\n\n'
+        '[[algorithms]]\nname = "ppo"\n'
+    )
     path, results = write_study(tmp_path, extra), tmp_path / "results"
     out = run_inline(path, results)
     assert sorted(out.statuses.values()) == ["diverged", "done", "done", "failed"]
@@ -163,8 +166,15 @@ def test_damaged_index_is_set_aside_and_rebuilt_with_consumption(damage, tmp_pat
 
     assert main(["status", "faults", "--results", str(results)]) == 0
     cap = capsys.readouterr()
-    one_line_error(cap.err, f"{results / 'index.sqlite'} was damaged", "set it aside as index.sqlite.corrupt-", "rebuilt it from 1 study")
-    assert "24 completions" in cap.out and "24 demos" in cap.out and "consumed" in cap.out  # consumption from the run folders
+    one_line_error(
+        cap.err,
+        f"{results / 'index.sqlite'} was damaged",
+        "set it aside as index.sqlite.corrupt-",
+        "rebuilt it from 1 study",
+    )
+    assert (
+        "24 completions" in cap.out and "24 demos" in cap.out and "consumed" in cap.out
+    )  # consumption from the run folders
     aside = [p.name for p in results.iterdir() if p.name.startswith("index.sqlite.corrupt-")]
     aside = [a for a in aside if not a.endswith(("-wal", "-shm"))]
     assert len(aside) == 1
@@ -236,8 +246,14 @@ def test_full_disk_in_a_run_stops_releases_and_resumes_exactly(tmp_path, capsys,
     monkeypatch.setattr(study_mod, "publish_metrics", full)
     path, results = write_study(tmp_path), tmp_path / "results"
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 4
-    one_line_error(capsys.readouterr().err, "cannot write", str(results / "runs"), "No space left on device",
-                   "1 run(s) in flight released", f"workbench run {path} --results {results}")  # fmt: skip
+    one_line_error(
+        capsys.readouterr().err,
+        "cannot write",
+        str(results / "runs"),
+        "No space left on device",
+        "1 run(s) in flight released",
+        f"workbench run {path} --results {results}",
+    )
     assert set(statuses(results).values()) == {"queued"}
     monkeypatch.setattr(study_mod, "publish_metrics", real)  # the space is back
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 0
@@ -298,8 +314,11 @@ def test_read_only_results_folder_before_anything_runs(tmp_path, capsys, monkeyp
     monkeypatch.setattr(study_mod, "publish_text", read_only)
     path, results = write_study(tmp_path), tmp_path / "results"
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 4
-    one_line_error(capsys.readouterr().err, f"cannot write {results / 'studies' / 'faults.toml'}: Read-only file system",
-                   "no run was in flight")  # fmt: skip
+    one_line_error(
+        capsys.readouterr().err,
+        f"cannot write {results / 'studies' / 'faults.toml'}: Read-only file system",
+        "no run was in flight",
+    )
     assert set(statuses(results).values()) == {"queued"}
 
 
@@ -311,7 +330,7 @@ def test_storage_faults_are_told_from_the_runs_own_errors(tmp_path):
     assert storage_fault(PermissionError(errno.EACCES, "Permission denied", outside), root=results) is None
     assert storage_fault(ValueError("bad value")) is None
     assert storage_fault(sqlite3.OperationalError("database is locked")) is None
-    wrapped = RuntimeError("Error while serializing: IoError(Os { code: 28, message: \"No space left on device\" })")
+    wrapped = RuntimeError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })')
     assert storage_fault(wrapped, path="ckpt").reason == "No space left on device"
     with Store(results) as s:  # a read-only index: one StoreFault naming it
         s.db.execute("PRAGMA query_only=1")
@@ -375,8 +394,22 @@ def test_unreadable_parquet_and_jsonl_are_run_again(tmp_path, baseline):
 
 # -- 3 and 11: `workbench train --out` --------------------------------------------------------------------
 
-TRAIN = ["train", "--task", "bandit", "--algo", "sft", "--steps", "2", "--quiet",
-         "--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2"]  # fmt: skip
+TRAIN = [
+    "train",
+    "--task",
+    "bandit",
+    "--algo",
+    "sft",
+    "--steps",
+    "2",
+    "--quiet",
+    "--set",
+    "model.n_layer=1",
+    "--set",
+    "model.n_embd=16",
+    "--set",
+    "model.n_head=2",
+]
 
 
 def test_train_refuses_an_existing_run_folder_unless_overwrite(tmp_path, capsys):
@@ -425,8 +458,11 @@ def test_train_out_at_a_file_or_an_unwritable_folder_exits_2(tmp_path, capsys, m
 
 
 def test_status_into_a_closed_pipe_exits_quietly(tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "workbench.cli", "status", "--results", str(tmp_path / "none")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    p = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "status", "--results", str(tmp_path / "none")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     p.stdout.close()  # `| head -0`: the reader is gone before the first line
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1 and err == "", err

@@ -30,18 +30,33 @@ TASKS = {
     "sequence": {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2},
 }
 ALGOS = ["sft", "rm", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo"]
-SMALL = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "steps": 20, "eval_every": 5,
-         "probe_every": 10, "probe_minibatches": 4, "batch_size": 16, "group_size": 4, "lr": 1e-2, "seed": 3}
+SMALL = {
+    "model.n_layer": 1,
+    "model.n_embd": 16,
+    "model.n_head": 2,
+    "steps": 20,
+    "eval_every": 5,
+    "probe_every": 10,
+    "probe_minibatches": 4,
+    "batch_size": 16,
+    "group_size": 4,
+    "lr": 1e-2,
+    "seed": 3,
+}
 CASES: dict[str, tuple[dict, dict]] = {
     f"{algo}/{task}": ({"task": TASKS[task], "algo": {"name": algo}}, {}) for task in TASKS for algo in ALGOS
 }
-CASES["grpo/bandit/rlhf"] = ({"task": TASKS["bandit"], "algo": {"name": "grpo"}},
-                             {"sft_warmup_steps": 5, "reward_model": "fit", "rm_steps": 5, "rm_pairs": 64})
+CASES["grpo/bandit/rlhf"] = (
+    {"task": TASKS["bandit"], "algo": {"name": "grpo"}},
+    {"sft_warmup_steps": 5, "reward_model": "fit", "rm_steps": 5, "rm_pairs": 64},
+)
 CASES["ppo/sequence/native"] = ({"task": TASKS["sequence"], "algo": {"name": "ppo"}}, {"model.impl": "native"})
 TRL = {"backend": "trl", "steps": 6, "eval_every": 2, "probe_every": 0, "model.impl": "hf"}
 CASES["grpo/sequence/trl"] = ({"task": TASKS["sequence"], "algo": {"name": "grpo"}}, TRL)
-CASES["dpo/sequence/trl"] = ({"task": TASKS["sequence"], "algo": {"name": "dpo"}},
-                             {**TRL, "algo.labels": "sampled", "algo.batch_size": 8})
+CASES["dpo/sequence/trl"] = (
+    {"task": TASKS["sequence"], "algo": {"name": "dpo"}},
+    {**TRL, "algo.labels": "sampled", "algo.batch_size": 8},
+)
 STACKED = {"grpo/sequence/stacked": ({"task": TASKS["sequence"], "algo": {"name": "grpo"}}, {"model.impl": "native"})}
 STACKED_SEEDS = (3, 4)
 SKIP = ("time/",)  # wall-clock: the only thing that may differ
@@ -70,8 +85,11 @@ def _train_stacked(name: str, tmp: Path) -> dict:
     reses = [resolve(raw, {**SMALL, **sets, "save_checkpoint": False, "seed": s}) for s in STACKED_SEEDS]
     outs = [tmp / f"{name.replace('/', '_')}_{s}" for s in STACKED_SEEDS]
     results = train_seeds(reses, outs)
-    return {"config_hash": [r.config_hash for r in reses], "status": [r["status"] for r in results],
-            "rows": [_rows(o) for o in outs]}
+    return {
+        "config_hash": [r.config_hash for r in reses],
+        "status": [r["status"] for r in results],
+        "rows": [_rows(o) for o in outs],
+    }
 
 
 def _machine() -> dict:
@@ -114,7 +132,8 @@ def test_stacked_seeds_equal_golden(name, golden, tmp_path):
 
 def test_golden_covers_every_algorithm_on_every_enumerable_task(golden):
     from workbench.config import resolve
-    from workbench.registry import ALGORITHMS, TASKS as REGISTERED
+    from workbench.registry import ALGORITHMS
+    from workbench.registry import TASKS as REGISTERED
 
     enumerable = [t for t in REGISTERED if resolve({"task": {"name": t}, "algo": {"name": "sft"}}).task.enumerable]
     assert sorted(TASKS) == sorted(enumerable)

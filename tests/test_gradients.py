@@ -13,9 +13,16 @@ import torch
 
 from workbench.analysis.exact import ExactEvaluator, exact_logprobs
 from workbench.analysis.gradients import (
-    dataset_gradient, exact_rl_gradient, flatten, gradient_stats, lm_params, minibatch_gradients, offline_losses,
-    online_losses, sample_batches,
-)  # fmt: skip
+    dataset_gradient,
+    exact_rl_gradient,
+    flatten,
+    gradient_stats,
+    lm_params,
+    minibatch_gradients,
+    offline_losses,
+    online_losses,
+    sample_batches,
+)
 from workbench.analysis.stats import trace_cov
 from workbench.config import resolve
 from workbench.policy import build_policy
@@ -41,6 +48,7 @@ def setup(task: dict, algo: str = "reinforce", beta: float = 0.2, noise: float =
 
 # ------------------------------------------------------------------- two-armed bandit: closed-form variance
 
+
 def arm_scores(pol, res):
     """Per arm a: log pi(a), and the exact score vector s_a = grad_theta log pi(a) (autograd, 2 arms)."""
     params = list(lm_params(pol).values())
@@ -53,7 +61,9 @@ def arm_scores(pol, res):
     return torch.tensor(logp, dtype=torch.float64), scores
 
 
-def closed_form_variance(p0: float, R: list[float], s: list[torch.Tensor], B: int, baseline: str) -> tuple[float, float]:
+def closed_form_variance(
+    p0: float, R: list[float], s: list[torch.Tensor], B: int, baseline: str
+) -> tuple[float, float]:
     """Exact tr Cov of the minibatch REINFORCE loss gradient, and the exact std of d = ||g - E g||^2.
 
     Per sample, the loss gradient is -(R_a - b) s_a with a ~ pi, R_a = r_a - beta log(pi(a)/pi_ref(a)).
@@ -109,6 +119,7 @@ def test_reinforce_variance_matches_closed_form_on_two_armed_bandit():
 
 # ------------------------------------------------------------------- exact gradient
 
+
 def test_exact_gradient_equals_closed_form_on_bandit():
     """grad(-J) by enumeration == the hand-derived gradient through the policy's log-probs.
 
@@ -133,7 +144,7 @@ def projection_z(G: torch.Tensor, true: torch.Tensor, dirs: list[torch.Tensor]) 
     """z-scores of the mean of G's projections on each direction against the truth's."""
     out = []
     for u in dirs:
-        x = (G.double() @ u.double())
+        x = G.double() @ u.double()
         out.append((x.mean().item() - (true.double() @ u.double()).item()) / (x.std().item() / math.sqrt(len(x))))
     return out
 
@@ -171,6 +182,7 @@ def test_exact_gradient_is_the_mean_of_sampled_policy_gradients(objective):
 
 # ------------------------------------------------------------------- fast paths equal the plain ones
 
+
 @pytest.mark.parametrize("algo", ["grpo", "ppo", "reinforce", "online_dpo"])
 def test_vmap_minibatch_gradients_equal_loop(algo):
     task = {"name": "sequence", "vocab_size": 3, "length": 3}
@@ -207,6 +219,7 @@ def test_dataset_gradient_equals_one_backward_over_the_dataset(algo):
 
 # ------------------------------------------------------------------- statistics
 
+
 def test_gradient_stats_by_hand():
     G = torch.tensor([[1.0, 0.0], [3.0, 0.0], [2.0, 2.0], [2.0, -2.0]])
     true = torch.tensor([1.0, 0.0])
@@ -227,7 +240,9 @@ def test_sft_is_noise_free_with_one_prompt_and_the_rl_truth_is_exact_everywhere_
     gradient descent, claim C1), while REINFORCE's variance is positive at the same parameters."""
     res, pol, ref, exact = setup({"name": "bandit", "n_arms": 4}, algo="sft")
     est = Estimators(res, ref, exact, CPU, seed=0)
-    sft = gradient_stats(est.gradients(pol, make_objective(res, "sft"), 8, 4)[0], est.truth(pol, make_objective(res, "sft"))[0])
+    sft = gradient_stats(
+        est.gradients(pol, make_objective(res, "sft"), 8, 4)[0], est.truth(pol, make_objective(res, "sft"))[0]
+    )
     pg = gradient_stats(est.gradients(pol, make_objective(res, "reinforce"), 8, 4)[0])
     assert sft["total_var"] < 1e-10 and sft["cos_true"] == pytest.approx(1.0, abs=1e-5)
     assert pg["total_var"] > 1e-4

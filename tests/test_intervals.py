@@ -95,8 +95,16 @@ def test_null_data_rarely_supports_a_greater_rule(dist, paired):
     # the same decision through the verdict machinery, on a few of those data sets
     for _ in range(20):
         xa, xb = _draw(rng, dist, N), _draw(rng, dist, N)
-        df = pd.DataFrame({"algo_label": ["a"] * N + ["b"] * N, "seed": np.r_[np.arange(N), seeds_b], "m": np.r_[xa, xb],
-                           "task_label": "t", "grid": [{}] * (2 * N), "status": "done"})  # fmt: skip
+        df = pd.DataFrame(
+            {
+                "algo_label": ["a"] * N + ["b"] * N,
+                "seed": np.r_[np.arange(N), seeds_b],
+                "m": np.r_[xa, xb],
+                "task_label": "t",
+                "grid": [{}] * (2 * N),
+                "status": "done",
+            }
+        )
         r = evaluate_rule(df, rule, Statistics())
         assert r["paired"] == paired
         _, lo, hi = difference_interval(xa, xb, paired=paired)

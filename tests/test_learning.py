@@ -57,13 +57,19 @@ def test_three_phase_pipeline_sft_rm_rl(tmp_path):
     task = {"name": "sequence", "length": 3, "vocab_size": 3}
     sft_m, sft_dir = run(tmp_path, "sft", steps=5, task=task, save_checkpoint=True)
     rm_sets = {"algo.pairs": "random", "algo.labels": "sampled", "algo.bt_temperature": 0.1}
-    rm_sets.update({"model.n_layer": 2, "model.n_embd": 64})  # the one-layer policy model is too small to be a reward model
+    rm_sets.update(
+        {"model.n_layer": 2, "model.n_embd": 64}
+    )  # the one-layer policy model is too small to be a reward model
     rm_m, rm_dir = run(tmp_path, "rm", steps=150, task=task, save_checkpoint=True, **rm_sets)
     assert rm_m[0]["rm/gold_correlation"] < 0.5 < 0.9 < rm_m[-1]["rm/gold_correlation"]
     rl_m, _ = run(
-        tmp_path, "reinforce", steps=40, task=task, reward_model=str(rm_dir / "checkpoint"),
+        tmp_path,
+        "reinforce",
+        steps=40,
+        task=task,
+        reward_model=str(rm_dir / "checkpoint"),
         **{"model.path": str(sft_dir / "checkpoint")},
-    )  # fmt: skip
+    )
     assert rl_m[0]["reward/exact"] == pytest.approx(sft_m[-1]["reward/exact"], abs=1e-5)  # starts from the SFT model
     assert rl_m[-1]["reward/exact"] > rl_m[0]["reward/exact"] + 0.1
 
@@ -74,7 +80,21 @@ def test_bandit_reaches_optimal_policy_from_cli_defaults(algo, tmp_path):
     """`workbench train --task bandit --algo ppo|reinforce|dpo --seed 0 --out DIR` at its defaults ends
     within KL(pi || pi*) < 0.02 of pi* = pi_ref exp(r/beta)/Z for the run's beta."""
     out = tmp_path / algo
-    cmd = [sys.executable, "-m", "workbench.cli", "train", "--task", "bandit", "--algo", algo, "--seed", "0", "--out", str(out), "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workbench.cli",
+        "train",
+        "--task",
+        "bandit",
+        "--algo",
+        algo,
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     m = rows(out)

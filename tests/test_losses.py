@@ -52,13 +52,17 @@ def make_rollout(step_rewards, mask=None, old_logp=None, ref_logp=None, group_si
     B, T = step_rewards.shape
     z = torch.zeros(B, T, dtype=D)
     return Rollout(
-        prompts=torch.zeros(B, 1, dtype=torch.long), completions=torch.zeros(B, T, dtype=torch.long),
+        prompts=torch.zeros(B, 1, dtype=torch.long),
+        completions=torch.zeros(B, T, dtype=torch.long),
         mask=t(mask) if mask is not None else torch.ones(B, T, dtype=D),
         old_logp=t(old_logp) if old_logp is not None else z.clone(),
         ref_logp=t(ref_logp) if ref_logp is not None else z.clone(),
-        scores=step_rewards.sum(-1), step_rewards=step_rewards, gold=step_rewards.sum(-1), group_size=group_size,
+        scores=step_rewards.sum(-1),
+        step_rewards=step_rewards,
+        gold=step_rewards.sum(-1),
+        group_size=group_size,
         old_values=t(old_values) if old_values is not None else None,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------------------------------- aggregate
@@ -95,6 +99,7 @@ def test_aggregate_unknown_mode():
 
 
 # ---------------------------------------------------------------------------------------- SFT
+
 
 def test_sft_loss_token_mean():
     probs = [[0.5, 0.25, 0.1], [0.8, 0.2, 0.9]]
@@ -157,10 +162,13 @@ def test_reward_model_margin():
 # h = lr_c - lr_r = [-0.3, 0.6]
 
 DPO_ARGS = dict(
-    logp_c=t([[-1.0, -2.0], [-0.5, -0.3]]), logp_r=t([[-2.0, -1.0], [-1.0, -1.5]]),
-    ref_logp_c=t([[-1.2, -1.5], [-0.7, -0.4]]), ref_logp_r=t([[-1.5, -1.5], [-1.1, -1.0]]),
-    mask_c=t([[1.0, 1.0], [1.0, 0.0]]), mask_r=t([[1.0, 1.0], [1.0, 1.0]]),
-)  # fmt: skip
+    logp_c=t([[-1.0, -2.0], [-0.5, -0.3]]),
+    logp_r=t([[-2.0, -1.0], [-1.0, -1.5]]),
+    ref_logp_c=t([[-1.2, -1.5], [-0.7, -0.4]]),
+    ref_logp_r=t([[-1.5, -1.5], [-1.1, -1.0]]),
+    mask_c=t([[1.0, 1.0], [1.0, 0.0]]),
+    mask_r=t([[1.0, 1.0], [1.0, 1.0]]),
+)
 
 
 def test_dpo_sigmoid_hard_labels():
@@ -330,11 +338,15 @@ def test_grpo_loss_k3_penalty():
 #   (1,0) V=0.0 R=-0.2: 0.04;         V_clip = 0.4 - 0.2 = 0.2: 0.16    -> 0.08
 
 PPO = dict(
-    logp=t([[math.log(1.5), math.log(0.9)], [math.log(0.6), 0.0]]), old_logp=torch.zeros(2, 2, dtype=D),
-    ref_logp=torch.zeros(2, 2, dtype=D), advantages=t([[1.0, -0.5], [-1.0, 2.0]]),
-    values=t([[0.5, 1.0], [0.0, 3.0]]), old_values=t([[0.2, 1.1], [0.4, 0.0]]), returns=t([[1.0, 0.0], [-0.2, 0.0]]),
+    logp=t([[math.log(1.5), math.log(0.9)], [math.log(0.6), 0.0]]),
+    old_logp=torch.zeros(2, 2, dtype=D),
+    ref_logp=torch.zeros(2, 2, dtype=D),
+    advantages=t([[1.0, -0.5], [-1.0, 2.0]]),
+    values=t([[0.5, 1.0], [0.0, 3.0]]),
+    old_values=t([[0.2, 1.1], [0.4, 0.0]]),
+    returns=t([[1.0, 0.0], [-0.2, 0.0]]),
     mask=t([[1.0, 1.0], [1.0, 0.0]]),
-)  # fmt: skip
+)
 
 
 def test_ppo_loss_clipped_surrogate_and_value():
@@ -425,8 +437,11 @@ def test_rloo_advantages():
 def test_rloo_prepare_with_kl_in_reward():
     # two samples of one prompt, T = 2; k1 = old - ref = [[0.2, -0.1], [0.0, 0.4]], beta = 0.5
     roll = make_rollout(
-        [[0.0, 1.0], [0.0, 3.0]], old_logp=[[-1.0, -0.5], [-0.5, -0.5]], ref_logp=[[-1.2, -0.4], [-0.5, -0.9]], group_size=2
-    )  # fmt: skip
+        [[0.0, 1.0], [0.0, 3.0]],
+        old_logp=[[-1.0, -0.5], [-0.5, -0.5]],
+        ref_logp=[[-1.2, -0.4], [-0.5, -0.9]],
+        group_size=2,
+    )
     batch = rloo.prepare(roll, RLOOConfig(), beta=0.5)
     R0 = 1.0 - 0.5 * (0.2 - 0.1)  # 0.95
     R1 = 3.0 - 0.5 * (0.0 + 0.4)  # 2.8
@@ -481,7 +496,12 @@ def test_reinforce_prepare_kl_in_reward():
     b0, b1 = [0.425, 0.475], [2.975, 2.9]
     assert_close(
         batch["advantages"],
-        [[0.95 - b0[0], 1.05 - b0[1]], [-0.1 - b0[0], -0.1 - b0[1]], [2.15 - b1[0], 2.0 - b1[1]], [3.8 - b1[0], 3.8 - b1[1]]],
+        [
+            [0.95 - b0[0], 1.05 - b0[1]],
+            [-0.1 - b0[0], -0.1 - b0[1]],
+            [2.15 - b1[0], 2.0 - b1[1]],
+            [3.8 - b1[0], 3.8 - b1[1]],
+        ],
     )
     # with the KL in the loss the returns carry no KL
     batch = reinforce.prepare(roll, ReinforceConfig(baseline="none", kl_in="loss"), beta=0.5)
@@ -535,6 +555,7 @@ def test_masked_whiten():
 
 
 # ---------------------------------------------------------------------------------------- identities
+
 
 def test_gae_with_unit_gamma_lambda_and_zero_values_is_returns_to_go():
     g = torch.Generator().manual_seed(1)

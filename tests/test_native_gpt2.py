@@ -22,7 +22,9 @@ TOL = dict(rtol=0, atol=2e-6)
 
 
 def hf_gpt2(seed=0, **kw) -> GPT2LMHeadModel:
-    cfg = dict(vocab_size=11, n_positions=24, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = dict(
+        vocab_size=11, n_positions=24, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**{**cfg, **kw})).eval()
     with torch.no_grad():  # non-trivial layer norms and biases, so every parameter matters
@@ -141,12 +143,22 @@ def test_native_llama_is_an_error(task, tiny_model_cfg):
 
 def test_training_with_the_native_model_matches_hf(tmp_path):
     """A few GRPO updates: the same metrics from both implementations (same weights, same samples)."""
-    sets = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "steps": 3, "eval_every": 3,
-            "batch_size": 8, "group_size": 4, "save_checkpoint": False}  # fmt: skip
+    sets = {
+        "model.n_layer": 1,
+        "model.n_embd": 16,
+        "model.n_head": 2,
+        "steps": 3,
+        "eval_every": 3,
+        "batch_size": 8,
+        "group_size": 4,
+        "save_checkpoint": False,
+    }
     finals = {}
     for impl in ("hf", "native"):
-        res = resolve({"task": {"name": "sequence", "vocab_size": 3, "length": 3}, "algo": {"name": "grpo"}},
-                      {**sets, "model.impl": impl})  # fmt: skip
+        res = resolve(
+            {"task": {"name": "sequence", "vocab_size": 3, "length": 3}, "algo": {"name": "grpo"}},
+            {**sets, "model.impl": impl},
+        )
         finals[impl] = train(res, tmp_path / impl, progress=False)["final"]
     for key in ("reward/exact", "kl/exact", "entropy/exact"):
         assert finals["native"][key] == pytest.approx(finals["hf"][key], abs=1e-5)

@@ -1,6 +1,7 @@
 """The RLHF pipeline inside one run (workbench/pipeline.py): SFT, a Bradley-Terry reward model, RL against it."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +23,22 @@ def test_rm_quality_by_hand():
 
 
 def test_pipeline_run_logs_proxy_and_gold(tmp_path):
-    raw = {"task": {"name": "bandit", "n_arms": 6, "n_contexts": 2}, "algo": {"name": "rloo"}, "steps": 6, "batch_size": 16,
-           "group_size": 4, "eval_every": 3, "probe_every": 0, "model": TINY, "save_checkpoint": False, "lr": 3e-3,
-           "reward_model": "fit", "rm_steps": 20, "rm_pairs": 64, "sft_warmup_steps": 5}  # fmt: skip
+    raw = {
+        "task": {"name": "bandit", "n_arms": 6, "n_contexts": 2},
+        "algo": {"name": "rloo"},
+        "steps": 6,
+        "batch_size": 16,
+        "group_size": 4,
+        "eval_every": 3,
+        "probe_every": 0,
+        "model": TINY,
+        "save_checkpoint": False,
+        "lr": 3e-3,
+        "reward_model": "fit",
+        "rm_steps": 20,
+        "rm_pairs": 64,
+        "sft_warmup_steps": 5,
+    }
     res = resolve(raw)
     result = train(res, tmp_path / "run", progress=False)
     assert result["status"] == "done"
@@ -33,22 +47,36 @@ def test_pipeline_run_logs_proxy_and_gold(tmp_path):
     for k in ("pipeline/sft_loss", "pipeline/rm_loss", "rm/exact_accuracy", "rm/gold_correlation", "model/n_params"):
         assert k in first and k not in last, k
     assert 0.0 <= first["rm/exact_accuracy"] <= 1.0
-    assert first["kl/exact"] == pytest.approx(0.0, abs=1e-6)  # pi_ref is the SFT policy: KL is measured from the start of RL
+    assert first["kl/exact"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # pi_ref is the SFT policy: KL is measured from the start of RL
     assert first["reward/proxy_gain"] == first["reward/gold_gain"] == first["rm/overoptimisation"] == 0.0
     assert last["rm/overoptimisation"] == pytest.approx(last["reward/proxy_gain"] - last["reward/gold_gain"])
     assert last["reward/gold_gain"] == pytest.approx(last["reward/exact"] - first["reward/exact"])
     assert "reward/gold_mean" in rows[1] and rows[1]["reward/mean"] != rows[1]["reward/gold_mean"]  # RL saw the proxy
-    doc = open("docs/metrics.md").read()
+    doc = Path("docs/metrics.md").read_text()
     assert not sorted(k for r in rows for k in r if f"`{k}`" not in doc)
 
 
 def test_sft_warmup_moves_the_reference(tmp_path):
-    base = {"task": {"name": "bandit", "n_arms": 6, "n_contexts": 2}, "algo": {"name": "grpo"}, "steps": 1, "batch_size": 8,
-            "group_size": 4, "probe_every": 0, "model": TINY, "save_checkpoint": False, "lr": 1e-2}  # fmt: skip
+    base = {
+        "task": {"name": "bandit", "n_arms": 6, "n_contexts": 2},
+        "algo": {"name": "grpo"},
+        "steps": 1,
+        "batch_size": 8,
+        "group_size": 4,
+        "probe_every": 0,
+        "model": TINY,
+        "save_checkpoint": False,
+        "lr": 1e-2,
+    }
     r0 = train(resolve(base), tmp_path / "plain", progress=False)["final"]
     r1 = train(resolve({**base, "sft_warmup_steps": 30}), tmp_path / "sft", progress=False)["final"]
     rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["reward/exact"] > json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])["reward/exact"]
+    assert (
+        rows[0]["reward/exact"]
+        > json.loads((tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()[0])["reward/exact"]
+    )
     assert r0["model/n_params"] == r1["model/n_params"]
 
 
@@ -59,4 +87,6 @@ def test_pipeline_needs_an_online_workbench_run():
         resolve({"task": {"name": "bandit"}, "algo": {"name": "sft"}, "sft_warmup_steps": 3})
     plain = resolve({"task": {"name": "bandit"}, "algo": {"name": "ppo"}})
     # the new fields at their defaults stay out of the hash: old run ids still match
-    assert plain.config_hash == resolve({"task": {"name": "bandit"}, "algo": {"name": "ppo"}, "rm_steps": 200}).config_hash
+    assert (
+        plain.config_hash == resolve({"task": {"name": "bandit"}, "algo": {"name": "ppo"}, "rm_steps": 200}).config_hash
+    )

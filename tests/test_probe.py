@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -22,14 +23,26 @@ def rows(path):
 
 
 def run(tmp_path, algo, steps=3, task=None, **sets):
-    res = resolve({"task": task or SEQ, "algo": {"name": algo}}, {**TINY, "steps": steps, "batch_size": 16, "group_size": 4, **sets})
+    res = resolve(
+        {"task": task or SEQ, "algo": {"name": algo}},
+        {**TINY, "steps": steps, "batch_size": 16, "group_size": 4, **sets},
+    )
     out = tmp_path / f"{algo}-{sets.get('probe_every', 'default')}"
     assert train(res, out, progress=False)["status"] == "done"
     return rows(out), out
 
 
-PROBE_KEYS = ["grad/norm_mean", "grad/total_var", "grad/snr", "grad/cos_true", "grad/cos_mean_true", "grad/exact_norm",
-              "grad/cos_sft_rl", "grad/cos_dpo_rl", "time/probe_s"]  # fmt: skip
+PROBE_KEYS = [
+    "grad/norm_mean",
+    "grad/total_var",
+    "grad/snr",
+    "grad/cos_true",
+    "grad/cos_mean_true",
+    "grad/exact_norm",
+    "grad/cos_sft_rl",
+    "grad/cos_dpo_rl",
+    "time/probe_s",
+]
 CREDIT_KEYS = ["credit/corr", "credit/mse", "credit/decisive_share", "credit/decisive_share_exact"]
 
 
@@ -42,12 +55,12 @@ def test_training_logs_probes_at_their_interval_and_credit_heatmap_data(tmp_path
             assert all(k in r for k in PROBE_KEYS + CREDIT_KEYS), sorted(set(PROBE_KEYS + CREDIT_KEYS) - set(r))
             assert 0 <= r["credit/decisive_share"] <= 1 and -1 <= r["grad/cos_true"] <= 1
     assert m[0]["grad/cos_true"] > 0  # at pi = pi_ref GRPO's update points along the RL gradient
-    credit = [json.loads(line) for line in open(out / "credit.jsonl")]
+    credit = [json.loads(line) for line in (out / "credit.jsonl").read_text().splitlines()]
     assert len(credit) == 3 * 3  # 3 probes x 3 positions
     assert {c["method"] for c in credit} == {"grpo"} and [c["position"] for c in credit[:3]] == [0, 1, 2]
     assert [c["decisive"] for c in credit[:3]] == [False, True, False]
     assert credit[2]["exact_abs"] == pytest.approx(0.0, abs=1e-9)  # after the decisive position
-    doc = open("docs/metrics.md").read()
+    doc = Path("docs/metrics.md").read_text()
     missing = sorted(k for r in m for k in r if f"`{k}`" not in doc)
     assert not missing, missing
     for k in credit[0]:
@@ -64,8 +77,12 @@ def test_offline_run_probes_its_own_estimator_against_the_full_dataset_gradient(
 def test_probes_do_not_change_the_training_trajectory(tmp_path):
     on, _ = run(tmp_path / "on", "ppo", steps=3, probe_every=1, probe_minibatches=2)
     off, _ = run(tmp_path / "off", "ppo", steps=3, probe_every=0)
+
     def strip(rs):  # the update's own grad/norm stays; the probe's figures and timings go
-        return [{k: v for k, v in r.items() if k.split("/")[0] not in ("grad", "credit", "time") or k == "grad/norm"} for r in rs]
+        return [
+            {k: v for k, v in r.items() if k.split("/")[0] not in ("grad", "credit", "time") or k == "grad/norm"}
+            for r in rs
+        ]
 
     assert strip(on) == strip(off)
     assert not any("grad/total_var" in r for r in off) and not (tmp_path / "off" / "ppo-0" / "credit.jsonl").exists()
@@ -84,7 +101,9 @@ def test_measurements_do_not_change_the_training_trajectory(algo, task, tmp_path
     evaluation samples from its own generator, as the probes do)."""
     a, _ = run(tmp_path / "a", algo, steps=6, task=task, eval_every=1, probe_every=0)
     b, _ = run(tmp_path / "b", algo, steps=6, task=task, eval_every=4, probe_every=3, probe_minibatches=2)
-    assert [r["step"] for r in a if "reward/eval" in r] == list(range(7)) and [r["step"] for r in b if "reward/eval" in r] == [0, 4, 6]
+    assert [r["step"] for r in a if "reward/eval" in r] == list(range(7)) and [
+        r["step"] for r in b if "reward/eval" in r
+    ] == [0, 4, 6]
     keys, (ta, tb) = training_rows(a, b)
     assert {"reward/mean", "reward/std", "loss/policy", "grad/norm", "lr", "samples"} <= keys, sorted(keys)
     assert not any(k.endswith("/exact") or k == "reward/eval" or k.startswith("credit/") for k in keys)
@@ -95,20 +114,73 @@ def test_measurements_do_not_change_the_training_trajectory(algo, task, tmp_path
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("probe") / "run"
-    code = main(["train", "--task", "sequence", "--algo", "grpo", "--steps", "2", "--out", str(out), "--quiet",
-                 "--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
-                 "--set", "task.vocab_size=3", "--set", "task.length=3", "--set", "task.variant=decisive",
-                 "--set", "batch_size=16", "--set", "group_size=4", "--set", "probe_every=0"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--task",
+            "sequence",
+            "--algo",
+            "grpo",
+            "--steps",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "model.n_layer=1",
+            "--set",
+            "model.n_embd=16",
+            "--set",
+            "model.n_head=2",
+            "--set",
+            "task.vocab_size=3",
+            "--set",
+            "task.length=3",
+            "--set",
+            "task.variant=decisive",
+            "--set",
+            "batch_size=16",
+            "--set",
+            "group_size=4",
+            "--set",
+            "probe_every=0",
+        ]
+    )
     assert code == 0
     return out
 
 
 def test_probe_gradients_on_a_checkpoint(saved_run, capsys):
-    assert main(["probe", str(saved_run / "checkpoint"), "--what", "gradients", "--batch-sizes", "4", "8", "--minibatches", "3"]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                str(saved_run / "checkpoint"),
+                "--what",
+                "gradients",
+                "--batch-sizes",
+                "4",
+                "8",
+                "--minibatches",
+                "3",
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(saved_run / "probe_gradients.parquet")
     assert set(table["objective"]) == set(OBJECTIVES) and set(table["batch_size"]) == {4, 8}
     assert len(table) == 2 * len(OBJECTIVES)
-    for col in ["norm_mean", "total_var", "total_var_se", "snr", "cos_true", "cos_mean_true", "true_norm", "truth", "true_cos_rl"]:
+    for col in [
+        "norm_mean",
+        "total_var",
+        "total_var_se",
+        "snr",
+        "cos_true",
+        "cos_mean_true",
+        "true_norm",
+        "truth",
+        "true_cos_rl",
+    ]:
         assert col in table.columns
     rl = table[table["algo"].isin(["reinforce", "rloo", "grpo", "ppo"])]
     assert (rl["truth"] == "exact").all() and (rl["true_cos_rl"] - 1).abs().max() < 1e-9

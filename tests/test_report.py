@@ -114,16 +114,34 @@ def report_dir(tmp_path_factory):
 
 def test_report_files(report_dir):
     out = report_dir / "out"
-    for f in ["report.md", "report.html", "report.pdf", "report.bib", "verdicts.json",
-              "tables/final_metrics.csv", "tables/pairwise_tests.csv", "tables/runs.csv", "tables/verdict_rules.csv"]:  # fmt: skip
+    for f in [
+        "report.md",
+        "report.html",
+        "report.pdf",
+        "report.bib",
+        "verdicts.json",
+        "tables/final_metrics.csv",
+        "tables/pairwise_tests.csv",
+        "tables/runs.csv",
+        "tables/verdict_rules.csv",
+    ]:
         assert (out / f).exists(), f
     pngs = sorted((out / "figures").glob("*.png"))
     assert pngs and all((out / "figures" / (p.stem + ".svg")).exists() for p in pngs)
     md = (out / "report.md").read_text()
-    for section in ["## Verdicts (confirmation seeds)", "## The same rules on the exploration seeds", "## Final metrics",
-                    "## Tests within each task and grid point", "## Provenance", "## How to cite", "CITATION.cff",
-                    "intersection-union", "docs/claims.md#c6", "## Deviations declared by the study",
-                    "to make every run of the arm diverge"]:  # fmt: skip
+    for section in [
+        "## Verdicts (confirmation seeds)",
+        "## The same rules on the exploration seeds",
+        "## Final metrics",
+        "## Tests within each task and grid point",
+        "## Provenance",
+        "## How to cite",
+        "CITATION.cff",
+        "intersection-union",
+        "docs/claims.md#c6",
+        "## Deviations declared by the study",
+        "to make every run of the arm diverge",
+    ]:
         assert section in md, section
     prov = json.loads(md.split("## Provenance\n```json\n")[1].split("```")[0])
     assert prov["seeds"] == [0, 1, 2, 3, 4, 5] and len(prov["run_config_hashes"]) == 18 and "git_dirty" in prov
@@ -137,11 +155,22 @@ def test_report_files(report_dir):
 def test_verdicts_are_computed_and_unmeasured_claims_get_none(report_dir):
     v = json.loads((report_dir / "out" / "verdicts.json").read_text())
     assert v["verdicts"] == {"C6": "supported", "C9": "incomplete", "C8": "unstable", "C7": "contradicted"}
-    assert [r["verdict"] for r in v["rules"]] == ["supported", "supported", "not measured", "supported", "unstable", "contradicted"]
+    assert [r["verdict"] for r in v["rules"]] == [
+        "supported",
+        "supported",
+        "not measured",
+        "supported",
+        "unstable",
+        "contradicted",
+    ]
     assert v["confirmation_seeds"] == [3, 4, 5] and all(r["n"] == 3 or r["verdict"] != "supported" for r in v["rules"])
     rules = {r["metric"]: r for r in v["rules"]}
     assert rules["grad/snr"]["verdict"] == "not measured"
-    assert rules["kl/exact_to_optimal"]["ci_low"] <= rules["kl/exact_to_optimal"]["estimate"] <= rules["kl/exact_to_optimal"]["ci_high"]
+    assert (
+        rules["kl/exact_to_optimal"]["ci_low"]
+        <= rules["kl/exact_to_optimal"]["estimate"]
+        <= rules["kl/exact_to_optimal"]["ci_high"]
+    )
     assert rules["kl/exact_to_optimal"]["figure"].startswith("figures/")
 
 
@@ -154,7 +183,9 @@ def test_html_is_self_contained_and_pdf_shows_every_figure(report_dir):
     assert page.count("<img ") == n_figs and page.count("data:image/png;base64,") == n_figs
     assert "src='figures/" not in page  # nothing external
     pdf = pdfium.PdfDocument(str(out / "report.pdf"))
-    images = sum(1 for i in range(len(pdf)) for obj in pdf[i].get_objects() if obj.type == pdfium.raw.FPDF_PAGEOBJ_IMAGE)
+    images = sum(
+        1 for i in range(len(pdf)) for obj in pdf[i].get_objects() if obj.type == pdfium.raw.FPDF_PAGEOBJ_IMAGE
+    )
     assert images == n_figs
     first = pdf[0].render(scale=1).to_pil()  # renders: a page with ink on it
     assert first.size[0] > 500 and len(set(first.convert("L").getdata())) > 10
@@ -200,9 +231,18 @@ def test_three_seeds_with_the_default_minimum_are_insufficient(report_dir, tmp_p
     assert any("insufficient seeds" in w for w in study.warnings)
     out = run_study(study, report_dir / "results", InlineExecutor(), progress=False, quiet=True)
     assert out.executed == []  # the same runs: done once, whatever study asks
-    v = json.loads((build_report("tiny_strict", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text())
+    v = json.loads(
+        (build_report("tiny_strict", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text()
+    )
     by = [r["verdict"] for r in v["rules"]]
-    assert by == ["insufficient seeds", "insufficient seeds", "not measured", "insufficient seeds", "unstable", "insufficient seeds"]
+    assert by == [
+        "insufficient seeds",
+        "insufficient seeds",
+        "not measured",
+        "insufficient seeds",
+        "unstable",
+        "insufficient seeds",
+    ]
     assert v["verdicts"] == {"C6": "incomplete", "C9": "incomplete", "C8": "unstable", "C7": "incomplete"}
 
 
@@ -219,7 +259,11 @@ def test_verdicts_come_from_the_confirmation_seeds_only(report_dir, tmp_path, mo
         return df
 
     monkeypatch.setattr(store, "load_final", disagreeing)
-    v = json.loads((build_report("tiny_report", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text())
+    v = json.loads(
+        (build_report("tiny_report", report_dir / "results", tmp_path / "out") / "verdicts.json").read_text()
+    )
     assert v["rules"][0]["verdict"] == "supported" and v["rules"][0]["estimate"] < 100
-    assert v["exploration"]["rules"][0]["verdict"] == "contradicted" and v["exploration"]["rules"][0]["estimate"] == 1000.0
+    assert (
+        v["exploration"]["rules"][0]["verdict"] == "contradicted" and v["exploration"]["rules"][0]["estimate"] == 1000.0
+    )
     assert v["verdicts"]["C6"] == "supported" and v["exploration"]["verdicts"]["C6"] == "contradicted"

@@ -9,8 +9,19 @@ from workbench.seeds import train_seeds
 from workbench.train import train
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}
-SETS = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2, "model.impl": "native", "steps": 4,
-        "eval_every": 2, "batch_size": 8, "group_size": 4, "lr": 1e-2, "beta": 0.04, "probe_every": 0}  # fmt: skip
+SETS = {
+    "model.n_layer": 1,
+    "model.n_embd": 16,
+    "model.n_head": 2,
+    "model.impl": "native",
+    "steps": 4,
+    "eval_every": 2,
+    "batch_size": 8,
+    "group_size": 4,
+    "lr": 1e-2,
+    "beta": 0.04,
+    "probe_every": 0,
+}
 
 
 def rows(path):
@@ -45,7 +56,13 @@ def test_what_cannot_be_batched_is_a_config_error():
     with pytest.raises(ConfigError, match="differ in 'seed' alone"):
         train_seeds([grpo[0], resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "lr": 0.1})], ["a", "b"])
     with pytest.raises(ConfigError, match="native"):
-        train_seeds([resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "model.impl": "hf", "seed": s}) for s in (0, 1)], ["a", "b"])
+        train_seeds(
+            [
+                resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "model.impl": "hf", "seed": s})
+                for s in (0, 1)
+            ],
+            ["a", "b"],
+        )
     with pytest.raises(ConfigError, match="not PPO"):
         train_seeds([resolve({"task": TASK, "algo": {"name": "ppo"}}, {**SETS, "seed": s}) for s in (0, 1)], ["a", "b"])
 
@@ -53,8 +70,11 @@ def test_what_cannot_be_batched_is_a_config_error():
 def test_measurements_do_not_change_stacked_training(tmp_path):
     """As for train(): the seeds' evaluation samples come from their own generators, so eval_every and
     probe_every leave every seed's training quantities unchanged."""
+
     def stacked(name, **sets):
-        reses = [resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "steps": 5, **sets, "seed": s}) for s in (0, 1)]
+        reses = [
+            resolve({"task": TASK, "algo": {"name": "grpo"}}, {**SETS, "steps": 5, **sets, "seed": s}) for s in (0, 1)
+        ]
         outs = [tmp_path / f"{name}{s}" for s in (0, 1)]
         assert [r["status"] for r in train_seeds(reses, outs)] == ["done", "done"]
         return [rows(o) for o in outs]

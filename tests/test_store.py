@@ -11,14 +11,41 @@ import time
 import pytest
 
 from workbench.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
-from workbench.store import Owner, Store, is_stale, pid_alive, publish, publish_metrics, publish_text, read_progress, results_dir
+from workbench.store import (
+    Owner,
+    Store,
+    is_stale,
+    pid_alive,
+    publish,
+    publish_metrics,
+    publish_text,
+    read_progress,
+    results_dir,
+)
 
 
 def add_run(store: Store, run_id="r1", study="s"):
-    store.register_study(study, f"{study}.toml", "", ["C1"], "h", [
-        {"run_id": run_id, "task": "bandit", "algo": "sft", "seed": 0, "steps": 3, "unit": "demos", "config": {},
-         "task_label": "bandit", "algo_label": "sft", "grid": {}},
-    ])  # fmt: skip
+    store.register_study(
+        study,
+        f"{study}.toml",
+        "",
+        ["C1"],
+        "h",
+        [
+            {
+                "run_id": run_id,
+                "task": "bandit",
+                "algo": "sft",
+                "seed": 0,
+                "steps": 3,
+                "unit": "demos",
+                "config": {},
+                "task_label": "bandit",
+                "algo_label": "sft",
+                "grid": {},
+            },
+        ],
+    )
 
 
 def dead_pid() -> int:

@@ -84,7 +84,14 @@ def test_each_run_folder_has_the_documented_files(tmp_path):
     run(path, results)
     for _, r in load_runs(results, "tiny").iterrows():
         d = Path(r["path"])
-        assert {p.name for p in d.iterdir()} >= {"config.json", "metrics.jsonl", "metrics.parquet", "samples.jsonl", "status.json", "checkpoint"}
+        assert {p.name for p in d.iterdir()} >= {
+            "config.json",
+            "metrics.jsonl",
+            "metrics.parquet",
+            "samples.jsonl",
+            "status.json",
+            "checkpoint",
+        }
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["config_hash"] == r["run_id"] == d.name  # run id = hash of the canonical config
         assert not [p for p in d.iterdir() if p.name.endswith(".tmp")]
@@ -214,7 +221,9 @@ def test_loader_reports_and_skips_corrupt_files(tmp_path):
     with warnings.catch_warnings():  # the summary still shows the runs that load
         warnings.simplefilter("ignore", LoadWarning)
         s = summarize(results, "tiny").set_index("algo_label")
-    assert s.loc["grpo", "done"] == 1 and s.loc["grpo", "unreadable"] == 1  # the averaged runs are the ones counted done
+    assert (
+        s.loc["grpo", "done"] == 1 and s.loc["grpo", "unreadable"] == 1
+    )  # the averaged runs are the ones counted done
     assert "1/2 1 unreadable" in format_summary(summarize(results, "tiny"))
 
 
@@ -244,10 +253,11 @@ def test_query_runs_sql_over_runs_and_metrics(tmp_path):
     path, results = write_study(tmp_path, TWO_ALGOS, seeds=(0, 1)), tmp_path / "results"
     run(path, results)
     df = query(
-        'SELECT r.algo, count(DISTINCT m.run_id) AS n, max(m.step) AS last FROM metrics m JOIN runs r USING (run_id) '
+        "SELECT r.algo, count(DISTINCT m.run_id) AS n, max(m.step) AS last FROM metrics m JOIN runs r USING (run_id) "
         "GROUP BY r.algo ORDER BY r.algo",
-        results, "tiny",
-    )  # fmt: skip
+        results,
+        "tiny",
+    )
     assert df.to_dict("list") == {"algo": ["grpo", "sft"], "n": [2, 2], "last": [6, 6]}
 
 
@@ -267,7 +277,13 @@ name = "dpo"
     plan = expand(load_study(path))
     assert len(plan) == 2 * 2 + 2
     assert {(p.res.run.beta, getattr(p.res.algo_cfg, "clip_eps_low", None)) for p in plan} == {
-        (0.05, 0.1), (0.05, 0.3), (0.2, 0.1), (0.2, 0.3), (0.05, None), (0.2, None)}  # fmt: skip
+        (0.05, 0.1),
+        (0.05, 0.3),
+        (0.2, 0.1),
+        (0.2, 0.3),
+        (0.05, None),
+        (0.2, None),
+    }
     run(path, results)
     s = summarize(results, "tiny")
     assert len(s) == 6 and set(s["done"]) == {1}
@@ -306,7 +322,9 @@ def test_quickstart_study_is_valid_and_runs_scaled_down(tmp_path):
     assert [p.seed for p in plan[:8]] == [0, 1, 2, 100, 101, 102, 103, 104]  # exploration, then confirmation seeds
     assert study.config.claims and all(p.res.task.enumerable for p in plan)
     study.config.budget.steps = 3  # the same file, three steps, a tiny model
-    study.config.settings.model = study.config.settings.model.model_copy(update={"n_layer": 1, "n_embd": 16, "n_head": 2})
+    study.config.settings.model = study.config.settings.model.model_copy(
+        update={"n_layer": 1, "n_embd": 16, "n_head": 2}
+    )
     study.config.settings.eval_every = 3
     study.config.seeds, study.config.confirm_seeds = [0], [1]
     out = run_study(study, tmp_path / "results", InlineExecutor(), progress=False, quiet=True, seeds="confirm")

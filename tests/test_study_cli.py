@@ -35,31 +35,52 @@ def bad(old: str, new: str) -> str:
 
 
 CASES = {
-    "unknown top-level key": (bad('seeds = [0]', 'seeds = [0]\nseedz = [1]'),
-                              ["seedz: unknown key", "allowed here:", "algorithms", "budget", "seeds"]),
-    "unknown nested key": (bad("steps = 2", "stepz = 2"),
-                           ["budget.stepz: unknown key", "allowed here: batch_size, steps", "budget.steps: required key is missing"]),
+    "unknown top-level key": (
+        bad("seeds = [0]", "seeds = [0]\nseedz = [1]"),
+        ["seedz: unknown key", "allowed here:", "algorithms", "budget", "seeds"],
+    ),
+    "unknown nested key": (
+        bad("steps = 2", "stepz = 2"),
+        ["budget.stepz: unknown key", "allowed here: batch_size, steps", "budget.steps: required key is missing"],
+    ),
     "unknown task parameter": (bad("n_arms = 4", "n_arm = 4"), ["tasks[0].n_arm: unknown key", "n_arms", "n_contexts"]),
-    "unknown algorithm parameter": (bad('name = "grpo"', 'name = "grpo"\nclip_epz = 0.1'),
-                                    ["algorithms[0].clip_epz: unknown key", "clip_eps_low", "settings", "grid"]),
-    "unknown setting": (bad("[settings]", "[settings]\nlrr = 1e-3"), ["settings.lrr: unknown key", "allowed here:", "lr,"]),
+    "unknown algorithm parameter": (
+        bad('name = "grpo"', 'name = "grpo"\nclip_epz = 0.1'),
+        ["algorithms[0].clip_epz: unknown key", "clip_eps_low", "settings", "grid"],
+    ),
+    "unknown setting": (
+        bad("[settings]", "[settings]\nlrr = 1e-3"),
+        ["settings.lrr: unknown key", "allowed here:", "lr,"],
+    ),
     "budget in settings": (bad("[settings]", "[settings]\nsteps = 5"), ["settings.steps: unknown key", "beta"]),
-    "model per algorithm": (bad("settings = { group_size = 4 }", "settings = { model = { n_layer = 2 } }"),
-                            ["algorithms[0].settings.model: unknown key", "group_size"]),
-    "batch size per algorithm": (bad('name = "grpo"', 'name = "grpo"\nbatch_size = 4'),
-                                 ["algorithms[0].batch_size: set by budget.batch_size"]),
+    "model per algorithm": (
+        bad("settings = { group_size = 4 }", "settings = { model = { n_layer = 2 } }"),
+        ["algorithms[0].settings.model: unknown key", "group_size"],
+    ),
+    "batch size per algorithm": (
+        bad('name = "grpo"', 'name = "grpo"\nbatch_size = 4'),
+        ["algorithms[0].batch_size: set by budget.batch_size"],
+    ),
     "wrong type": (bad("steps = 2", 'steps = "many"'), ["budget.steps: Input should be a valid integer", "'many'"]),
     "wrong type in a task": (bad("n_arms = 4", 'n_arms = "four"'), ["tasks[0].n_arms:", "valid integer", "'four'"]),
     "out of range": (bad("steps = 2", "steps = 0"), ["budget.steps: Input should be greater than or equal to 1"]),
-    "unknown task": (bad('name = "bandit"', 'name = "bandt"'),
-                     ["tasks[0].name: unknown task 'bandt'", "allowed: arithmetic, bandit, sequence"]),
-    "unknown algorithm": (bad('name = "grpo"', 'name = "grpx"'),
-                          ["algorithms[0].name: unknown algorithm 'grpx'", "dpo", "grpo", "ppo", "sft"]),
+    "unknown task": (
+        bad('name = "bandit"', 'name = "bandt"'),
+        ["tasks[0].name: unknown task 'bandt'", "allowed: arithmetic, bandit, sequence"],
+    ),
+    "unknown algorithm": (
+        bad('name = "grpo"', 'name = "grpx"'),
+        ["algorithms[0].name: unknown algorithm 'grpx'", "dpo", "grpo", "ppo", "sft"],
+    ),
     "unknown claim": (bad('claims = ["C6"]', 'claims = ["C99"]'), ["claims[0]:", "'C1'", "'C13'", "'C99'"]),
-    "bad grid key": (bad('settings = { group_size = 4 }', 'settings = { group_size = 4 }\ngrid = { "algo.clip" = [1] }'),
-                     ["algorithms[0].grid.'algo.clip': not a key a grid can vary", "algo.clip_eps_low"]),
-    "a run that cannot resolve": (bad("batch_size = 8", "batch_size = 6"),
-                                  ["algorithms[0] 'grpo'", "batch_size 6 must be a multiple of group_size 4"]),
+    "bad grid key": (
+        bad("settings = { group_size = 4 }", 'settings = { group_size = 4 }\ngrid = { "algo.clip" = [1] }'),
+        ["algorithms[0].grid.'algo.clip': not a key a grid can vary", "algo.clip_eps_low"],
+    ),
+    "a run that cannot resolve": (
+        bad("batch_size = 8", "batch_size = 6"),
+        ["algorithms[0] 'grpo'", "batch_size 6 must be a multiple of group_size 4"],
+    ),
     "malformed TOML": (bad("steps = 2", "steps = = 2"), ["not valid TOML", "line"]),
 }
 
@@ -90,8 +111,12 @@ def test_missing_study_file_exits_2_naming_it(tmp_path, capsys):
 def test_bad_study_file_from_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "study.toml"
     path.write_text(bad("steps = 2", "stepz = 2"))
-    p = subprocess.run([sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(tmp_path / "r")],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "budget.stepz: unknown key" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -44,7 +44,18 @@ N_RUNS = 6
 
 
 def cli(path: Path, results: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(results), "--workers", "1", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "workbench.cli",
+        "run",
+        str(path),
+        "--results",
+        str(results),
+        "--workers",
+        "1",
+        *extra,
+    ]
 
 
 def env() -> dict:
@@ -60,7 +71,9 @@ def final_metrics(results: Path) -> pd.DataFrame:
 
 def claims_per_run(results: Path) -> dict:
     with sqlite3.connect(results / "index.sqlite") as db:
-        return dict(db.execute("SELECT run_id, count(*) FROM events WHERE event = 'claimed' GROUP BY run_id").fetchall())
+        return dict(
+            db.execute("SELECT run_id, count(*) FROM events WHERE event = 'claimed' GROUP BY run_id").fetchall()
+        )
 
 
 @pytest.mark.slow
@@ -71,7 +84,9 @@ def test_sigkill_mid_study_then_rerun_finishes_with_the_uninterrupted_metrics(tm
     p = subprocess.run(cli(path, ref, "--quiet"), capture_output=True, text=True, timeout=300, env=env())
     assert p.returncode == 0, p.stderr
 
-    proc = subprocess.Popen(cli(path, killed, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+    proc = subprocess.Popen(
+        cli(path, killed, "--quiet"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env()
+    )
     deadline = time.time() + 240
     done = 0
     while time.time() < deadline and proc.poll() is None:
@@ -110,10 +125,14 @@ def test_two_runners_on_one_study_never_run_a_run_twice(tmp_path):
     path = tmp_path / "procs.toml"
     path.write_text(STUDY)
     results = tmp_path / "results"
-    procs = [subprocess.Popen(cli(path, results, "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env()) for _ in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            cli(path, results, "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env()
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     trained = [int(re.search(r"trained now: (\d+)", out).group(1)) for out, _ in outs]
     assert sum(trained) == N_RUNS, outs

@@ -55,8 +55,12 @@ def write(tmp_path, text: str):
 def test_raw_reward_between_grpo_and_ppo_is_refused_with_the_fix(tmp_path):
     """GRPO (k3 in the loss) vs PPO (k1 in the reward) on raw reward: exit 2, the rule named, the fix given."""
     path = write(tmp_path, STUDY)
-    out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "run", str(path), "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr
     err = out.stderr
@@ -82,11 +86,13 @@ def test_like_for_like_or_declared_comparisons_pass(tmp_path, change):
 
 def test_different_regularisers_through_a_grid_or_beta_are_caught(tmp_path):
     # PPO at beta = 0 (no penalty) against PPO at beta = 0.1 (k1 in the reward): the penalty differs
-    text = STUDY.replace('[[algorithms]]\nname = "grpo"\n', '[[algorithms]]\nname = "grpo"\nsettings = { beta = 0.0 }\n')
+    text = STUDY.replace(
+        '[[algorithms]]\nname = "grpo"\n', '[[algorithms]]\nname = "grpo"\nsettings = { beta = 0.0 }\n'
+    )
     with pytest.raises(StudyError, match="no KL penalty vs KL k1 in the reward"):
         load_study(write(tmp_path, text))
     # both without a penalty (beta = 0): raw reward compares like for like
-    both = text.replace('[settings]\nbeta = 0.1', '[settings]\nbeta = 0.0')
+    both = text.replace("[settings]\nbeta = 0.1", "[settings]\nbeta = 0.0")
     assert load_study(write(tmp_path, both))
 
 
@@ -94,7 +100,11 @@ def test_different_regularisers_through_a_grid_or_beta_are_caught(tmp_path):
     "old, new, message",
     [
         ("confirm_seeds = [100, 101, 102, 103, 104]\n", "", "confirm_seeds: required when the study has [[verdicts]]"),
-        ("confirm_seeds = [100, 101, 102, 103, 104]", "confirm_seeds = [2, 100, 101, 102, 103]", "must not repeat exploration seeds"),
+        (
+            "confirm_seeds = [100, 101, 102, 103, 104]",
+            "confirm_seeds = [2, 100, 101, 102, 103]",
+            "must not repeat exploration seeds",
+        ),
         ("confirm_seeds = [100, 101, 102, 103, 104]", "confirm_seeds = [100, 100, 101, 102, 103]", "each seed once"),
         ('b = "ppo"', 'b = "ppo_k3loss"\nfailures = "worst"', "worst"),
         ('name = "rules"', 'name = "rules"\n[statistics]\nmin_seeds = 2', "min_seeds"),
@@ -120,8 +130,10 @@ def test_few_confirmation_seeds_warn_and_deviations_load(tmp_path):
 
 def test_a_rule_side_that_pools_grid_points_is_refused(tmp_path):
     """Values from two grid points are not seeds of one condition: the rule must pin the grid point."""
-    text = STUDY.replace('b = "ppo"', 'b = "ppo_k3loss"').replace("[[algorithms]]\nname = \"ppo\"\n", '[[algorithms]]\nname = "ppo"\n', 1)
-    text = text.replace("[settings]\nbeta = 0.1", '[grid]\nlr = [0.001, 0.003]\n\n[settings]\nbeta = 0.1')
+    text = STUDY.replace('b = "ppo"', 'b = "ppo_k3loss"').replace(
+        '[[algorithms]]\nname = "ppo"\n', '[[algorithms]]\nname = "ppo"\n', 1
+    )
+    text = text.replace("[settings]\nbeta = 0.1", "[grid]\nlr = [0.001, 0.003]\n\n[settings]\nbeta = 0.1")
     with pytest.raises(StudyError, match=r"verdicts\[0\]\.a: 'grpo' spans 2 tasks x grid points.*pin lr"):
         load_study(write(tmp_path, text))
     assert load_study(write(tmp_path, text.replace('b = "ppo_k3loss"', 'b = "ppo_k3loss"\nwhere = { lr = 0.001 }')))
@@ -137,6 +149,10 @@ def test_a_different_beta_is_a_different_regulariser(tmp_path):
 def test_a_bad_grid_value_is_a_message_not_a_traceback(tmp_path):
     text = STUDY.replace('kl_estimator = "k3"\n', 'kl_estimator = "k3"\ngrid = { "algo.kl_estimator" = ["k9"] }\n')
     text = text.replace('b = "ppo"', 'b = "ppo_k3loss"')
-    out = subprocess.run([sys.executable, "-m", "workbench.cli", "run", str(write(tmp_path, text)), "--results", str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "run", str(write(tmp_path, text)), "--results", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "k9" in out.stderr, out.stderr

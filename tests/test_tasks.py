@@ -33,7 +33,7 @@ def test_task_contract(name, kw):
     g = torch.Generator().manual_seed(0)
     prompts = task.sample_prompts(32, g)
     assert prompts.shape == (32, task.prompt_len) and prompts.dtype == torch.long
-    assert 0 <= prompts.min() and prompts.max() < len(task.prompt_words)
+    assert prompts.min() >= 0 and prompts.max() < len(task.prompt_words)
     comps = task.random_completions(32, g)
     r = task.reward(prompts, comps)
     assert r.shape == (32,) and torch.isfinite(r).all()

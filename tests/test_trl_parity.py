@@ -34,8 +34,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 from trl import (  # noqa: E402
-    DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer,
-)  # fmt: skip
+    DPOConfig,
+    DPOTrainer,
+    GRPOConfig,
+    GRPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+    SFTConfig,
+    SFTTrainer,
+)
 
 from workbench.algorithms import dpo, grpo, reward_model, sft  # noqa: E402
 from workbench.policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, word_ids  # noqa: E402
@@ -52,9 +59,16 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def trl_args(out_dir, **kw) -> dict:
     """Arguments every TRL config needs to run offline on CPU, in float32, without side effects."""
     return dict(
-        output_dir=str(out_dir), use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", disable_tqdm=True, seed=0, **kw,
-    )  # fmt: skip
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
 
 
 def full_vocab(module):
@@ -128,11 +142,13 @@ def test_dpo_loss_and_gradient_match_trl(loss_type, tmp_path):
     # variable lengths, so that padding and the IPO length normalisation matter
     chosen = [prefs.chosen[i, :L] for i, L in enumerate(varied_lengths(B, g))]
     rejected = [prefs.rejected[i, :L] for i, L in enumerate(reversed(varied_lengths(B, g)))]
-    data = datasets.Dataset.from_dict({
-        "prompt": [prompt_text(tok, p) for p in prefs.prompts],
-        "chosen": [completion_text(c) for c in chosen],
-        "rejected": [completion_text(r) for r in rejected],
-    })  # fmt: skip
+    data = datasets.Dataset.from_dict(
+        {
+            "prompt": [prompt_text(tok, p) for p in prefs.prompts],
+            "chosen": [completion_text(c) for c in chosen],
+            "rejected": [completion_text(r) for r in rejected],
+        }
+    )
     args = DPOConfig(**trl_args(tmp_path, per_device_train_batch_size=B), beta=beta, loss_type=loss_type)
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tok)
 
@@ -238,11 +254,16 @@ def test_grpo_loss_and_gradient_match_trl(aggregation, loss_type, beta, correcti
     """
     eps_low, eps_high = 0.2, 0.28
     trainer, tok = grpo_trainer(
-        grpo_model_dir, tmp_path, beta=beta, loss_type=loss_type, epsilon=eps_low, epsilon_high=eps_high,
+        grpo_model_dir,
+        tmp_path,
+        beta=beta,
+        loss_type=loss_type,
+        epsilon=eps_low,
+        epsilon_high=eps_high,
         # TRL (1.16) defaults to multiplying the k3 KL by the importance ratio (DeepSeek-V3.2's unbiased KL
         # gradient). Ours defaults to the GRPO paper's plain ``+ beta * k3``; ``kl_ratio_correction`` is TRL's switch.
         use_bias_correction_kl=correction,
-    )  # fmt: skip
+    )
     model = trainer.model.eval()
     policy = full_vocab(Policy(model, tok, TASK))
 
@@ -260,19 +281,26 @@ def test_grpo_loss_and_gradient_match_trl(aggregation, loss_type, beta, correcti
     ref_logp = (logp0 + 0.5 * torch.randn(B, T, generator=g)) * mask
 
     inputs = {
-        "prompt_ids": policy.input_ids(prompts), "prompt_mask": torch.ones(B, 1 + TASK.prompt_len, dtype=torch.long),
-        "completion_ids": comp_ids, "completion_mask": mask.long(), "advantages": advantages,
-        "old_per_token_logps": old_logp, "num_items_in_batch": mask.sum(),
-    }  # fmt: skip
+        "prompt_ids": policy.input_ids(prompts),
+        "prompt_mask": torch.ones(B, 1 + TASK.prompt_len, dtype=torch.long),
+        "completion_ids": comp_ids,
+        "completion_mask": mask.long(),
+        "advantages": advantages,
+        "old_per_token_logps": old_logp,
+        "num_items_in_batch": mask.sum(),
+    }
     if beta:
         inputs["ref_per_token_logps"] = ref_logp
     trl_loss = trainer.compute_loss(model, inputs)
     trl_grads = grads_of(model, trl_loss)
 
     cfg = grpo.GRPOConfig(
-        aggregation=aggregation, clip_eps_low=eps_low, clip_eps_high=eps_high, kl_estimator="k3",
+        aggregation=aggregation,
+        clip_eps_low=eps_low,
+        clip_eps_high=eps_high,
+        kl_estimator="k3",
         kl_ratio_correction=correction,
-    )  # fmt: skip
+    )
     logp = policy(prompts, comp_ids).logp
     loss, _, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages[:, None] * mask, mask, cfg, beta)
     ratio = (logp - old_logp).exp()[mask.bool()]

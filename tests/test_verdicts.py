@@ -7,8 +7,16 @@ import pandas as pd
 import pytest
 
 from workbench.analysis.verdicts import (
-    Statistics, VerdictRule, aggregate, claim_verdict, claim_verdicts, evaluate_rule, holm, pairwise, summarise,
-)  # fmt: skip
+    Statistics,
+    VerdictRule,
+    aggregate,
+    claim_verdict,
+    claim_verdicts,
+    evaluate_rule,
+    holm,
+    pairwise,
+    summarise,
+)
 
 LOOSE = Statistics(min_seeds=3)  # for the small hand-made frames below
 
@@ -17,8 +25,16 @@ def frame(groups: dict[str, list[float]], metric="m", grid=None, status=None) ->
     rows = []
     for label, xs in groups.items():
         for seed, x in enumerate(xs):
-            rows.append({"algo_label": label, "seed": seed, metric: x, "task_label": "t", "grid": grid or {},
-                         "status": (status or {}).get(label, "done")})  # fmt: skip
+            rows.append(
+                {
+                    "algo_label": label,
+                    "seed": seed,
+                    metric: x,
+                    "task_label": "t",
+                    "grid": grid or {},
+                    "status": (status or {}).get(label, "done"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -37,7 +53,11 @@ OVER = frame({"a": [1.0, 0.2, 0.7, 0.4, 0.9], "b": [0.8, 0.3, 0.6, 0.9, 0.1]})
         (dict(kind="below", a="a", threshold=0.6), SEP, "contradicted"),
         (dict(kind="above", a="a", threshold=0.6), SEP, "supported"),
         (dict(kind="below", a="a", threshold=0.6), OVER, "inconclusive"),
-        (dict(kind="equivalent", a="a", b="a2", margin=0.1), frame({"a": [1.0, 1.01, 0.99, 1.0, 1.0], "a2": [1.0, 1.0, 1.01, 0.99, 1.0]}), "supported"),
+        (
+            dict(kind="equivalent", a="a", b="a2", margin=0.1),
+            frame({"a": [1.0, 1.01, 0.99, 1.0, 1.0], "a2": [1.0, 1.0, 1.01, 0.99, 1.0]}),
+            "supported",
+        ),
         (dict(kind="equivalent", a="a", b="b", margin=0.1), SEP, "contradicted"),
         (dict(kind="equivalent", a="a", b="b", margin=0.1), OVER, "inconclusive"),
         (dict(kind="noninferior", a="a", b="b", margin=0.1), SEP, "supported"),  # better is not worse
@@ -76,7 +96,9 @@ def test_failed_runs_never_lend_a_value():
     df.loc[(df.algo_label == "a") & (df.seed == 5), "status"] = "diverged"  # its 0.1 is the untrained policy's
     r = evaluate_rule(df, rule)
     assert r["failed_a"] == 1 and r["runs_a"] == 6 and r["n_a"] == 5
-    assert r["estimate"] == pytest.approx(np.mean([0.9, 0.91, 0.89, 0.9, 0.92]) - np.mean([0.5, 0.52, 0.49, 0.51, 0.48]))
+    assert r["estimate"] == pytest.approx(
+        np.mean([0.9, 0.91, 0.89, 0.9, 0.92]) - np.mean([0.5, 0.52, 0.49, 0.51, 0.48])
+    )
     assert r["verdict"] == "supported"  # 1 of 6 failed: at most a fifth
     df.loc[(df.algo_label == "a") & (df.seed == 4), "status"] = "failed"
     assert evaluate_rule(df, rule)["verdict"] == "unstable"  # 2 of 6 failed: more than a fifth
@@ -94,28 +116,50 @@ def test_an_arm_that_all_diverged_is_unstable_or_takes_the_worst_value():
 
 
 def test_where_selects_grid_points():
-    df = pd.concat([frame({"a": [1, 1.1, 0.9], "b": [0, 0.1, -0.1]}, grid={"beta": 0.1}),
-                    frame({"a": [0, 0.1, -0.1], "b": [1, 1.1, 0.9]}, grid={"beta": 1.0})])  # fmt: skip
+    df = pd.concat(
+        [
+            frame({"a": [1, 1.1, 0.9], "b": [0, 0.1, -0.1]}, grid={"beta": 0.1}),
+            frame({"a": [0, 0.1, -0.1], "b": [1, 1.1, 0.9]}, grid={"beta": 1.0}),
+        ]
+    )
     up = evaluate_rule(df, VerdictRule(claim="C", metric="m", kind="greater", a="a", b="b", where={"beta": 0.1}), LOOSE)
-    down = evaluate_rule(df, VerdictRule(claim="C", metric="m", kind="greater", a="a", b="b", where={"beta": 1.0}), LOOSE)
+    down = evaluate_rule(
+        df, VerdictRule(claim="C", metric="m", kind="greater", a="a", b="b", where={"beta": 1.0}), LOOSE
+    )
     assert (up["verdict"], down["verdict"]) == ("supported", "contradicted")
 
 
 def test_claim_combination():
-    rs = [{"claim": "C1", "verdict": "supported"}, {"claim": "C1", "verdict": "inconclusive"},
-          {"claim": "C2", "verdict": "supported"}, {"claim": "C2", "verdict": "supported"},
-          {"claim": "C3", "verdict": "supported"}, {"claim": "C3", "verdict": "contradicted"},
-          {"claim": "C4", "verdict": "not measured"}, {"claim": "C4", "verdict": "supported"},
-          {"claim": "C5", "verdict": "insufficient seeds"}, {"claim": "C5", "verdict": "contradicted"},
-          {"claim": "C6", "verdict": "unstable"}, {"claim": "C6", "verdict": "supported"}]  # fmt: skip
-    assert claim_verdicts(rs) == {"C1": "inconclusive", "C2": "supported", "C3": "contradicted", "C4": "incomplete",
-                                  "C5": "incomplete", "C6": "unstable"}  # fmt: skip
+    rs = [
+        {"claim": "C1", "verdict": "supported"},
+        {"claim": "C1", "verdict": "inconclusive"},
+        {"claim": "C2", "verdict": "supported"},
+        {"claim": "C2", "verdict": "supported"},
+        {"claim": "C3", "verdict": "supported"},
+        {"claim": "C3", "verdict": "contradicted"},
+        {"claim": "C4", "verdict": "not measured"},
+        {"claim": "C4", "verdict": "supported"},
+        {"claim": "C5", "verdict": "insufficient seeds"},
+        {"claim": "C5", "verdict": "contradicted"},
+        {"claim": "C6", "verdict": "unstable"},
+        {"claim": "C6", "verdict": "supported"},
+    ]
+    assert claim_verdicts(rs) == {
+        "C1": "inconclusive",
+        "C2": "supported",
+        "C3": "contradicted",
+        "C4": "incomplete",
+        "C5": "incomplete",
+        "C6": "unstable",
+    }
     assert claim_verdict(["not measured"]) == "incomplete" and claim_verdict([]) == "not measured"
 
 
 def test_a_claim_with_a_rule_nobody_measured_is_incomplete():
-    rules = [VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"),
-             VerdictRule(claim="C1", metric="grad/snr", kind="greater", a="a", b="b")]  # fmt: skip
+    rules = [
+        VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"),
+        VerdictRule(claim="C1", metric="grad/snr", kind="greater", a="a", b="b"),
+    ]
     rs = [evaluate_rule(SEP, r) for r in rules]
     assert [r["verdict"] for r in rs] == ["supported", "not measured"]
     assert claim_verdicts(rs) == {"C1": "incomplete"}
@@ -151,8 +195,12 @@ def test_pairwise_and_summary():
 
 
 def test_pairwise_compares_within_a_condition_only_and_never_fakes_p0():
-    df = pd.concat([frame({"a": [1.0] * 5, "b": [0.0] * 5}).assign(task_label="x"),
-                    frame({"a": [0.3, 0.5, 0.4, 0.6, 0.2], "c": [0.1, 0.2, 0.0, 0.3, 0.1]}).assign(task_label="y")])  # fmt: skip
+    df = pd.concat(
+        [
+            frame({"a": [1.0] * 5, "b": [0.0] * 5}).assign(task_label="x"),
+            frame({"a": [0.3, 0.5, 0.4, 0.6, 0.2], "c": [0.1, 0.2, 0.0, 0.3, 0.1]}).assign(task_label="y"),
+        ]
+    )
     pw = pairwise(df, "m", within=("task_label",))
     assert sorted(zip(pw["task_label"], pw["a"], pw["b"])) == [("x", "a", "b"), ("y", "a", "c")]  # never across tasks
     flat = pw[pw.task_label == "x"].iloc[0]
@@ -166,18 +214,27 @@ def test_a_where_and_b_where_compare_one_algorithm_across_tasks():
     process = frame({"rl": [0.9, 0.95, 0.85]}).assign(task_label="process")
     outcome = frame({"rl": [0.5, 0.55, 0.45]}).assign(task_label="outcome")
     df = pd.concat([process, outcome])
-    rule = VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "process"}, b_where={"task": "outcome"})
+    rule = VerdictRule(
+        claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "process"}, b_where={"task": "outcome"}
+    )
     r = evaluate_rule(df, rule, LOOSE)
     assert r["verdict"] == "supported" and r["estimate"] == pytest.approx(0.4) and r["n"] == 3
     assert r["a_where"] == {"task": "process"} and r["b_where"] == {"task": "outcome"}
     swapped = rule.model_copy(update={"a_where": {"task": "outcome"}, "b_where": {"task": "process"}})
     assert evaluate_rule(df, swapped, LOOSE)["verdict"] == "contradicted"
     # a side filter is merged over the shared 'where' and overrides it for that side only
-    df2 = pd.concat([process.assign(grid=[{"beta": 0.1}] * 3), outcome.assign(grid=[{"beta": 0.1}] * 3),
-                     process.assign(grid=[{"beta": 1.0}] * 3, m=0.0)])  # fmt: skip
+    df2 = pd.concat(
+        [
+            process.assign(grid=[{"beta": 0.1}] * 3),
+            outcome.assign(grid=[{"beta": 0.1}] * 3),
+            process.assign(grid=[{"beta": 1.0}] * 3, m=0.0),
+        ]
+    )
     r = evaluate_rule(df2, rule.model_copy(update={"where": {"beta": 0.1}}), LOOSE)
     assert r["verdict"] == "supported" and r["estimate"] == pytest.approx(0.4)
-    r = evaluate_rule(df2, rule.model_copy(update={"where": {"beta": 0.1}, "a_where": {"task": "process", "beta": 1.0}}), LOOSE)
+    r = evaluate_rule(
+        df2, rule.model_copy(update={"where": {"beta": 0.1}, "a_where": {"task": "process", "beta": 1.0}}), LOOSE
+    )
     assert r["verdict"] == "contradicted" and r["estimate"] == pytest.approx(-0.5)
 
 
@@ -185,7 +242,9 @@ def test_same_groups_on_both_sides_is_an_error():
     with pytest.raises(ValueError, match="same runs"):
         VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl")
     with pytest.raises(ValueError, match="same runs"):
-        VerdictRule(claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "x"}, b_where={"task": "x"})
+        VerdictRule(
+            claim="C5", metric="m", kind="greater", a="rl", b="rl", a_where={"task": "x"}, b_where={"task": "x"}
+        )
     with pytest.raises(ValueError, match="needs 'b'"):
         VerdictRule(claim="C5", metric="m", kind="above", a="rl", threshold=0, b_where={"task": "x"})
 
@@ -193,25 +252,49 @@ def test_same_groups_on_both_sides_is_an_error():
 def test_at_step_reads_the_value_logged_at_that_step():
     from workbench.analysis.verdicts import at_step
 
-    runs = pd.DataFrame({"run_id": ["r0", "r1", "r2", "r3"], "algo_label": ["a", "a", "b", "b"], "seed": [0, 1, 0, 1],
-                         "task_label": "t", "grid": [{}] * 4, "m": [9.0, 9.0, 9.0, 9.0], "status": "done"})  # fmt: skip
-    metrics = pd.DataFrame({
-        "run_id": ["r0", "r0", "r1", "r1", "r2", "r2", "r3"], "step": [0, 10, 0, 10, 0, 10, 10],
-        "samples": 0, "m": [1.0, 5.0, 1.2, 5.0, 0.1, 7.0, 7.0],
-    })  # fmt: skip
+    runs = pd.DataFrame(
+        {
+            "run_id": ["r0", "r1", "r2", "r3"],
+            "algo_label": ["a", "a", "b", "b"],
+            "seed": [0, 1, 0, 1],
+            "task_label": "t",
+            "grid": [{}] * 4,
+            "m": [9.0, 9.0, 9.0, 9.0],
+            "status": "done",
+        }
+    )
+    metrics = pd.DataFrame(
+        {
+            "run_id": ["r0", "r0", "r1", "r1", "r2", "r2", "r3"],
+            "step": [0, 10, 0, 10, 0, 10, 10],
+            "samples": 0,
+            "m": [1.0, 5.0, 1.2, 5.0, 0.1, 7.0, 7.0],
+        }
+    )
     df = at_step(runs, metrics, 0)
-    assert df.set_index("run_id")["m"].to_dict() == pytest.approx({"r0": 1.0, "r1": 1.2, "r2": 0.1, "r3": math.nan}, nan_ok=True)
+    assert df.set_index("run_id")["m"].to_dict() == pytest.approx(
+        {"r0": 1.0, "r1": 1.2, "r2": 0.1, "r3": math.nan}, nan_ok=True
+    )
     r = evaluate_rule(df, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b", step=0))
     assert r["step"] == 0 and r["n"] == 1 and r["estimate"] == pytest.approx(1.1 - 0.1)
     r = evaluate_rule(at_step(runs, metrics, 10), VerdictRule(claim="C1", metric="m", kind="less", a="a", b="b"))
     assert r["estimate"] == pytest.approx(-2.0) and r["verdict"] == "insufficient seeds"
-    assert evaluate_rule(at_step(runs, metrics, 3), VerdictRule(claim="C1", metric="m", kind="less", a="a", b="b"))["verdict"] == "not measured"
+    assert (
+        evaluate_rule(at_step(runs, metrics, 3), VerdictRule(claim="C1", metric="m", kind="less", a="a", b="b"))[
+            "verdict"
+        ]
+        == "not measured"
+    )
 
 
 def test_aggregate_iqm_and_probability_of_improvement_by_hand():
     # two conditions; in x, a beats b on every pair; in y, a and b tie on every pair
-    df = pd.concat([frame({"a": [1.0, 2.0, 3.0, 4.0], "b": [0.0, 0.0, 0.0, 0.0]}).assign(condition="x"),
-                    frame({"a": [5.0, 5.0, 5.0, 5.0], "b": [5.0, 5.0, 5.0, 5.0]}).assign(condition="y")])  # fmt: skip
+    df = pd.concat(
+        [
+            frame({"a": [1.0, 2.0, 3.0, 4.0], "b": [0.0, 0.0, 0.0, 0.0]}).assign(condition="x"),
+            frame({"a": [5.0, 5.0, 5.0, 5.0], "b": [5.0, 5.0, 5.0, 5.0]}).assign(condition="y"),
+        ]
+    )
     iqm, imp = aggregate(df, "m", resamples=200)
     a = iqm.set_index("group").loc["a"]
     # a's 8 values sorted: 1 2 3 4 5 5 5 5; the middle 50% (trim 2 each side): 3 4 5 5 -> 4.25
@@ -226,10 +309,18 @@ def test_queued_runs_are_pending_not_failures_and_pooled_values_are_not_seeds():
     df.loc[(df.algo_label == "a") & (df.seed == 0), "status"] = "failed"
     df.loc[(df.algo_label == "a") & df.seed.isin([1, 2]), "status"] = "queued"
     r = evaluate_rule(df, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"))
-    assert r["verdict"] == "insufficient seeds" and r["failed_a"] == 1 and r["runs_a"] == 5  # 1 of 5 failed: not unstable
-    two_points = pd.concat([frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 0.1}),
-                            frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 1.0})])  # fmt: skip
-    r = evaluate_rule(two_points, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"), Statistics(min_seeds=4))
+    assert (
+        r["verdict"] == "insufficient seeds" and r["failed_a"] == 1 and r["runs_a"] == 5
+    )  # 1 of 5 failed: not unstable
+    two_points = pd.concat(
+        [
+            frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 0.1}),
+            frame({"a": [1.0, 1.1, 0.9], "b": [0.0, 0.1, -0.1]}, grid={"beta": 1.0}),
+        ]
+    )
+    r = evaluate_rule(
+        two_points, VerdictRule(claim="C1", metric="m", kind="greater", a="a", b="b"), Statistics(min_seeds=4)
+    )
     assert r["n_a"] == 6 and r["verdict"] == "insufficient seeds"  # 6 values, 3 seeds
 
 

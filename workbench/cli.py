@@ -60,7 +60,15 @@ class OptionError(ConfigError):
     """A bad command-line option (not a configuration): one line, exit status 2."""
 
 
-RUN_FILES = ("config.json", "metrics.jsonl", "status.json", "metrics.parquet", "samples.jsonl", "checkpoint", "error.txt")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "status.json",
+    "metrics.parquet",
+    "samples.jsonl",
+    "checkpoint",
+    "error.txt",
+)
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -70,11 +78,15 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
     names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if names:
         if not overwrite:
-            raise OptionError(f"--out {out}: already holds files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''});"
-                              " choose a new folder, or pass --overwrite to delete them and train again")  # fmt: skip
+            raise OptionError(
+                f"--out {out}: already holds files ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''});"
+                " choose a new folder, or pass --overwrite to delete them and train again"
+            )
         if not any((out / f).exists() for f in RUN_FILES):
-            raise OptionError(f"--out {out}: not a run folder (none of {', '.join(RUN_FILES[:3])}); "
-                              "--overwrite only empties run folders")  # fmt: skip
+            raise OptionError(
+                f"--out {out}: not a run folder (none of {', '.join(RUN_FILES[:3])}); "
+                "--overwrite only empties run folders"
+            )
     try:
         if out.is_dir() and overwrite:
             shutil.rmtree(out)
@@ -104,11 +116,15 @@ def cmd_run(args) -> int:
     executor = LocalProcessExecutor(args.workers, preload=WORKER_PRELOAD)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: release the runs in flight, then exit
     try:
-        out = run_study(study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet,
-                        seeds=args.seeds)  # fmt: skip
+        out = run_study(
+            study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet, seeds=args.seeds
+        )
     except KeyboardInterrupt:
-        print(f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
-              f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
+        print(
+            f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
+            f"workbench run {args.study} --results {results}",
+            file=sys.stderr,
+        )
         return 130
     except (StoreFault, OSError, sqlite3.Error) as e:  # a full disk, a read-only folder: stopped, nothing lost
         e = storage_fault(e, results / "index.sqlite")
@@ -116,22 +132,31 @@ def cmd_run(args) -> int:
             raise
         released, left = getattr(e, "released", 0), getattr(e, "unreleased", [])
         held = (f"{released} run(s) in flight released" if released else "no run was in flight") + (
-            f", {len(left)} left 'running' for the next run to take back" if left else "")  # fmt: skip
-        print(f"workbench run: {e}; stopped ({held}). Free space or restore write permission, then run again to resume: "
-              f"workbench run {args.study} --results {results}", file=sys.stderr)  # fmt: skip
+            f", {len(left)} left 'running' for the next run to take back" if left else ""
+        )
+        print(
+            f"workbench run: {e}; stopped ({held}). Free space or restore write permission, then run again to resume: "
+            f"workbench run {args.study} --results {results}",
+            file=sys.stderr,
+        )
         return 4
     finally:
         executor.shutdown(wait=True)
         signal.signal(signal.SIGTERM, previous)
     counts = ", ".join(f"{out.count(s)} {s}" for s in ("done", "diverged", "failed"))
-    print(f"study {study.name}: {out.n_runs} runs ({counts}); trained now: {len(out.executed)}, "
-          f"finished before: {len(out.already)}; results in {results}")  # fmt: skip
+    print(
+        f"study {study.name}: {out.n_runs} runs ({counts}); trained now: {len(out.executed)}, "
+        f"finished before: {len(out.already)}; results in {results}"
+    )
     summary = summarize(results, study.name)
     print(format_summary(summary))
     _print_issues(summary.attrs.get("issues", []))
     if not out.ok:
-        print(f"workbench run: {out.count('failed')} run(s) failed; their error.txt is in {results}/runs/<run_id>/;"
-              " run again to retry them", file=sys.stderr)  # fmt: skip
+        print(
+            f"workbench run: {out.count('failed')} run(s) failed; their error.txt is in {results}/runs/<run_id>/;"
+            " run again to retry them",
+            file=sys.stderr,
+        )
     return 0 if out.ok else 1
 
 
@@ -170,9 +195,15 @@ def cmd_status(args) -> int:
         print(f"no results in {results} (set --results or WORKBENCH_RESULTS)")
         return 0
     if not args.study:
-        rows = [[r["name"], r["n_runs"], *(r[s] for s in ("queued", "running", "done", "diverged", "failed"))]
-                for _, r in studies.iterrows()]  # fmt: skip
-        print(text_table(["study", "runs", "queued", "running", "done", "diverged", "failed"], rows) if rows else "(no studies)")
+        rows = [
+            [r["name"], r["n_runs"], *(r[s] for s in ("queued", "running", "done", "diverged", "failed"))]
+            for _, r in studies.iterrows()
+        ]
+        print(
+            text_table(["study", "runs", "queued", "running", "done", "diverged", "failed"], rows)
+            if rows
+            else "(no studies)"
+        )
         return 0
     name = _study_name(args.study)
     if name not in set(studies["name"]):
@@ -182,11 +213,26 @@ def cmd_status(args) -> int:
     rows = []
     for _, r in runs.iterrows():
         status = r["status"] + (" (stale: owner gone)" if r["stale"] else "")
-        step = f"{int(r['step'])}/{r['steps']}" if r["step"] == r["step"] and r["step"] is not None else f"-/{r['steps']}"
-        samples = f"{int(r['samples'])} {r['unit']}" if r["samples"] == r["samples"] and r["samples"] is not None else "-"
+        step = (
+            f"{int(r['step'])}/{r['steps']}" if r["step"] == r["step"] and r["step"] is not None else f"-/{r['steps']}"
+        )
+        samples = (
+            f"{int(r['samples'])} {r['unit']}" if r["samples"] == r["samples"] and r["samples"] is not None else "-"
+        )
         grid = ",".join(f"{k}={v}" for k, v in r["grid"].items())
-        rows.append([r["algo_label"] + (f"[{grid}]" if grid else ""), r["task_label"], r["seed"], status, step, samples,
-                     r["attempts"], r["run_id"], r["reason"][:60] if isinstance(r["reason"], str) else ""])  # fmt: skip
+        rows.append(
+            [
+                r["algo_label"] + (f"[{grid}]" if grid else ""),
+                r["task_label"],
+                r["seed"],
+                status,
+                step,
+                samples,
+                r["attempts"],
+                r["run_id"],
+                r["reason"][:60] if isinstance(r["reason"], str) else "",
+            ]
+        )
     print(f"study {name}: {len(runs)} runs")
     print(text_table(["algorithm", "task", "seed", "status", "step", "consumed", "attempts", "run_id", "reason"], rows))
     if (runs["status"].isin(["done", "diverged"])).any():
@@ -219,20 +265,35 @@ def cmd_list(args) -> int:
     if args.runs and studies is not None:
         runs = load_runs(results)
         grouped = runs.groupby("run_id", sort=False).agg(
-            algo=("algo", "first"), task=("task", "first"), seed=("seed", "first"), status=("status", "first"),
+            algo=("algo", "first"),
+            task=("task", "first"),
+            seed=("seed", "first"),
+            status=("status", "first"),
             studies=("study", lambda s: ",".join(sorted(x for x in s if isinstance(x, str)))),
-        )  # fmt: skip
+        )
         print(f"\nruns ({len(grouped)}):")
-        print(text_table(["run_id", "algo", "task", "seed", "status", "studies"],
-                         [[i, *r.tolist()] for i, r in grouped.iterrows()]))  # fmt: skip
+        print(
+            text_table(
+                ["run_id", "algo", "task", "seed", "status", "studies"],
+                [[i, *r.tolist()] for i, r in grouped.iterrows()],
+            )
+        )
     return 0
 
 
 def cmd_probe(args) -> int:
     from .probe import probe
 
-    result = probe(args.target, args.what, batch_sizes=args.batch_sizes, minibatches=args.minibatches,
-                   objectives=args.objectives, seed=args.seed, device=args.device, results=args.results)  # fmt: skip
+    result = probe(
+        args.target,
+        args.what,
+        batch_sizes=args.batch_sizes,
+        minibatches=args.minibatches,
+        objectives=args.objectives,
+        seed=args.seed,
+        device=args.device,
+        results=args.results,
+    )
     print(result.summary)
     return 0
 
@@ -245,24 +306,49 @@ def cmd_dashboard(args) -> int:
     if not app.exists():
         raise ConfigError(f"no dashboard at {app}: it lives in the repository (dashboard/), run from a checkout")
     results = results_dir(args.results).resolve()
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", "127.0.0.1", "--server.port", str(args.port),
-           "--server.headless", "true", "--browser.gatherUsageStats", "false", "--browser.serverAddress", "127.0.0.1",
-           "--client.toolbarMode", "minimal"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(app),
+        "--server.address",
+        "127.0.0.1",
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--browser.serverAddress",
+        "127.0.0.1",
+        "--client.toolbarMode",
+        "minimal",
+    ]
     print(f"workbench dashboard: http://127.0.0.1:{args.port} (results: {results})", flush=True)
     os.execve(sys.executable, cmd, {**os.environ, "WORKBENCH_RESULTS": str(results)})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="workbench", description="RL vs supervised objectives on toy LM tasks with exact truth")
+    p = argparse.ArgumentParser(
+        prog="workbench", description="RL vs supervised objectives on toy LM tasks with exact truth"
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one run and write its folder")
     t.add_argument("--task", required=True, help="task name (bandit, sequence, arithmetic)")
-    t.add_argument("--algo", required=True, help="algorithm name (sft, rm, reinforce, rloo, ppo, grpo, dpo, ipo, online_dpo)")
+    t.add_argument(
+        "--algo", required=True, help="algorithm name (sft, rm, reinforce, rloo, ppo, grpo, dpo, ipo, online_dpo)"
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the default step budget")
     t.add_argument("--out", required=True, help="run folder to write")
     t.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override, e.g. algo.clip_eps=0.1, task.n_arms=4, lr=3e-4")
+    t.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. algo.clip_eps=0.1, task.n_arms=4, lr=3e-4",
+    )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true", help="--out may be an existing run folder: it is emptied first")
     t.set_defaults(func=cmd_train)
@@ -270,13 +356,27 @@ def build_parser() -> argparse.ArgumentParser:
     results_help = "results folder (default: $WORKBENCH_RESULTS, else ./results)"
     r = sub.add_parser("run", help="run a study file: every run not finished yet, resumably")
     r.add_argument("study", help="study file, e.g. studies/quickstart.toml")
-    r.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8), help="runs at once, one process each (default: CPU count, at most 8)")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device of every run (part of each run's config)")
+    r.add_argument(
+        "--workers",
+        type=int,
+        default=min(os.cpu_count() or 1, 8),
+        help="runs at once, one process each (default: CPU count, at most 8)",
+    )
+    r.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="device of every run (part of each run's config)",
+    )
     r.add_argument("--results", default=None, help=results_help)
     r.add_argument("--quiet", action="store_true", help="no progress bars, no per-run lines")
-    r.add_argument("--seeds", choices=("all", "explore", "confirm"), default="all",
-                   help="run only the exploration seeds (while designing the study) or the confirmation seeds "
-                   "(to decide its verdicts); default: all")  # fmt: skip
+    r.add_argument(
+        "--seeds",
+        choices=("all", "explore", "confirm"),
+        default="all",
+        help="run only the exploration seeds (while designing the study) or the confirmation seeds "
+        "(to decide its verdicts); default: all",
+    )
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("status", help="the state of every study, or of one study's runs")
@@ -293,12 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("probe", help="gradient, credit-assignment or KL measurements on a saved run's checkpoint")
     pr.add_argument("target", help="run folder, its checkpoint folder, or a run id in the results folder")
     pr.add_argument("--what", required=True, choices=["gradients", "credit", "kl"], help="which measurement")
-    pr.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to measure at (default: 8 32 128)")
-    pr.add_argument("--minibatches", type=int, default=16, help="K, independent minibatches per batch size (default 16)")
-    pr.add_argument("--objectives", nargs="+", default=None, help="gradients/credit: which objectives (default: all; see workbench.probe)")
+    pr.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=None, help="batch sizes to measure at (default: 8 32 128)"
+    )
+    pr.add_argument(
+        "--minibatches", type=int, default=16, help="K, independent minibatches per batch size (default 16)"
+    )
+    pr.add_argument(
+        "--objectives",
+        nargs="+",
+        default=None,
+        help="gradients/credit: which objectives (default: all; see workbench.probe)",
+    )
     pr.add_argument("--seed", type=int, default=0, help="seed of the probe's sampling")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    pr.add_argument("--results", default=None, help="results folder, to find a run id (default: $WORKBENCH_RESULTS, else ./results)")
+    pr.add_argument(
+        "--results", default=None, help="results folder, to find a run id (default: $WORKBENCH_RESULTS, else ./results)"
+    )
     pr.set_defaults(func=cmd_probe)
 
     d = sub.add_parser("dashboard", help="explore the results in a Streamlit dashboard (127.0.0.1 only)")
@@ -321,7 +432,10 @@ def cmd_report(args) -> int:
     study = _study_name(args.study)  # a study file: its `name`, not its file name
     root = results_dir(args.results)
     if not (root / "index.sqlite").exists():
-        print(f"workbench report: no results at {root}; run the study first: workbench run studies/{study}.toml", file=sys.stderr)
+        print(
+            f"workbench report: no results at {root}; run the study first: workbench run studies/{study}.toml",
+            file=sys.stderr,
+        )
         return 2
     try:
         out = build_report(study, root, args.out, command=["workbench", *sys.argv[1:]])
@@ -375,8 +489,11 @@ def _dispatch(args, retried: bool = False) -> int:
             except Exception as repair_error:  # noqa: BLE001  (a read-only folder: said below)
                 e = repair_error
             else:
-                print(f"workbench {args.cmd}: {notice or 'the results index was rebuilt by another process'}; running again",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"workbench {args.cmd}: {notice or 'the results index was rebuilt by another process'}; "
+                    "running again",
+                    file=sys.stderr,
+                )
                 return _dispatch(args, retried=True)
         fault = storage_fault(e, getattr(args, "out", None))
         if fault is None and isinstance(e, sqlite3.Error):

@@ -34,7 +34,9 @@ class ConfigError(ValueError):
 # floats may be anything finite (a huge beta or lr is a legitimate way to make a run diverge)
 MAX_STEPS = 100_000_000  # update rounds, measurement periods
 MAX_COUNT = 100_000_000  # batch, group, pair and demonstration counts
-MAX_SEED = 2**32 - 1  # seeds: the generators are seeded with seed + offsets, and the probes with seed * 1_000_003 + step
+MAX_SEED = (
+    2**32 - 1
+)  # seeds: the generators are seeded with seed + offsets, and the probes with seed * 1_000_003 + step
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # every config: no unknown key, no inf or nan float
 
 
@@ -45,33 +47,62 @@ class RunConfig(BaseModel):
     algo: dict[str, Any] = Field(description="algorithm name and its parameters")
     model: ModelConfig = Field(default_factory=ModelConfig)
     seed: int = Field(0, ge=0, le=MAX_SEED, description="seeds initial weights, prompts, sampling and data")
-    steps: int = Field(200, ge=0, le=MAX_STEPS, description="gradient-update rounds (one rollout or one minibatch each)")
+    steps: int = Field(
+        200, ge=0, le=MAX_STEPS, description="gradient-update rounds (one rollout or one minibatch each)"
+    )
     beta: float = Field(0.1, ge=0, description="KL coefficient of E[r] - beta KL(pi || pi_ref); defines pi*")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
-    lr_schedule: Literal["constant", "linear", "cosine"] = Field("linear", description="decay of the learning rate to 0 over the steps (TRL's default: linear)")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="decay of the learning rate to 0 over the steps (TRL's default: linear)"
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip")
-    batch_size: int = Field(64, ge=1, le=MAX_COUNT, description="online: completions sampled per step (prompts x group_size)")
+    batch_size: int = Field(
+        64, ge=1, le=MAX_COUNT, description="online: completions sampled per step (prompts x group_size)"
+    )
     group_size: int = Field(8, ge=1, le=MAX_COUNT, description="online: completions per prompt")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the rollouts")
     reward_model: str | None = Field(
-        None, description="reward-model checkpoint to optimise instead of the gold reward, or 'fit': train a Bradley-Terry "
+        None,
+        description="reward-model checkpoint to optimise instead of the gold reward, or 'fit': train a Bradley-Terry "
         "reward model inside the run first (phase 2 of RLHF; workbench/pipeline.py)",
-    )  # fmt: skip
-    rm_steps: int = Field(200, ge=1, le=MAX_STEPS, description="reward_model='fit': Bradley-Terry steps (64 pairs each)")
-    rm_pairs: int = Field(1024, ge=1, le=MAX_COUNT, description="reward_model='fit': preference pairs, uniform completions, one sampled label each")
-    sft_warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="online runs: SFT steps on demonstrations first (phase 1 of RLHF); the result is pi_ref")
+    )
+    rm_steps: int = Field(
+        200, ge=1, le=MAX_STEPS, description="reward_model='fit': Bradley-Terry steps (64 pairs each)"
+    )
+    rm_pairs: int = Field(
+        1024,
+        ge=1,
+        le=MAX_COUNT,
+        description="reward_model='fit': preference pairs, uniform completions, one sampled label each",
+    )
+    sft_warmup_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="online runs: SFT steps on demonstrations first (phase 1 of RLHF); the result is pi_ref",
+    )
     eval_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between exact/eval measurements")
-    probe_every: int = Field(100, ge=0, le=MAX_STEPS, description="steps between gradient and credit probes (grad/..., credit/...; workbench.probe); 0 = off")
-    probe_minibatches: int = Field(16, ge=2, le=100_000, description="K, independent minibatch gradients drawn per probe")
+    probe_every: int = Field(
+        100,
+        ge=0,
+        le=MAX_STEPS,
+        description="steps between gradient and credit probes (grad/..., credit/...; workbench.probe); 0 = off",
+    )
+    probe_minibatches: int = Field(
+        16, ge=2, le=100_000, description="K, independent minibatch gradients drawn per probe"
+    )
     n_logged_samples: int = Field(4, ge=0, le=100_000, description="completions written to samples.jsonl per eval")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
-    cpu_threads: int = Field(1, ge=1, le=4096, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)")
+    cpu_threads: int = Field(
+        1, ge=1, le=4096, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)"
+    )
     save_checkpoint: bool = Field(True, description="write the final model to checkpoint/")
     backend: Literal["workbench", "trl"] = Field(
-        "workbench", description="who trains: the workbench loops, or TRL's own trainer for the same run (sft, rm, "
+        "workbench",
+        description="who trains: the workbench loops, or TRL's own trainer for the same run (sft, rm, "
         "dpo, ipo, grpo, rloo; see workbench/backends/trl_backend.py); same run folder and metric names",
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -93,8 +124,15 @@ class Resolved:
 
 
 # fields added after runs were stored: at their default they stay out of the hash, so old run ids still match
-_HASH_EXEMPT_DEFAULTS = {("backend",): "workbench", ("model", "impl"): "hf", ("rm_steps",): 200, ("rm_pairs",): 1024,
-                         ("sft_warmup_steps",): 0, ("probe_every",): 100, ("probe_minibatches",): 16}  # fmt: skip
+_HASH_EXEMPT_DEFAULTS = {
+    ("backend",): "workbench",
+    ("model", "impl"): "hf",
+    ("rm_steps",): 200,
+    ("rm_pairs",): 1024,
+    ("sft_warmup_steps",): 0,
+    ("probe_every",): 100,
+    ("probe_minibatches",): 16,
+}
 
 
 def _without_new_defaults(d: dict) -> dict:
@@ -189,13 +227,21 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         task = task_cls(task_cfg)
     except ValueError as e:
         raise ConfigError(f"task {task_name!r}: {e}") from None
-    missing = [m for m in (checkpoint_problem("model.path", run.model.path),
-                           checkpoint_problem("reward_model", None if run.reward_model == "fit" else run.reward_model)) if m]  # fmt: skip
+    missing = [
+        m
+        for m in (
+            checkpoint_problem("model.path", run.model.path),
+            checkpoint_problem("reward_model", None if run.reward_model == "fit" else run.reward_model),
+        )
+        if m
+    ]
     if missing:
         raise ConfigError("\n".join(missing))
     if (run.reward_model == "fit" or run.sft_warmup_steps) and (spec.kind != "online" or run.backend != "workbench"):
-        raise ConfigError(f"reward_model='fit' and sft_warmup_steps (workbench/pipeline.py) need an online algorithm on the "
-                          f"workbench backend; got {algo_name!r} on {run.backend!r}")
+        raise ConfigError(
+            f"reward_model='fit' and sft_warmup_steps (workbench/pipeline.py) need an online algorithm on the "
+            f"workbench backend; got {algo_name!r} on {run.backend!r}"
+        )
     if run.backend == "trl":
         from .backends.trl_backend import check_config
 
@@ -209,7 +255,8 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
 
 
 def checkpoint_problem(key: str, path: str | None) -> str | None:
-    """Why ``path`` (a ``model.path`` or ``reward_model`` setting) is not a checkpoint folder, or None when it is (or unset).
+    """Why ``path`` (a ``model.path`` or ``reward_model`` setting) is not a checkpoint folder, or None when it is
+    (or unset).
 
     Checked when a run or study is validated, so a wrong path is exit 2 naming the key, not a
     failure of every run at load time. Relative paths are relative to the working directory.
@@ -218,11 +265,20 @@ def checkpoint_problem(key: str, path: str | None) -> str | None:
         return None
     p = Path(path).expanduser()
     if not p.exists():
-        return f"{key}: no such checkpoint folder: {path!r} (a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        return (
+            f"{key}: no such checkpoint folder: {path!r} "
+            "(a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        )
     if not p.is_dir():
-        return f"{key}: {path!r} is a file, not a checkpoint folder (a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        return (
+            f"{key}: {path!r} is a file, not a checkpoint folder "
+            "(a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        )
     if not (p / "config.json").is_file():
-        return f"{key}: {path!r} has no config.json: not a checkpoint folder (a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        return (
+            f"{key}: {path!r} has no config.json: not a checkpoint folder "
+            "(a directory written by save_pretrained, e.g. <run>/checkpoint)"
+        )
     return None
 
 

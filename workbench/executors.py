@@ -20,15 +20,17 @@ bookkeeping (claims, the index) on its side and only asks the executor to run
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
 import threading
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 
 class Executor(Protocol):
@@ -223,10 +225,8 @@ def _die_with_parent(alive) -> None:
         pass
 
     def watch() -> None:
-        try:
+        with contextlib.suppress(OSError, EOFError):
             alive.poll(None)
-        except (OSError, EOFError):
-            pass
         os._exit(70)
 
     threading.Thread(target=watch, name="workbench-parent-watch", daemon=True).start()

@@ -12,42 +12,99 @@ import re
 
 KNOWN: tuple[str, ...] = (
     # the loop
-    "step", "samples", "lr", "time/elapsed_s",
+    "step",
+    "samples",
+    "lr",
+    "time/elapsed_s",
     # online rollouts and measurements
-    "reward/mean", "reward/std", "reward/gold_mean", "reward/eval", "reward/exact",
-    "kl/exact", "kl/exact_ref_to_policy", "kl/exact_to_optimal", "entropy/exact", "objective/exact",
-    "optimal/reward", "optimal/kl", "optimal/objective",
-    "kl/k1_reward", "kl/k2_reward", "kl/k3_reward", "kl/k1_loss", "kl/k2_loss", "kl/k3_loss",
-    "kl/k1_monitor", "kl/k2_monitor", "kl/k3_monitor", "adv/mean", "adv/std", "grad/norm",
+    "reward/mean",
+    "reward/std",
+    "reward/gold_mean",
+    "reward/eval",
+    "reward/exact",
+    "kl/exact",
+    "kl/exact_ref_to_policy",
+    "kl/exact_to_optimal",
+    "entropy/exact",
+    "objective/exact",
+    "optimal/reward",
+    "optimal/kl",
+    "optimal/objective",
+    "kl/k1_reward",
+    "kl/k2_reward",
+    "kl/k3_reward",
+    "kl/k1_loss",
+    "kl/k2_loss",
+    "kl/k3_loss",
+    "kl/k1_monitor",
+    "kl/k2_monitor",
+    "kl/k3_monitor",
+    "adv/mean",
+    "adv/std",
+    "grad/norm",
     # the algorithms' losses
-    "loss/policy", "loss/value", "value/explained_variance", "loss/total", "clip/ratio", "loss/sft", "loss/dpo",
-    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "online_dpo/tie_fraction",
-    "loss/rm", "rm/accuracy", "rm/margin", "rm/gold_correlation", "model/n_params",
+    "loss/policy",
+    "loss/value",
+    "value/explained_variance",
+    "loss/total",
+    "clip/ratio",
+    "loss/sft",
+    "loss/dpo",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "online_dpo/tie_fraction",
+    "loss/rm",
+    "rm/accuracy",
+    "rm/margin",
+    "rm/gold_correlation",
+    "model/n_params",
     # the RLHF pipeline inside a run
-    "pipeline/sft_loss", "pipeline/rm_loss", "rm/exact_accuracy",
-    "reward/proxy_exact", "reward/proxy_gain", "reward/gold_gain", "rm/overoptimisation",
+    "pipeline/sft_loss",
+    "pipeline/rm_loss",
+    "rm/exact_accuracy",
+    "reward/proxy_exact",
+    "reward/proxy_gain",
+    "reward/gold_gain",
+    "rm/overoptimisation",
     # probes
-    "grad/norm_mean", "grad/total_var", "grad/snr", "grad/cos_true", "grad/cos_mean_true", "grad/true_norm",
-    "grad/exact_norm", "grad/cos_sft_rl", "grad/cos_dpo_rl",
-    "credit/corr", "credit/mse", "credit/decisive_share", "credit/decisive_share_exact", "time/probe_s",
-)  # fmt: skip
+    "grad/norm_mean",
+    "grad/total_var",
+    "grad/snr",
+    "grad/cos_true",
+    "grad/cos_mean_true",
+    "grad/true_norm",
+    "grad/exact_norm",
+    "grad/cos_sft_rl",
+    "grad/cos_dpo_rl",
+    "credit/corr",
+    "credit/mse",
+    "credit/decisive_share",
+    "credit/decisive_share_exact",
+    "time/probe_s",
+)
 PATTERNS: tuple[str, ...] = ("trl/<name>",)  # <...>: any non-empty name
 
 # metrics only some algorithms log (registry names); any other known metric may come from any of them
 ONLY_FROM: dict[str, frozenset[str]] = {
     **dict.fromkeys(["loss/sft"], frozenset({"sft"})),
-    **dict.fromkeys(["loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"],
-                    frozenset({"dpo", "ipo", "online_dpo"})),
+    **dict.fromkeys(
+        ["loss/dpo", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"],
+        frozenset({"dpo", "ipo", "online_dpo"}),
+    ),
     **dict.fromkeys(["online_dpo/tie_fraction"], frozenset({"online_dpo"})),
     **dict.fromkeys(["loss/rm", "rm/accuracy", "rm/margin"], frozenset({"rm"})),
     **dict.fromkeys(["loss/value", "value/explained_variance", "loss/total"], frozenset({"ppo"})),
     **dict.fromkeys(["clip/ratio"], frozenset({"ppo", "grpo"})),
     **dict.fromkeys(["loss/policy"], frozenset({"reinforce", "rloo", "ppo", "grpo"})),
-}  # fmt: skip
+}
 
 
 def _regex(pattern: str) -> re.Pattern:
-    return re.compile("".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", pattern)))
+    return re.compile(
+        "".join(".+" if part.startswith("<") else re.escape(part) for part in re.split(r"(<[^>]+>)", pattern))
+    )
 
 
 _PATTERN_RES = [_regex(p) for p in PATTERNS]
@@ -74,7 +131,8 @@ def unknown_message(name: str) -> str:
 
 
 def names_in_docs(text: str) -> list[str]:
-    """Every name in the first column of the tables of ``docs/metrics.md`` (``KNOWN`` and ``PATTERNS`` must be these)."""
+    """Every name in the first column of the tables of ``docs/metrics.md`` (``KNOWN`` and ``PATTERNS`` must be
+    these)."""
     names = []
     for line in text.splitlines():
         if line.startswith("| `"):

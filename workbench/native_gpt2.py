@@ -200,9 +200,13 @@ class NativeGPT2(nn.Module):
     def __init__(self, config):
         super().__init__()
         unsupported = {
-            "activation_function": "gelu_new", "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False, "add_cross_attention": False, "tie_word_embeddings": True,
-        }  # fmt: skip
+            "activation_function": "gelu_new",
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "add_cross_attention": False,
+            "tie_word_embeddings": True,
+        }
         for key, want in unsupported.items():
             if getattr(config, key, want) != want:
                 raise ValueError(f"native GPT-2 supports {key}={want!r} only, got {getattr(config, key)!r}")
@@ -212,10 +216,16 @@ class NativeGPT2(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as GPT2LMHeadModel
 
     def forward(
-        self, input_ids: Tensor, cache: KVCache | None = None, use_cache: bool = False,
-        output_hidden_states: bool = False, logits_to_keep: int = 0, head_ids: Tensor | None = None,
-        max_length: int | None = None, **unused,
-    ) -> NativeOutput:  # fmt: skip
+        self,
+        input_ids: Tensor,
+        cache: KVCache | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+        head_ids: Tensor | None = None,
+        max_length: int | None = None,
+        **unused,
+    ) -> NativeOutput:
         """``input_ids (B, L)`` continuing the positions in ``cache`` (if any).
 
         ``logits_to_keep = n > 0``: logits of the last n positions only (as Hugging Face);
@@ -327,4 +337,3 @@ def is_native_checkpoint_compatible(path: str | Path) -> bool:
     """Whether the checkpoint at ``path`` is a GPT-2 the native model can load."""
     f = Path(path) / "config.json"
     return f.exists() and json.loads(f.read_text()).get("model_type") == "gpt2" and (Path(path) / WEIGHTS).exists()
-

@@ -76,8 +76,14 @@ class Pipeline:
         if not self.start:
             self.start = now
         proxy_gain, gold_gain = now["proxy"] - self.start["proxy"], now["gold"] - self.start["gold"]
-        out.update({"reward/proxy_exact": now["proxy"], "reward/proxy_gain": proxy_gain, "reward/gold_gain": gold_gain,
-                    "rm/overoptimisation": proxy_gain - gold_gain})  # fmt: skip
+        out.update(
+            {
+                "reward/proxy_exact": now["proxy"],
+                "reward/proxy_gain": proxy_gain,
+                "reward/gold_gain": gold_gain,
+                "rm/overoptimisation": proxy_gain - gold_gain,
+            }
+        )
         return out
 
 
@@ -87,7 +93,9 @@ def sft_warmup(res: Resolved, policy, device) -> float:
     cfg = sft.SFTConfig(batch_size=run.batch_size)
     gen = torch.Generator().manual_seed(run.seed + SEED_OFFSET)
     data = sft.dataset(res.task, cfg, gen)
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in policy.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay
+    )
     loss = torch.tensor(float("nan"))
     for _ in range(run.sft_warmup_steps):
         idx = torch.randint(0, cfg.n_demos, (cfg.batch_size,), generator=gen)
@@ -128,12 +136,15 @@ def all_scores(rm, task, device) -> tuple[torch.Tensor, torch.Tensor]:
     prompts, comps = task.eval_prompts(), task.all_completions()
     P, N = len(prompts), len(comps)
     px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
-    scores = torch.cat([rm(px[i : i + 4096].to(device), cx[i : i + 4096].to(device)).cpu() for i in range(0, P * N, 4096)])
+    scores = torch.cat(
+        [rm(px[i : i + 4096].to(device), cx[i : i + 4096].to(device)).cpu() for i in range(0, P * N, 4096)]
+    )
     return scores.view(P, N), task.reward(px, cx).float().view(P, N)
 
 
 def rm_quality(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
-    """``rm/exact_accuracy`` over every pair with different gold rewards, ``rm/gold_correlation`` over every completion."""
+    """``rm/exact_accuracy`` over every pair with different gold rewards, ``rm/gold_correlation`` over every
+    completion."""
     right = total = 0.0
     for s, g in zip(scores, gold):  # per prompt: (N, N) sign agreement
         dg = g[:, None] - g[None, :]

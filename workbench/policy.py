@@ -51,16 +51,19 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    path: str | None = Field(None, description="local checkpoint directory (save_pretrained layout); replaces the tiny model")
+    path: str | None = Field(
+        None, description="local checkpoint directory (save_pretrained layout); replaces the tiny model"
+    )
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="architecture of the tiny model")
     n_layer: int = Field(2, ge=1, le=1024, description="transformer blocks")
     n_embd: int = Field(64, ge=8, le=65_536, description="hidden width")
     n_head: int = Field(4, ge=1, le=1024, description="attention heads")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")
     impl: Literal["hf", "native"] = Field(
-        "hf", description="'hf': the transformers model; 'native': workbench.native_gpt2, the same GPT-2 (same weights, "
+        "hf",
+        description="'hf': the transformers model; 'native': workbench.native_gpt2, the same GPT-2 (same weights, "
         "same checkpoints) in plain PyTorch with an explicit KV cache, about 2x faster on toy tasks (gpt2 only)",
-    )  # fmt: skip
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -83,7 +86,14 @@ def build_tokenizer(task: Task):
 
 def build_model(task: Task, cfg: ModelConfig, seed: int):
     """``(model, tokenizer)``: a tiny causal LM sized to the task, or the checkpoint at ``cfg.path``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     dtype = getattr(torch, cfg.dtype)
     if cfg.impl == "native" and cfg.arch != "gpt2":
@@ -103,18 +113,32 @@ def build_model(task: Task, cfg: ModelConfig, seed: int):
     n_pos = max(64, task.prompt_len + task.completion_len + 2)
     if cfg.arch == "gpt2":
         config = GPT2Config(
-            vocab_size=len(tokenizer), n_positions=n_pos, n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
-            bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"], pad_token_id=ids["pad_token"],
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # no dropout: logp at sampling == logp at training
-        )  # fmt: skip
+            vocab_size=len(tokenizer),
+            n_positions=n_pos,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            bos_token_id=ids["bos_token"],
+            eos_token_id=ids["eos_token"],
+            pad_token_id=ids["pad_token"],
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,  # no dropout: logp at sampling == logp at training
+        )
         cls = GPT2LMHeadModel
     else:
         config = LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=cfg.n_embd, intermediate_size=4 * cfg.n_embd,
-            num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-            max_position_embeddings=n_pos, bos_token_id=ids["bos_token"], eos_token_id=ids["eos_token"],
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.n_embd,
+            intermediate_size=4 * cfg.n_embd,
+            num_hidden_layers=cfg.n_layer,
+            num_attention_heads=cfg.n_head,
+            num_key_value_heads=cfg.n_head,
+            max_position_embeddings=n_pos,
+            bos_token_id=ids["bos_token"],
+            eos_token_id=ids["eos_token"],
             pad_token_id=ids["pad_token"],
-        )  # fmt: skip
+        )
         cls = LlamaForCausalLM
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -157,7 +181,9 @@ class Policy(nn.Module):
         self.tokenizer = tokenizer
         self.completion_len = task.completion_len
         bos = tokenizer.bos_token_id
-        self.register_buffer("prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False
+        )
         self.register_buffer("prompt_ids", torch.tensor(word_ids(tokenizer, task.prompt_words)), persistent=False)
         self.register_buffer("action_ids", torch.tensor(word_ids(tokenizer, task.action_words)), persistent=False)
         # the KV cache's keyword: `cache` from transformers 5.2x (and the native GPT-2), `past_key_values` before
@@ -186,7 +212,9 @@ class Policy(nn.Module):
         # BOS, prompt, y_<T: the last token y_T predicts nothing scored, and causal attention means
         # no earlier position sees it, so it is not fed. The last T positions then predict y_1..y_T.
         ids = self.input_ids(prompts, completions)[..., :-1]
-        out = self.model(input_ids=ids, output_hidden_states=want_values, use_cache=False, logits_to_keep=T, **self._head())
+        out = self.model(
+            input_ids=ids, output_hidden_states=want_values, use_cache=False, logits_to_keep=T, **self._head()
+        )
         logits = F.log_softmax(self._action_logits(out.logits[..., -T:, :]), dim=-1)  # (B, T, A)
         logp = logits.gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (B, T)
         v = None
@@ -299,7 +327,9 @@ class Policy(nn.Module):
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         if self.value_head is not None:
-            save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / "value_head.safetensors")
+            save_file(
+                {k: v.contiguous() for k, v in self.value_head.state_dict().items()}, path / "value_head.safetensors"
+            )
 
     def load_value_head(self, path: str | Path) -> bool:
         f = Path(path) / "value_head.safetensors"
@@ -320,7 +350,9 @@ class RewardModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         bos = tokenizer.bos_token_id
-        self.register_buffer("prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False
+        )
         self.register_buffer("prompt_ids", torch.tensor(word_ids(tokenizer, task.prompt_words)), persistent=False)
         self.register_buffer("action_ids", torch.tensor(word_ids(tokenizer, task.action_words)), persistent=False)
 
@@ -390,4 +422,8 @@ def fit_prior(policy: Policy, task: Task, seed: int, steps: int = 300, lr: float
 def describe(policy: Policy) -> dict:
     """Architecture summary for ``config.json``."""
     n = sum(p.numel() for p in policy.parameters())
-    return {"class": type(policy.model).__name__, "n_params": n, "config": json.loads(policy.model.config.to_json_string())}
+    return {
+        "class": type(policy.model).__name__,
+        "n_params": n,
+        "config": json.loads(policy.model.config.to_json_string()),
+    }

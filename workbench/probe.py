@@ -42,9 +42,15 @@ from .algorithms.spec import AlgorithmSpec
 from .analysis.credit import ExactCredit, compare, kl_in_reward
 from .analysis.exact import ExactEvaluator
 from .analysis.gradients import (
-    dataset_gradient, exact_rl_gradient, gradient_stats, minibatch_gradients, offline_losses, online_losses,
-    sample_batches, slice_rollout,
-)  # fmt: skip
+    dataset_gradient,
+    exact_rl_gradient,
+    gradient_stats,
+    minibatch_gradients,
+    offline_losses,
+    online_losses,
+    sample_batches,
+    slice_rollout,
+)
 from .analysis.kl import ESTIMATORS
 from .analysis.stats import cosine, mean_se
 from .config import ConfigError, Resolved, RunConfig, resolve
@@ -97,7 +103,7 @@ def make_objective(res: Resolved, name: str) -> Objective:
 def _group(B: int, obj: Objective) -> int | None:
     """The group size used at batch size B: the objective's, reduced to divide B; None if impossible."""
     G = math.gcd(B, obj.group_size)
-    return G if G >= obj.spec.min_group_size else None
+    return G if obj.spec.min_group_size <= G else None
 
 
 class Estimators:
@@ -142,7 +148,11 @@ class Estimators:
         """``(G (K, D), prepared batches, rollouts)``: K minibatch gradients of ``obj`` at batch size B."""
         if obj.spec.kind == "offline":
             batches = sample_batches(self.dataset(obj), B, K, self.prompt_gen, self.device)
-            return minibatch_gradients(policy, offline_losses(obj.spec, obj.cfg, self.beta, self.ref, batches)), None, None
+            return (
+                minibatch_gradients(policy, offline_losses(obj.spec, obj.cfg, self.beta, self.ref, batches)),
+                None,
+                None,
+            )
         G = _group(B, obj)
         if G is None:
             raise ValueError(f"{obj.name}: batch size {B} has no group size >= {obj.spec.min_group_size} dividing it")
@@ -159,7 +169,12 @@ class Estimators:
                 self._rl = (g, "exact")
             else:
                 obj = make_objective(self.res, "rloo")
-                unbiased = {"kl_in": "reward", "kl_estimator": "k1", "normalize_advantages": False, "aggregation": "sequence_sum"}
+                unbiased = {
+                    "kl_in": "reward",
+                    "kl_estimator": "k1",
+                    "normalize_advantages": False,
+                    "aggregation": "sequence_sum",
+                }
                 obj.cfg = obj.cfg.model_copy(update=unbiased)
                 G = self.gradients(policy, obj, 512, LARGE_BATCH // 512)[0]
                 self._rl = (G.mean(0), f"large_batch_{LARGE_BATCH}")
@@ -169,7 +184,9 @@ class Estimators:
         if obj.spec.kind == "offline":
             if obj.name not in self._offline_truth:
                 data = self.dataset(obj)
-                self._offline_truth[obj.name] = dataset_gradient(policy, obj.spec, obj.cfg, self.beta, self.ref, data, self.device)
+                self._offline_truth[obj.name] = dataset_gradient(
+                    policy, obj.spec, obj.cfg, self.beta, self.ref, data, self.device
+                )
             return self._offline_truth[obj.name], "exact_dataset"
         return self.rl_truth(policy)
 
@@ -189,7 +206,9 @@ class Prober:
         self.res = res
         self.est = Estimators(res, ref, exact, device, seed=0)
         self.own = make_objective(res, res.spec.name)
-        overridden = OBJECTIVES.get(res.spec.name, (None, {}))[1]  # a probe-table variant (reinforce: no baseline), not this run's
+        overridden = OBJECTIVES.get(res.spec.name, (None, {}))[
+            1
+        ]  # a probe-table variant (reinforce: no baseline), not this run's
         self.own.cfg = self.own.cfg.model_copy(update={k: getattr(res.algo_cfg, k) for k in overridden})
         self.exact = exact
         self.credit = ExactCredit(res.task, exact.ref_logp, res.run.beta) if exact is not None else None
@@ -271,15 +290,17 @@ def locate(target: str, results: str | None = None) -> tuple[Path, Path]:
     else:
         raise ConfigError(f"{target}: not a run folder (no config.json with a run config) nor a checkpoint inside one")
     if not (ckpt / "config.json").exists():
-        raise ConfigError(f"{run_dir}: no checkpoint (the run saved none: save_checkpoint = false, or it did not finish)")
+        raise ConfigError(
+            f"{run_dir}: no checkpoint (the run saved none: save_checkpoint = false, or it did not finish)"
+        )
     return run_dir, ckpt
 
 
 def load(target: str, results: str | None = None, device: str = "cpu"):
     """``(Resolved, policy, ref, run_dir)``: the run's config, its checkpointed policy and its reference."""
-    from .policy import build_policy, resolve_device
-
     from transformers.utils import logging as hf_logging
+
+    from .policy import build_policy, resolve_device
 
     run_dir, ckpt = locate(target, results)
     raw = _run_config(run_dir / "config.json")
@@ -311,9 +332,16 @@ class ProbeResult:
 
 
 def probe(
-    target: str, what: str, batch_sizes: list[int] | None = None, minibatches: int = 16, objectives: list[str] | None = None,
-    seed: int = 0, device: str = "cpu", results: str | None = None, write: bool = True,
-) -> ProbeResult:  # fmt: skip
+    target: str,
+    what: str,
+    batch_sizes: list[int] | None = None,
+    minibatches: int = 16,
+    objectives: list[str] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    results: str | None = None,
+    write: bool = True,
+) -> ProbeResult:
     """Run one probe on a saved run and write ``probe_<what>.parquet`` into its folder."""
     if what not in WHATS:
         raise ConfigError(f"--what must be one of {', '.join(WHATS)}, got {what!r}")
@@ -344,11 +372,20 @@ def gradients_table(policy, res, est: Estimators, batch_sizes, K: int, names: li
             G, _, _ = est.gradients(policy, obj, B, K)
             s = gradient_stats(G, truth)
             n_rows = min(B, len(next(iter(est.dataset(obj).values())))) if obj.spec.kind == "offline" else B
-            rows.append({
-                "objective": name, "algo": obj.spec.name, "batch_size": B, "rows": n_rows,
-                "group_size": _group(B, obj) if obj.spec.kind == "online" else None, "minibatches": K, **s,
-                "truth": label, "true_cos_rl": cosine(truth, g_rl).item(), "rl_truth": rl_label,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "objective": name,
+                    "algo": obj.spec.name,
+                    "batch_size": B,
+                    "rows": n_rows,
+                    "group_size": _group(B, obj) if obj.spec.kind == "online" else None,
+                    "minibatches": K,
+                    **s,
+                    "truth": label,
+                    "true_cos_rl": cosine(truth, g_rl).item(),
+                    "rl_truth": rl_label,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -376,8 +413,17 @@ def credit_table(policy, res, est: Estimators, batch_sizes, K: int, names: list[
             mask = torch.cat([r.mask for r in rolls])
             summary, per_pos = compare(method, exact, mask, credit.decisive)
             base = {"method": name, "batch_size": B, "group_size": _group(B, obj), "kl_in_reward": kl}
-            rows.append({**base, "position": -1, "decisive": None, "corr": summary["corr"], "mse": summary["mse"],
-                         "share": summary["decisive_share"], "share_exact": summary["decisive_share_exact"]})  # fmt: skip
+            rows.append(
+                {
+                    **base,
+                    "position": -1,
+                    "decisive": None,
+                    "corr": summary["corr"],
+                    "mse": summary["mse"],
+                    "share": summary["decisive_share"],
+                    "share_exact": summary["decisive_share_exact"],
+                }
+            )
             rows += [{**base, **r} for r in per_pos]
     return pd.DataFrame(rows)
 
@@ -400,11 +446,21 @@ def kl_table(policy, res, est: Estimators, exact: ExactEvaluator | None, batch_s
             per_seq = torch.cat([(fn(r.ref_logp - r.old_logp) * r.mask).sum(-1) for r in rolls])
             m, se = mean_se(per_seq)
             sd = per_batch.double().std().item()
-            rows.append({
-                "estimator": name, "batch_size": B, "minibatches": K, "mean": m, "se": se, "batch_std": sd,
-                "exact": kl_exact, "bias": m - kl_exact, "rmse": math.sqrt(((per_batch.double() - kl_exact) ** 2).mean().item()),
-                "negative_share": (per_batch < 0).float().mean().item(), "truth": "exact" if exact is not None else "none",
-            })  # fmt: skip
+            rows.append(
+                {
+                    "estimator": name,
+                    "batch_size": B,
+                    "minibatches": K,
+                    "mean": m,
+                    "se": se,
+                    "batch_std": sd,
+                    "exact": kl_exact,
+                    "bias": m - kl_exact,
+                    "rmse": math.sqrt(((per_batch.double() - kl_exact) ** 2).mean().item()),
+                    "negative_share": (per_batch < 0).float().mean().item(),
+                    "truth": "exact" if exact is not None else "none",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -420,12 +476,23 @@ def _write(path: Path, table: pd.DataFrame) -> Path:
 def summarize(what: str, table: pd.DataFrame, res: Resolved, path: Path | None) -> str:
     head = f"probe {what}: {res.spec.name} on {res.task.name}, beta={res.run.beta}" + (f" -> {path}" if path else "")
     cols = {
-        "gradients": ["objective", "batch_size", "norm_mean", "total_var", "snr", "cos_true", "cos_mean_true", "truth",
-                      "true_cos_rl"],
+        "gradients": [
+            "objective",
+            "batch_size",
+            "norm_mean",
+            "total_var",
+            "snr",
+            "cos_true",
+            "cos_mean_true",
+            "truth",
+            "true_cos_rl",
+        ],
         "credit": ["method", "batch_size", "corr", "mse", "decisive_share", "decisive_share_exact"],
         "kl": ["estimator", "batch_size", "mean", "se", "exact", "bias", "rmse", "negative_share"],
     }[what]
     if what == "credit":  # the all-token rows; their share is the share on the decisive positions
-        table = table[table["position"] == -1].rename(columns={"share": "decisive_share", "share_exact": "decisive_share_exact"})
+        table = table[table["position"] == -1].rename(
+            columns={"share": "decisive_share", "share_exact": "decisive_share_exact"}
+        )
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         return head + "\n" + table[cols].to_string(index=False, float_format=lambda x: f"{x:.4g}")

@@ -13,9 +13,16 @@ from .toy_tasks import Arithmetic, Bandit, Sequence, Task
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     s.name: s
     for s in [
-        sft.SPEC, reward_model.SPEC, reinforce.SPEC, rloo.SPEC, ppo.SPEC, grpo.SPEC,
-        dpo.SPEC, dpo.IPO_SPEC, dpo.ONLINE_SPEC,
+        sft.SPEC,
+        reward_model.SPEC,
+        reinforce.SPEC,
+        rloo.SPEC,
+        ppo.SPEC,
+        grpo.SPEC,
+        dpo.SPEC,
+        dpo.IPO_SPEC,
+        dpo.ONLINE_SPEC,
     ]
-}  # fmt: skip
+}
 
 TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic]}

@@ -41,6 +41,7 @@ def check_batchable(reses: list[Resolved]) -> None:
         raise ConfigError("no runs to train")
     r0 = reses[0]
     spec, acfg, run = r0.spec, r0.algo_cfg, r0.run
+
     def without_seed(r):  # noqa: E306
         d = r.to_dict()
         d.pop("seed")
@@ -60,7 +61,9 @@ def check_batchable(reses: list[Resolved]) -> None:
     if spec.epochs(acfg) != 1 or spec.minibatches(acfg) != 1 or spec.value_head:
         problems.append("one update per rollout and no value head (not PPO)")
     if problems:
-        raise ConfigError(f"seeds as a batch dimension need {', '.join(problems)}; {spec.name!r} runs: use train() per seed")
+        raise ConfigError(
+            f"seeds as a batch dimension need {', '.join(problems)}; {spec.name!r} runs: use train() per seed"
+        )
 
 
 def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = False) -> list[dict]:
@@ -98,7 +101,9 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     if run.probe_every:
         from .probe import Prober
 
-        probers = [Prober(r, rf, ev.exact, device, o) for r, rf, ev, o in zip(reses, refs, evaluators, outs, strict=True)]
+        probers = [
+            Prober(r, rf, ev.exact, device, o) for r, rf, ev, o in zip(reses, refs, evaluators, outs, strict=True)
+        ]
     rm = None
     if run.reward_model:
         from .policy import build_reward_model
@@ -179,9 +184,16 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, alive, dev
     for s in range(S):
         old = out.logp[s].detach()
         roll = Rollout(
-            prompts=prompts[s], completions=comps[s], mask=torch.ones_like(old), old_logp=old, ref_logp=ref_logp[s],
-            scores=scores[s], step_rewards=step_rewards[s], gold=gold[s], group_size=G,
-        )  # fmt: skip
+            prompts=prompts[s],
+            completions=comps[s],
+            mask=torch.ones_like(old),
+            old_logp=old,
+            ref_logp=ref_logp[s],
+            scores=scores[s],
+            step_rewards=step_rewards[s],
+            gold=gold[s],
+            group_size=G,
+        )
         with torch.no_grad():
             batch = spec.prepare(roll, acfg, run.beta)
         loss, _, st = spec.loss(PolicyOutput(out.logp[s], out.logits[s], None), batch, acfg, run.beta)

@@ -37,10 +37,11 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Callable, Iterable
+from typing import IO
 
 import pandas as pd
 
@@ -123,7 +124,9 @@ def storage_fault(exc: BaseException, path=None, root=None) -> StoreFault | None
                 return StoreFault(where if where is not None else "?", e.strerror or str(e))
         if isinstance(e, sqlite3.OperationalError):
             code = getattr(e, "sqlite_errorcode", None)
-            if (code is not None and code & 0xFF in _SQLITE_STORAGE) or any(w in str(e).lower() for w in _SQLITE_STORAGE_WORDS):
+            if (code is not None and code & 0xFF in _SQLITE_STORAGE) or any(
+                w in str(e).lower() for w in _SQLITE_STORAGE_WORDS
+            ):
                 return StoreFault(path if path is not None else INDEX, str(e))
         e = e.__cause__ or e.__context__
     text = " ".join(str(x) for x in (exc, exc.__cause__, exc.__context__) if x is not None)
@@ -427,10 +430,8 @@ def ensure_index(results=None) -> str | None:
         return None
     problem = index_problem(path)
     notice = repair_index(results, problem) if problem is not None else None
-    try:
+    with suppress(OSError):
         _CHECKED[str(path)] = _signature(path)
-    except OSError:
-        pass
     return notice
 
 
@@ -447,7 +448,9 @@ def _repair_lock(root: Path):
     try:
         fd = os.open(root / ".index.lock", os.O_RDWR | os.O_CREAT, file_mode())
     except OSError as e:
-        raise StoreFault(root / ".index.lock", f"{e.strerror}; the damaged index {root / INDEX} cannot be rebuilt here") from None
+        raise StoreFault(
+            root / ".index.lock", f"{e.strerror}; the damaged index {root / INDEX} cannot be rebuilt here"
+        ) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -478,8 +481,11 @@ def repair_index(results, problem: str) -> str | None:
                 os.replace(src, Path(f"{aside}{suffix}"))
         done = rebuild_index(root)
     skipped = f"; left out: {'; '.join(done['skipped'])}" if done["skipped"] else ""
-    return (f"the results index {path} was damaged ({problem}); set it aside as {aside.name} and rebuilt it from "
-            f"{done['studies']} study file(s) and {done['folders']} run folder(s) in {time.perf_counter() - t0:.1f} s{skipped}")  # fmt: skip
+    return (
+        f"the results index {path} was damaged ({problem}); set it aside as {aside.name} and rebuilt it from "
+        f"{done['studies']} study file(s) and {done['folders']} run folder(s) "
+        f"in {time.perf_counter() - t0:.1f} s{skipped}"
+    )
 
 
 def rebuild_index(results) -> dict:
@@ -497,7 +503,11 @@ def rebuild_index(results) -> dict:
 
     root = results_dir(results)
     runs_dir = root / "runs"
-    folders = {d.name for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")} if runs_dir.is_dir() else set()
+    folders = (
+        {d.name for d in runs_dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        if runs_dir.is_dir()
+        else set()
+    )
     out: dict = {"studies": 0, "runs": 0, "folders": len(folders), "skipped": []}
     with Store(root) as store:
         known: set[str] = set()
@@ -521,8 +531,14 @@ def rebuild_index(results) -> dict:
                 continue
             plan = best[1]
             cfg = study.config
-            store.register_study(study.name, str(f), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan),
-                                 [p.record() for p in plan])  # fmt: skip
+            store.register_study(
+                study.name,
+                str(f),
+                cfg.description,
+                list(cfg.claims),
+                spec_hash(p.run_id for p in plan),
+                [p.record() for p in plan],
+            )
             known.update(p.run_id for p in plan)
             out["studies"] += 1
         now = time.time()
@@ -535,8 +551,11 @@ def rebuild_index(results) -> dict:
                     out["skipped"].append(f"runs/{rid}: no readable config.json")
                     continue
                 unit = consumption_unit(ALGORITHMS[algo]) if algo in ALGORITHMS else None
-                db.execute("INSERT OR IGNORE INTO runs(run_id, task, algo, seed, steps, unit, config, created_at)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (rid, task, algo, seed, steps, unit, json.dumps(c, sort_keys=True), now))  # fmt: skip
+                db.execute(
+                    "INSERT OR IGNORE INTO runs(run_id, task, algo, seed, steps, unit, config, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rid, task, algo, seed, steps, unit, json.dumps(c, sort_keys=True), now),
+                )
             for (rid,) in db.execute("SELECT run_id FROM runs").fetchall():
                 out["runs"] += 1
                 d = runs_dir / rid
@@ -550,8 +569,10 @@ def rebuild_index(results) -> dict:
                     status, reason = "failed", _last_line(d / "error.txt")
                 else:  # started and killed: trained again from scratch by the next run
                     status, reason, step, samples = "queued", None, None, None
-                db.execute("UPDATE runs SET status=?, step=?, samples=?, reason=?, attempts=1, finished_at=? WHERE run_id=?",
-                           (status, step, samples, reason, None if status == "queued" else now, rid))  # fmt: skip
+                db.execute(
+                    "UPDATE runs SET status=?, step=?, samples=?, reason=?, attempts=1, finished_at=? WHERE run_id=?",
+                    (status, step, samples, reason, None if status == "queued" else now, rid),
+                )
                 store._event(db, rid, None, "rebuilt", status)
     return out
 
@@ -675,10 +696,8 @@ class Store:
                 self.db.execute("COMMIT")
             except BaseException:
                 if self.db.in_transaction:  # (a failed COMMIT leaves it open)
-                    try:
+                    with suppress(sqlite3.Error):
                         self.db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
                 raise
         except sqlite3.OperationalError as e:
             fault = storage_fault(e, self.root / INDEX)
@@ -690,12 +709,15 @@ class Store:
         return self.root / "runs" / run_id
 
     def _event(self, db, run_id: str, owner: str | None, event: str, detail: str = "") -> None:
-        db.execute("INSERT INTO events(at, run_id, owner, event, detail) VALUES (?, ?, ?, ?, ?)",
-                   (time.time(), run_id, owner, event, detail))  # fmt: skip
+        db.execute(
+            "INSERT INTO events(at, run_id, owner, event, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), run_id, owner, event, detail),
+        )
 
     # -- studies ----------------------------------------------------------------------------
-    def register_study(self, name: str, path: str, description: str, claims: list[str], spec_hash: str,
-                       runs: list[dict]) -> None:  # fmt: skip
+    def register_study(
+        self, name: str, path: str, description: str, claims: list[str], spec_hash: str, runs: list[dict]
+    ) -> None:
         """Record a study and its runs; new runs enter as 'queued', known runs keep their state.
 
         Each of ``runs`` has run_id, task, algo, seed, steps, unit, config (dict), task_label,
@@ -715,12 +737,28 @@ class Store:
                 db.execute(
                     "INSERT OR IGNORE INTO runs(run_id, task, algo, seed, steps, unit, config, created_at)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r["run_id"], r["task"], r["algo"], r["seed"], r["steps"], r["unit"],
-                     json.dumps(r["config"], sort_keys=True), now),
-                )  # fmt: skip
+                    (
+                        r["run_id"],
+                        r["task"],
+                        r["algo"],
+                        r["seed"],
+                        r["steps"],
+                        r["unit"],
+                        json.dumps(r["config"], sort_keys=True),
+                        now,
+                    ),
+                )
                 db.execute(
-                    "INSERT INTO study_runs(study, run_id, position, task_label, algo_label, grid) VALUES (?, ?, ?, ?, ?, ?)",
-                    (name, r["run_id"], i, r["task_label"], r["algo_label"], json.dumps(r["grid"])),  # keys in study order
+                    "INSERT INTO study_runs(study, run_id, position, task_label, algo_label, grid) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        r["run_id"],
+                        i,
+                        r["task_label"],
+                        r["algo_label"],
+                        json.dumps(r["grid"]),
+                    ),  # keys in study order
                 )
 
     def states(self, run_ids: Iterable[str]) -> dict[str, sqlite3.Row]:
@@ -765,8 +803,10 @@ class Store:
                 return "failed"
             if st is not None:  # killed after publishing, before the index heard of it (or its parquet republished)
                 samples = consumption(run_dir)[1]
-                db.execute("UPDATE runs SET status=?, step=?, samples=?, reason=?, owner=NULL, finished_at=? WHERE run_id=?",
-                           (st["status"], st.get("step"), samples, st.get("reason"), now, run_id))  # fmt: skip
+                db.execute(
+                    "UPDATE runs SET status=?, step=?, samples=?, reason=?, owner=NULL, finished_at=? WHERE run_id=?",
+                    (st["status"], st.get("step"), samples, st.get("reason"), now, run_id),
+                )
                 self._event(db, run_id, owner.id, "republished" if st.get("republished") else "recovered", st["status"])
                 return "recovered"
             db.execute(
@@ -779,11 +819,20 @@ class Store:
 
     def heartbeat(self, owner: Owner) -> int:
         """Refresh the heartbeat of every run ``owner`` is running; returns how many."""
-        cur = self.db.execute("UPDATE runs SET heartbeat_at=? WHERE owner=? AND status='running'", (time.time(), owner.id))
+        cur = self.db.execute(
+            "UPDATE runs SET heartbeat_at=? WHERE owner=? AND status='running'", (time.time(), owner.id)
+        )
         return cur.rowcount
 
-    def finish(self, run_id: str, owner: Owner, status: str, step: int | None = None, samples: int | None = None,
-               reason: str | None = None) -> bool:  # fmt: skip
+    def finish(
+        self,
+        run_id: str,
+        owner: Owner,
+        status: str,
+        step: int | None = None,
+        samples: int | None = None,
+        reason: str | None = None,
+    ) -> bool:
         """Record a run's end, if ``owner`` still holds it. Returns whether it did."""
         if status not in ("done", "diverged", "failed"):
             raise ValueError(f"not a final status: {status!r}")
@@ -819,8 +868,10 @@ class Store:
     def release(self, run_id: str, owner: Owner) -> None:
         """Give a claimed run back (interrupted before it ended): it is 'queued' again."""
         with self._tx() as db:
-            cur = db.execute("UPDATE runs SET status='queued', owner=NULL WHERE run_id=? AND owner=? AND status='running'",
-                             (run_id, owner.id))  # fmt: skip
+            cur = db.execute(
+                "UPDATE runs SET status='queued', owner=NULL WHERE run_id=? AND owner=? AND status='running'",
+                (run_id, owner.id),
+            )
             if cur.rowcount:
                 self._event(db, run_id, owner.id, "released")
 
@@ -848,7 +899,11 @@ class Heartbeat:
                 try:
                     db = db or Store(self.root, create=False)
                     db.heartbeat(self.owner)
-                except (sqlite3.Error, OSError, StoreFault) as e:  # a missed beat is not fatal; the lease is 12 beats long
+                except (
+                    sqlite3.Error,
+                    OSError,
+                    StoreFault,
+                ) as e:  # a missed beat is not fatal; the lease is 12 beats long
                     if storage_fault(e) is None:  # (a full disk or read-only folder: the runner meets it and says so)
                         warnings.warn(f"heartbeat failed: {e}", RuntimeWarning, stacklevel=1)
         finally:
@@ -869,7 +924,10 @@ def _open_index(results) -> sqlite3.Connection:
         raise FileNotFoundError(f"no results index at {path}")
     _ensure_index_warn(results)
     db = _connect_reader(path)
-    if db.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('studies', 'runs', 'study_runs')").fetchone()[0] < 3:
+    if (
+        db.execute("SELECT count(*) FROM sqlite_master WHERE name IN ('studies', 'runs', 'study_runs')").fetchone()[0]
+        < 3
+    ):
         db.close()
         raise FileNotFoundError(f"results index at {path} is being created")
     return db
@@ -881,14 +939,16 @@ def load_studies(results=None) -> pd.DataFrame:
     try:
         df = pd.read_sql_query("SELECT * FROM studies ORDER BY name", db)
         counts = pd.read_sql_query(
-            "SELECT sr.study, r.status, COUNT(*) AS n FROM study_runs sr JOIN runs r USING (run_id) GROUP BY sr.study, r.status", db
+            "SELECT sr.study, r.status, COUNT(*) AS n FROM study_runs sr JOIN runs r USING (run_id) "
+            "GROUP BY sr.study, r.status",
+            db,
         )
     finally:
         db.close()
     df["claims"] = df["claims"].map(json.loads)
     wide = counts.pivot(index="study", columns="status", values="n") if len(counts) else pd.DataFrame()
     for s in STATUSES:
-        df[s] = df["name"].map(wide[s] if s in wide else {}).fillna(0).astype(int)
+        df[s] = df["name"].map(wide.get(s, {})).fillna(0).astype(int)
     return df
 
 
@@ -904,8 +964,9 @@ def load_runs(results=None, study: str | None = None) -> pd.DataFrame:
         df = pd.read_sql_query(
             "SELECT sr.study, sr.task_label, sr.algo_label, sr.grid, r.* FROM runs r"
             f" LEFT JOIN study_runs sr ON sr.run_id = r.run_id {where} ORDER BY sr.study, sr.position, r.run_id",
-            db, params=(study,) if study else None,
-        )  # fmt: skip
+            db,
+            params=(study,) if study else None,
+        )
     finally:
         db.close()
     root = results_dir(results)
@@ -916,8 +977,13 @@ def load_runs(results=None, study: str | None = None) -> pd.DataFrame:
     return df
 
 
-def load_metrics(results=None, study: str | None = None, run_ids: Iterable[str] | None = None,
-                 unpublished: bool = False, columns: Iterable[str] | None = None) -> pd.DataFrame:  # fmt: skip
+def load_metrics(
+    results=None,
+    study: str | None = None,
+    run_ids: Iterable[str] | None = None,
+    unpublished: bool = False,
+    columns: Iterable[str] | None = None,
+) -> pd.DataFrame:
     """Metrics of many runs in one long-by-step frame: ``run_id``, ``step``, ``samples``, metrics...
 
     Published runs are read from ``metrics.parquet``; with ``unpublished`` the runs that have
@@ -978,7 +1044,9 @@ def _load_metrics(results, study, run_ids, unpublished, columns, last: bool) -> 
     return df
 
 
-def _read_parquets(files: list[tuple[str, Path]], want: set[str] | None, last: bool = False) -> tuple[pd.DataFrame | None, list[dict]]:
+def _read_parquets(
+    files: list[tuple[str, Path]], want: set[str] | None, last: bool = False
+) -> tuple[pd.DataFrame | None, list[dict]]:
     """``(run_id, metrics.parquet)`` pairs -> one frame of the ``want`` columns (all if None), and the issues.
 
     With ``last``, one row per file: DuckDB's ``arg_max(x, step)`` skips nulls, so it is the
@@ -995,8 +1063,11 @@ def _read_parquets(files: list[tuple[str, Path]], want: set[str] | None, last: b
         args = {"paths": [str(p) for _, p in files], **({} if want is None else {"want": sorted(want)})}
         src = f"SELECT file_index, {sel} FROM read_parquet($paths, union_by_name = true)"
         if last:
-            src = (f"SELECT file_index, max(step) AS step, arg_max(COLUMNS(lambda c: c NOT IN ('file_index', 'step')), step)"
-                   f" FROM ({src}) GROUP BY file_index ORDER BY file_index")  # fmt: skip
+            src = (
+                f"SELECT file_index, max(step) AS step, "
+                f"arg_max(COLUMNS(lambda c: c NOT IN ('file_index', 'step')), step)"
+                f" FROM ({src}) GROUP BY file_index ORDER BY file_index"
+            )
         df = con.execute(src, args).df()
     except Exception:  # noqa: BLE001  a damaged file fails the whole scan: read them one by one
         return _read_parquets_one_by_one(files, want, last)
@@ -1094,7 +1165,9 @@ def metric_names(results=None, study: str | None = None) -> list[str]:
     if paths:
         con = duckdb.connect(":memory:")
         try:
-            names.update(n for (n,) in con.execute("SELECT DISTINCT name FROM parquet_schema($p)", {"p": paths}).fetchall())
+            names.update(
+                n for (n,) in con.execute("SELECT DISTINCT name FROM parquet_schema($p)", {"p": paths}).fetchall()
+            )
         except Exception:  # noqa: BLE001  a damaged file: every footer, one by one
             for p in every:
                 try:
@@ -1123,8 +1196,14 @@ def load_run(results, run_id: str) -> dict:
         error = (d / "error.txt").read_text()
     except OSError:
         error = None
-    return {"path": str(d), "config": config, "status": read_status(d), "progress": read_progress(d),
-            "samples": pd.DataFrame.from_records(rows) if rows else None, "error": error}  # fmt: skip
+    return {
+        "path": str(d),
+        "config": config,
+        "status": read_status(d),
+        "progress": read_progress(d),
+        "samples": pd.DataFrame.from_records(rows) if rows else None,
+        "error": error,
+    }
 
 
 VERDICTS = "verdicts.json"  # <results>/reports/<study>/verdicts.json, written by `workbench report STUDY`
@@ -1158,26 +1237,54 @@ def load_verdicts(results=None) -> pd.DataFrame:
         here = lambda rel, d=f.parent: str(d / rel) if rel else None  # noqa: E731
         files = doc.get("report") or {}
         files = files if isinstance(files, dict) else {"file": files}
-        report = next((here(files[k]) for k in ("pdf", "html", "md", "file") if files.get(k) and (f.parent / files[k]).exists()), None)
+        report = next(
+            (here(files[k]) for k in ("pdf", "html", "md", "file") if files.get(k) and (f.parent / files[k]).exists()),
+            None,
+        )
         when = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
         for claim, verdict in verdicts.items():
             mine = [{**r, "figure": here(r.get("figure"))} for r in rules if r.get("claim") == claim]
             decided = next((r for r in mine if r.get("verdict") == verdict), mine[0] if mine else {})
-            rows.append({
-                "study": doc.get("study", f.parent.name), "claim": claim, "verdict": verdict,
-                "summary": decided.get("statement") or "", "metric": decided.get("metric"), "value": decided.get("estimate"),
-                "ci_low": decided.get("ci_low"), "ci_high": decided.get("ci_high"), "figure": decided.get("figure"),
-                "rules": mine, "report": report, "generated_at": when, "path": str(f),
-            })  # fmt: skip
-    cols = ["study", "claim", "verdict", "summary", "metric", "value", "ci_low", "ci_high", "figure", "rules", "report",
-            "generated_at", "path"]  # fmt: skip
+            rows.append(
+                {
+                    "study": doc.get("study", f.parent.name),
+                    "claim": claim,
+                    "verdict": verdict,
+                    "summary": decided.get("statement") or "",
+                    "metric": decided.get("metric"),
+                    "value": decided.get("estimate"),
+                    "ci_low": decided.get("ci_low"),
+                    "ci_high": decided.get("ci_high"),
+                    "figure": decided.get("figure"),
+                    "rules": mine,
+                    "report": report,
+                    "generated_at": when,
+                    "path": str(f),
+                }
+            )
+    cols = [
+        "study",
+        "claim",
+        "verdict",
+        "summary",
+        "metric",
+        "value",
+        "ci_low",
+        "ci_high",
+        "figure",
+        "rules",
+        "report",
+        "generated_at",
+        "path",
+    ]
     df = pd.DataFrame(rows, columns=cols)
     df.attrs["issues"] = issues
     return df
 
 
 def load_credit(results=None, study: str | None = None, run_ids: Iterable[str] | None = None) -> pd.DataFrame:
-    """The in-training credit-assignment records (``credit.jsonl``) of many runs, one row per (run, probe step, position).
+    """The in-training credit-assignment records (``credit.jsonl``) of many runs, one row per (run, probe step,
+    position).
 
     Columns: run_id, step, method, position, decisive, method_abs, exact_abs, method_mean,
     exact_mean, corr, mse, share, share_exact (``workbench.probe.Prober``). A running run's
@@ -1199,7 +1306,11 @@ def load_credit(results=None, study: str | None = None, run_ids: Iterable[str] |
         for row in rows:
             row["run_id"] = rid
         records += rows
-    df = pd.DataFrame.from_records(records) if records else pd.DataFrame(columns=["run_id", "step", "method", "position"])
+    df = (
+        pd.DataFrame.from_records(records)
+        if records
+        else pd.DataFrame(columns=["run_id", "step", "method", "position"])
+    )
     df = df[["run_id", *[c for c in df.columns if c != "run_id"]]]
     df.attrs["issues"] = issues
     return df

@@ -44,7 +44,6 @@ import shutil
 import sys
 import threading
 import time
-import tomllib
 import traceback
 import typing
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -52,23 +51,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .analysis.verdicts import Statistics, VerdictRule
 from .config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
 from .policy import ModelConfig
-from .store import (Heartbeat, Owner, Store, StoreFault, is_stale, load_final, publish_metrics, publish_text, read_progress,
-                    spec_hash, storage_fault)  # fmt: skip
+from .store import (
+    Heartbeat,
+    Owner,
+    Store,
+    StoreFault,
+    is_stale,
+    load_final,
+    publish_metrics,
+    publish_text,
+    read_progress,
+    spec_hash,
+    storage_fault,
+)
 
 CLAIM_IDS = tuple(f"C{i}" for i in range(1, 14))
 # run settings a study fixes elsewhere: the budget, the seeds, the task and algorithm tables, the command line
 _NOT_SETTINGS = {"task", "algo", "seed", "steps", "batch_size", "device"}
 # what a LocalProcessExecutor's fork server imports once, so that each run's process starts warm
 WORKER_PRELOAD = (
-    "workbench.study", "workbench.train", "transformers.models.auto.modeling_auto", "transformers.models.gpt2.modeling_gpt2",
-    "transformers.models.llama.modeling_llama", "transformers.tokenization_utils_fast",
-)  # fmt: skip
-SUMMARY_METRICS = ("reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval")  # reward/eval: non-enumerable tasks
+    "workbench.study",
+    "workbench.train",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.llama.modeling_llama",
+    "transformers.tokenization_utils_fast",
+)
+SUMMARY_METRICS = (
+    "reward/exact",
+    "kl/exact",
+    "kl/exact_to_optimal",
+    "reward/eval",
+)  # reward/eval: non-enumerable tasks
 
 
 class StudyError(ConfigError):
@@ -89,8 +109,7 @@ def study_name_problem(name: str) -> str | None:
     if len(name) > MAX_STUDY_NAME:
         return f"a study name has at most {MAX_STUDY_NAME} characters (got {len(name)})"
     if not re.fullmatch(STUDY_NAME_PATTERN, name):
-        return (f"a study name is letters, digits, '_', '.' and '-', starting with a letter, digit or '_' "
-                f"(got {name!r})")  # fmt: skip
+        return f"a study name is letters, digits, '_', '.' and '-', starting with a letter, digit or '_' (got {name!r})"
     return None
 
 
@@ -104,9 +123,10 @@ def _settings_model(name: str, exclude: set[str], doc: str) -> type[BaseModel]:
 
 Settings = _settings_model("Settings", _NOT_SETTINGS, "Run settings shared by every run of the study.")
 AlgorithmSettings = _settings_model(
-    "AlgorithmSettings", _NOT_SETTINGS | {"model"},
+    "AlgorithmSettings",
+    _NOT_SETTINGS | {"model"},
     "Run settings of one algorithm's runs; not the model (every algorithm starts from the same weights).",
-)  # fmt: skip
+)
 GridValues = Annotated[list[Any], Field(min_length=1)]
 
 
@@ -114,7 +134,12 @@ class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(ge=1, le=MAX_STEPS, description="gradient-update rounds of every run")
-    batch_size: int = Field(64, ge=1, le=MAX_COUNT, description="per round: completions (online) or demonstrations / preference pairs (offline)")
+    batch_size: int = Field(
+        64,
+        ge=1,
+        le=MAX_COUNT,
+        description="per round: completions (online) or demonstrations / preference pairs (offline)",
+    )
 
 
 class TaskEntry(BaseModel):
@@ -134,7 +159,9 @@ class AlgorithmEntry(BaseModel):
     name: str
     label: str | None = Field(None, description="name in tables; defaults to the algorithm name")
     settings: AlgorithmSettings = Field(default_factory=AlgorithmSettings)  # type: ignore[valid-type]
-    grid: dict[str, GridValues] = Field(default_factory=dict, description="dotted key -> values: algo.<param> or a run setting")
+    grid: dict[str, GridValues] = Field(
+        default_factory=dict, description="dotted key -> values: algo.<param> or a run setting"
+    )
 
 
 class Deviation(BaseModel):
@@ -156,28 +183,39 @@ class ReportOptions(BaseModel):
     metrics: list[str] = Field(
         default_factory=lambda: ["reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval"],
         description="metrics tabulated (final values) and drawn over steps; absent ones are skipped",
-    )  # fmt: skip
+    )
 
 
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, pattern=STUDY_NAME_PATTERN, max_length=MAX_STUDY_NAME, description="defaults to the file name")
+    name: str | None = Field(
+        None, pattern=STUDY_NAME_PATTERN, max_length=MAX_STUDY_NAME, description="defaults to the file name"
+    )
     description: str = ""
-    claims: list[Literal[CLAIM_IDS]] = Field(min_length=1, description="claim ids from docs/claims.md that this study tests")  # type: ignore[valid-type]
+    claims: list[Literal[CLAIM_IDS]] = Field(
+        min_length=1, description="claim ids from docs/claims.md that this study tests"
+    )  # type: ignore[valid-type]
     seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(min_length=1)
     tasks: list[TaskEntry] = Field(min_length=1)
     budget: Budget
     settings: Settings = Field(default_factory=Settings)  # type: ignore[valid-type]
-    grid: dict[str, GridValues] = Field(default_factory=dict, description="dotted key -> values: a run setting, model.<field> or task.<param>")
+    grid: dict[str, GridValues] = Field(
+        default_factory=dict, description="dotted key -> values: a run setting, model.<field> or task.<param>"
+    )
     algorithms: list[AlgorithmEntry] = Field(min_length=1)
-    verdicts: list[VerdictRule] = Field(default_factory=list, description="rules deciding each claim from the final metrics (workbench report)")
+    verdicts: list[VerdictRule] = Field(
+        default_factory=list, description="rules deciding each claim from the final metrics (workbench report)"
+    )
     report: ReportOptions = Field(default_factory=lambda: ReportOptions())
     confirm_seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] = Field(
-        default_factory=list, description="seeds never looked at while the study was designed: they alone decide the "
+        default_factory=list,
+        description="seeds never looked at while the study was designed: they alone decide the "
         "verdicts ('seeds' are the exploration seeds); required with [[verdicts]], disjoint from 'seeds'",
-    )  # fmt: skip
-    statistics: Statistics = Field(default_factory=Statistics, description="how verdicts are decided: min_seeds, interval, level")
+    )
+    statistics: Statistics = Field(
+        default_factory=Statistics, description="how verdicts are decided: min_seeds, interval, level"
+    )
     deviations: list[Deviation] = Field(default_factory=list, description="settings changed after seeing results")
 
     @property
@@ -222,7 +260,9 @@ def load_study(path: str | os.PathLike) -> Study:
         raise StudyError(_report(path, _pydantic_lines(e, "", StudyConfig))) from None
     problems = _check(cfg)
     if cfg.name is None and (why := study_name_problem(path.stem)):
-        problems.insert(0, f"name: the file name {_short(path.stem)} cannot name the study ({why}); set name = \"...\" in the file")
+        problems.insert(
+            0, f'name: the file name {_short(path.stem)} cannot name the study ({why}); set name = "..." in the file'
+        )
     if problems:
         raise StudyError(_report(path, problems))
     return Study(cfg, path, text, seed_warnings(cfg) + metric_warnings(cfg))
@@ -258,7 +298,11 @@ def _pydantic_lines(err: ValidationError, prefix: str, root: type[BaseModel]) ->
 def _short(value, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters (a 300-character name need not be echoed whole)."""
     r = repr(value)
-    return r if len(r) <= limit else f"{r[: limit - 5]}...{r[-1]} ({len(value) if isinstance(value, str) else len(r)} characters)"
+    return (
+        r
+        if len(r) <= limit
+        else f"{r[: limit - 5]}...{r[-1]} ({len(value) if isinstance(value, str) else len(r)} characters)"
+    )
 
 
 def _model_at(model, loc) -> type[BaseModel] | None:
@@ -291,11 +335,15 @@ def _check(cfg: StudyConfig) -> list[str]:
     if len(set(cfg.confirm_seeds)) != len(cfg.confirm_seeds):
         problems.append(f"confirm_seeds: each seed once (got {cfg.confirm_seeds})")
     if both := sorted(set(cfg.seeds) & set(cfg.confirm_seeds)):
-        problems.append(f"confirm_seeds: must not repeat exploration seeds (both hold {both}); confirmation seeds are "
-                        "ones never looked at while the study was designed")  # fmt: skip
+        problems.append(
+            f"confirm_seeds: must not repeat exploration seeds (both hold {both}); confirmation seeds are "
+            "ones never looked at while the study was designed"
+        )
     if cfg.verdicts and not cfg.confirm_seeds:
-        problems.append("confirm_seeds: required when the study has [[verdicts]]: verdicts are decided on seeds that did "
-                        "not guide the design (e.g. seeds = [0, 1, 2] to explore, confirm_seeds = [100, 101, 102, 103, 104])")  # fmt: skip
+        problems.append(
+            "confirm_seeds: required when the study has [[verdicts]]: verdicts are decided on seeds that did "
+            "not guide the design (e.g. seeds = [0, 1, 2] to explore, confirm_seeds = [100, 101, 102, 103, 104])"
+        )
     task_params: list[set[str]] = []
     for i, t in enumerate(cfg.tasks):
         if t.name not in TASKS:
@@ -309,7 +357,9 @@ def _check(cfg: StudyConfig) -> list[str]:
             problems += _extra_lines(e, f"tasks[{i}]", cls.Config, {"name", "label"})
     _check_labels(problems, "tasks", [t.label or t.name for t in cfg.tasks])
     shared = set(task_params[0]).intersection(*task_params) if task_params else set()
-    allowed = set(Settings.model_fields) | {f"model.{k}" for k in ModelConfig.model_fields} | {f"task.{k}" for k in shared}
+    allowed = (
+        set(Settings.model_fields) | {f"model.{k}" for k in ModelConfig.model_fields} | {f"task.{k}" for k in shared}
+    )
     problems += _grid_lines("grid", cfg.grid, allowed)
     for i, a in enumerate(cfg.algorithms):
         where = f"algorithms[{i}]"
@@ -344,8 +394,10 @@ def _check(cfg: StudyConfig) -> list[str]:
 def seed_warnings(cfg: StudyConfig) -> list[str]:
     """Too few confirmation seeds to decide: allowed (the study still runs), but every rule will say so."""
     if cfg.verdicts and len(cfg.confirm_seeds) < cfg.statistics.min_seeds:
-        return [f"confirm_seeds: {len(cfg.confirm_seeds)} seeds, fewer than statistics.min_seeds = "
-                f"{cfg.statistics.min_seeds}: every verdict rule will report 'insufficient seeds'"]  # fmt: skip
+        return [
+            f"confirm_seeds: {len(cfg.confirm_seeds)} seeds, fewer than statistics.min_seeds = "
+            f"{cfg.statistics.min_seeds}: every verdict rule will report 'insufficient seeds'"
+        ]
     return []
 
 
@@ -363,8 +415,11 @@ def _regularisers(cfg: StudyConfig, label: str, where: dict) -> set[str]:
     spec = ALGORITHMS[entry.name]
     base = {k[5:]: v for k, v in spec.defaults.items() if k.startswith("algo.")} | dict(entry.model_extra or {})
     beta = entry.settings.model_dump(exclude_unset=True).get(
-        "beta", cfg.settings.model_dump(exclude_unset=True).get("beta", spec.defaults.get("beta", RunConfig.model_fields["beta"].default))
-    )  # fmt: skip
+        "beta",
+        cfg.settings.model_dump(exclude_unset=True).get(
+            "beta", spec.defaults.get("beta", RunConfig.model_fields["beta"].default)
+        ),
+    )
     out = set()
     for point in _side_points(cfg, entry, where):
         params = base | {k[5:]: v for k, v in point.items() if k.startswith("algo.")}
@@ -390,12 +445,16 @@ def _span_lines(cfg: StudyConfig) -> list[str]:
             if label is None:
                 continue
             entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
-            tasks = [t.label or t.name for t in cfg.tasks if where.get("task", t.label or t.name) == (t.label or t.name)]
+            tasks = [
+                t.label or t.name for t in cfg.tasks if where.get("task", t.label or t.name) == (t.label or t.name)
+            ]
             points = _side_points(cfg, entry, where)
             if len(tasks) * len(points) > 1:
                 varying = sorted({k for p in points for k in p} | ({"task"} if len(tasks) > 1 else set()))
-                lines.append(f"verdicts[{i}].{side}: {label!r} spans {len(tasks) * len(points)} tasks x grid points; a rule "
-                             f"compares seeds of one condition: pin {', '.join(varying)} with where / {side}_where")  # fmt: skip
+                lines.append(
+                    f"verdicts[{i}].{side}: {label!r} spans {len(tasks) * len(points)} tasks x grid points; a rule "
+                    f"compares seeds of one condition: pin {', '.join(varying)} with where / {side}_where"
+                )
     return lines
 
 
@@ -434,8 +493,10 @@ def metric_warnings(cfg: StudyConfig) -> list[str]:
         sides = [lab for lab in (getattr(v, "a", None), getattr(v, "b", None)) if lab in algo_of]
         lacking = sorted({algo_of[lab] for lab in sides if algo_of[lab] not in (only or {algo_of[lab]})})
         if lacking:
-            out.append(f"verdicts[{i}].metric: {metric!r} is logged only by {', '.join(sorted(only))}, not by "
-                       f"{', '.join(lacking)}; the rule will be 'not measured'")  # fmt: skip
+            out.append(
+                f"verdicts[{i}].metric: {metric!r} is logged only by {', '.join(sorted(only))}, not by "
+                f"{', '.join(lacking)}; the rule will be 'not measured'"
+            )
     for j, m in enumerate(cfg.report.metrics):
         if not metric_names.is_known(m):
             out.append(f"report.metrics[{j}]: {metric_names.unknown_message(m)}; it will be skipped")
@@ -447,15 +508,21 @@ def _extra_lines(err: ValidationError, where: str, model: type[BaseModel], entry
     for e in err.errors():
         key = _path((where,) + tuple(e["loc"]))
         if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key; allowed here: {', '.join(sorted(set(model.model_fields) | entry_keys - {'batch_size'}))}")
+            lines.append(
+                f"{key}: unknown key; allowed here: "
+                f"{', '.join(sorted(set(model.model_fields) | entry_keys - {'batch_size'}))}"
+            )
         else:
             lines.append(f"{key}: {e['msg']} (got {_short(e['input'])})")
     return lines
 
 
 def _grid_lines(where: str, grid: dict, allowed: set[str]) -> list[str]:
-    return [f"{where}.{k!r}: not a key a grid can vary; allowed here: {', '.join(sorted(allowed))}"
-            for k in grid if k not in allowed]  # fmt: skip
+    return [
+        f"{where}.{k!r}: not a key a grid can vary; allowed here: {', '.join(sorted(allowed))}"
+        for k in grid
+        if k not in allowed
+    ]
 
 
 def _check_labels(problems: list[str], what: str, labels: list[str]) -> None:
@@ -492,10 +559,17 @@ class PlannedRun:
 
     def record(self) -> dict:
         return {
-            "run_id": self.run_id, "task": self.res.task.name, "algo": self.res.spec.name, "seed": self.seed,
-            "steps": self.res.run.steps, "unit": self.unit, "config": self.res.to_dict(),
-            "task_label": self.task_label, "algo_label": self.algo_label, "grid": self.grid,
-        }  # fmt: skip
+            "run_id": self.run_id,
+            "task": self.res.task.name,
+            "algo": self.res.spec.name,
+            "seed": self.seed,
+            "steps": self.res.run.steps,
+            "unit": self.unit,
+            "config": self.res.to_dict(),
+            "task_label": self.task_label,
+            "algo_label": self.algo_label,
+            "grid": self.grid,
+        }
 
 
 def grid_label(grid: dict) -> str:
@@ -532,19 +606,28 @@ def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
                 point = {**g_study, **g_algo}
                 for seed in cfg.all_seeds:
                     raw = {
-                        **copy.deepcopy(shared), **algo.settings.model_dump(exclude_unset=True),
-                        "task": {"name": task.name, **(task.model_extra or {})}, "algo": {"name": algo.name, **params},
-                        "seed": seed, "steps": cfg.budget.steps, "batch_size": cfg.budget.batch_size, "device": device,
-                    }  # fmt: skip
+                        **copy.deepcopy(shared),
+                        **algo.settings.model_dump(exclude_unset=True),
+                        "task": {"name": task.name, **(task.model_extra or {})},
+                        "algo": {"name": algo.name, **params},
+                        "seed": seed,
+                        "steps": cfg.budget.steps,
+                        "batch_size": cfg.budget.batch_size,
+                        "device": device,
+                    }
                     where = f"tasks[{t_i}] {task.label or task.name!r} x algorithms[{a_i}] {algo.label or algo.name!r}"
                     where += f" at {grid_label(point)}" if point else ""
                     try:
                         res = resolve(raw, point)
                     except ConfigError as e:
-                        raise StudyError(_report(study.path, [f"{where}: {line}" for line in str(e).splitlines()])) from None
+                        raise StudyError(
+                            _report(study.path, [f"{where}: {line}" for line in str(e).splitlines()])
+                        ) from None
                     p = PlannedRun(res, task.label or task.name, algo.label or algo.name, point, consumption_unit(spec))
                     if p.run_id in seen:
-                        raise StudyError(_report(study.path, [f"{where}, seed {seed} is the same run as {seen[p.run_id]}"]))
+                        raise StudyError(
+                            _report(study.path, [f"{where}, seed {seed} is the same run as {seen[p.run_id]}"])
+                        )
                     seen[p.run_id] = f"{where}, seed {seed}"
                     plan.append(p)
     return plan
@@ -568,7 +651,9 @@ def execute_run(task: RunTask) -> dict:
 
     from .train import train  # sets torch's CPU threads from the config (cpu_threads), whatever --workers is
 
-    tqdm.set_lock(threading.RLock())  # not tqdm's default multiprocessing lock: a killed worker would leak its semaphore
+    tqdm.set_lock(
+        threading.RLock()
+    )  # not tqdm's default multiprocessing lock: a killed worker would leak its semaphore
     try:
         from transformers.utils import logging as hf_logging
 
@@ -595,8 +680,12 @@ def execute_run(task: RunTask) -> dict:
     except BaseException:
         _write_error(out, traceback.format_exc())
         raise
-    return {"status": result["status"], "step": result["step"], "samples": result["final"].get("samples"),
-            "reason": result.get("reason")}  # fmt: skip
+    return {
+        "status": result["status"],
+        "step": result["step"],
+        "samples": result["final"].get("samples"),
+        "reason": result.get("reason"),
+    }
 
 
 def _write_error(out: Path, text: str) -> None:
@@ -630,8 +719,17 @@ class StudyOutcome:
 SeedSet = Literal["all", "explore", "confirm"]
 
 
-def run_study(study: Study, results, executor, *, device: str = "auto", progress: bool = True, quiet: bool = False,
-              poll_s: float = 0.5, seeds: SeedSet = "all") -> StudyOutcome:  # fmt: skip
+def run_study(
+    study: Study,
+    results,
+    executor,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    quiet: bool = False,
+    poll_s: float = 0.5,
+    seeds: SeedSet = "all",
+) -> StudyOutcome:
     """Run every run of ``study`` that has not finished, ``executor.max_workers`` at a time.
 
     Safe to run again (finished runs are skipped), after a kill (runs left 'running' by a
@@ -651,7 +749,9 @@ def run_study(study: Study, results, executor, *, device: str = "auto", progress
 def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet = "all") -> StudyOutcome:
     cfg = study.config
     records = [p.record() for p in plan]
-    store.register_study(study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan), records)
+    store.register_study(
+        study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan), records
+    )
     publish_text(store.root / "studies" / f"{study.name}.toml", study.text)
     keep = {"all": set(cfg.all_seeds), "explore": set(cfg.seeds), "confirm": set(cfg.confirm_seeds)}[seeds]
     plan = [p for p in plan if p.seed in keep]
@@ -736,7 +836,9 @@ class _Bars:
 
         self.tqdm, self.quiet, self.total, self.n = tqdm, quiet, total, 0
         self.disable = None if progress and not quiet else True  # None: bars only on a terminal
-        self.outer = tqdm(total=total, desc=f"study {name}", unit="run", position=0, disable=self.disable, dynamic_ncols=True)
+        self.outer = tqdm(
+            total=total, desc=f"study {name}", unit="run", position=0, disable=self.disable, dynamic_ncols=True
+        )
         self.free = list(range(1, workers + 1))
         self.slots: dict[str, tuple[Any, int]] = {}
 
@@ -744,8 +846,15 @@ class _Bars:
 
     def started(self, p: PlannedRun) -> None:
         pos = self.free.pop(0) if self.free else len(self.slots) + 1
-        bar = self.tqdm(total=p.res.run.steps, desc=p.name, unit="step", position=pos, leave=False,
-                        disable=self.disable, dynamic_ncols=True)  # fmt: skip
+        bar = self.tqdm(
+            total=p.res.run.steps,
+            desc=p.name,
+            unit="step",
+            position=pos,
+            leave=False,
+            disable=self.disable,
+            dynamic_ncols=True,
+        )
         bar.shown = {}  # the last value of each shown metric (exact ones come every eval_every steps)
         self.slots[p.run_id] = (bar, pos)
 
@@ -755,7 +864,9 @@ class _Bars:
             row = read_progress(store.run_dir(p.run_id)) if bar is not None and not bar.disable else None
             if row:
                 bar.n = min(row.get("step", 0), bar.total)
-                bar.shown.update({name: f"{row[k]:.3f}" for k, name in self.SHOWN.items() if isinstance(row.get(k), (int, float))})
+                bar.shown.update(
+                    {name: f"{row[k]:.3f}" for k, name in self.SHOWN.items() if isinstance(row.get(k), (int, float))}
+                )
                 bar.set_postfix(bar.shown, refresh=False)
                 bar.refresh()
 
@@ -832,10 +943,16 @@ def format_summary(df) -> str:
     body = []
     for _, r in df.iterrows():
         extra = "".join(f" {r[s]} {s}" for s in ("diverged", "failed", "unreadable") if r.get(s, 0))
-        cells = [r["task_label"], r["algo_label"]] + ([r["grid_label"]] if show_grid else []) + [f"{r['done']}/{r['runs']}{extra}"]
+        cells = (
+            [r["task_label"], r["algo_label"]]
+            + ([r["grid_label"]] if show_grid else [])
+            + [f"{r['done']}/{r['runs']}{extra}"]
+        )
         for m in metrics:
             mean, std = r[f"{m}:mean"], r[f"{m}:std"]
-            cells.append("-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}")
+            cells.append(
+                "-" if math.isnan(mean) else f"{mean:.4f} ± {std:.4f}" if not math.isnan(std) else f"{mean:.4f}"
+            )
         body.append(cells)
     return text_table(head, body)
 

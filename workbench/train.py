@@ -12,7 +12,8 @@ on the eval prompts otherwise. Files written to the run folder:
     metrics.jsonl    one JSON object per logged step: ``step``, ``samples`` and namespaced metrics
     samples.jsonl    a few rendered completions per eval
     credit.jsonl     per-position credit-assignment data of each probe (``probe_every``; online, enumerable)
-    policy.npy       the final policy's exact log pi(y|x), (eval prompts, completions) (enumerable; ``store.load_policies``)
+    policy.npy       the final policy's exact log pi(y|x), (eval prompts, completions)
+                     (enumerable; ``store.load_policies``)
     status.json      {"status": "done" | "diverged", "step": ..., "reason": ...}
     checkpoint/      the final model (Hugging Face layout, safetensors)
 """
@@ -46,8 +47,8 @@ class RunWriter:
     def __init__(self, out: Path):
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(out / "metrics.jsonl", "w")
-        self.samples = open(out / "samples.jsonl", "w")
+        self.metrics = open(out / "metrics.jsonl", "w")  # noqa: SIM115 (open for the run; close() closes)
+        self.samples = open(out / "samples.jsonl", "w")  # noqa: SIM115
 
     def config(self, d: dict) -> None:
         _write_json(self.out / "config.json", d)
@@ -101,7 +102,9 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         model = build_policy(task, run.model, run.seed, value_head, device)
         ref = model.frozen_copy()
     pipe = None
-    if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first (workbench/pipeline.py)
+    if ref is not None and (
+        run.reward_model == "fit" or run.sft_warmup_steps
+    ):  # RLHF phases 1-2 first (workbench/pipeline.py)
         from .pipeline import Pipeline
 
         pipe = Pipeline(res, model, device)
@@ -154,7 +157,9 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
             final.update(row)
             if step < run.steps:
                 bar.update(1)
-                bar.set_postfix({k.split("/")[-1]: f"{row[k]:.3f}" for k in ("reward/mean", "reward/exact", "kl/exact") if k in row})
+                bar.set_postfix(
+                    {k.split("/")[-1]: f"{row[k]:.3f}" for k in ("reward/mean", "reward/exact", "kl/exact") if k in row}
+                )
     except Diverged as d:
         status = {"status": "diverged", "step": d.step, "reason": d.reason}
     finally:
@@ -218,7 +223,10 @@ class Evaluator:
         out["reward/eval"] = gold.float().mean().item()
         n = min(run.n_logged_samples, len(comps))
         writer.log_samples(
-            [{"step": step, "text": task.render(self.prompts[i].cpu(), comps[i].cpu()), "reward": gold[i].item()} for i in range(n)]
+            [
+                {"step": step, "text": task.render(self.prompts[i].cpu(), comps[i].cpu()), "reward": gold[i].item()}
+                for i in range(n)
+            ]
         )
         return out
 
@@ -275,9 +283,17 @@ def _rollout(res: Resolved, policy, ref, rm, prompts, gen, group_size: int, with
     old_logp = out.logp.detach()
     old_values = out.values.detach() if out.values is not None else None
     roll = Rollout(
-        prompts=prompts, completions=comps, mask=torch.ones_like(old_logp), old_logp=old_logp, ref_logp=ref_logp,
-        scores=scores, step_rewards=step_rewards, gold=gold, group_size=group_size, old_values=old_values,
-    )  # fmt: skip
+        prompts=prompts,
+        completions=comps,
+        mask=torch.ones_like(old_logp),
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        scores=scores,
+        step_rewards=step_rewards,
+        gold=gold,
+        group_size=group_size,
+        old_values=old_values,
+    )
     return roll, out
 
 
@@ -286,7 +302,9 @@ def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, shuffle_gen,
     G = run.group_size
     prompts = task.sample_prompts(run.batch_size // G, data_gen).repeat_interleave(G, 0).to(device)  # (B, Tp)
     n_mb = spec.minibatches(acfg)
-    single = spec.epochs(acfg) == 1 and n_mb == 1  # one update per rollout: one policy pass serves old_logp and the loss
+    single = (
+        spec.epochs(acfg) == 1 and n_mb == 1
+    )  # one update per rollout: one policy pass serves old_logp and the loss
     roll, live = _rollout(res, policy, ref, rm, prompts, gen, G, with_grad=single)
     prompts, comps = roll.prompts, roll.completions
     with torch.no_grad():
@@ -345,7 +363,9 @@ def _rollout_stats(roll: Rollout, batch: dict) -> dict:
         if key is not None:  # the estimate the algorithm used, named by where it acted
             out[key] = (batch[key]).sum(-1).mean().item()
         else:  # a monitor only: not in the reward nor in the loss
-            out[f"kl/{name}_monitor"] = (kl_estimate(roll.old_logp, roll.ref_logp, name) * roll.mask).sum(-1).mean().item()
+            out[f"kl/{name}_monitor"] = (
+                (kl_estimate(roll.old_logp, roll.ref_logp, name) * roll.mask).sum(-1).mean().item()
+            )
     if "advantages" in batch:
         out["adv/mean"] = batch["advantages"].mean().item()
         out["adv/std"] = batch["advantages"].std().item()

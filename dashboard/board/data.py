@@ -81,9 +81,16 @@ def metric_names(root: Path, study: str | None, sig: tuple) -> list[str]:
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
-def metrics(root: Path, study: str | None, columns: tuple[str, ...], sig: tuple, run_ids: tuple[str, ...] | None = None,
-            unpublished: bool = True) -> tuple[pd.DataFrame, list]:  # fmt: skip
-    """``(frame, issues)``: ``run_id``, ``step``, ``samples`` and ``columns`` of the runs (all, or ``run_ids``); read-only, shared.
+def metrics(
+    root: Path,
+    study: str | None,
+    columns: tuple[str, ...],
+    sig: tuple,
+    run_ids: tuple[str, ...] | None = None,
+    unpublished: bool = True,
+) -> tuple[pd.DataFrame, list]:
+    """``(frame, issues)``: ``run_id``, ``step``, ``samples`` and ``columns`` of the runs (all, or ``run_ids``);
+    read-only, shared.
 
     Pages pass the runs their filters show: a first render reads only those files.
     """
@@ -103,7 +110,9 @@ def final(root: Path, study: str | None, columns: tuple[str, ...], sig: tuple) -
         gone = df["status"].isin(["diverged", "failed"])
         df.loc[gone, [c for c in columns if c in df]] = float("nan")
     if "online" not in df:
-        extra = runs(root, study, sig)[["run_id", "online", "grid_label", "batch_size", "beta"]].drop_duplicates("run_id")
+        extra = runs(root, study, sig)[["run_id", "online", "grid_label", "batch_size", "beta"]].drop_duplicates(
+            "run_id"
+        )
         df = df.merge(extra, on="run_id", how="left")
     return df, df.attrs.get("issues", [])
 

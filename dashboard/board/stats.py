@@ -20,7 +20,9 @@ import pandas as pd
 from workbench.analysis.stats import LEVEL, is_non_negative, t_half_width
 
 
-def mean_band(df: pd.DataFrame, keys: list[str], value: str, level: float = LEVEL, metric: str | None = None) -> pd.DataFrame:
+def mean_band(
+    df: pd.DataFrame, keys: list[str], value: str, level: float = LEVEL, metric: str | None = None
+) -> pd.DataFrame:
     """Per group of ``keys``: ``mean``, ``lo``, ``hi`` (t band over rows) and ``n`` of ``value``.
 
     ``metric`` (default ``value``) names what is averaged: a non-negative one has its band

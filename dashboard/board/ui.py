@@ -102,7 +102,9 @@ def filters(runs: pd.DataFrame, prefix: str, first_only: bool = True) -> pd.Data
         for i, k in enumerate(keys):
             values = grid_values(runs, k)
             default = values[:1] if first_only and len(values) > 1 else values
-            pick = gcols[i % len(gcols)].multiselect(k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str)
+            pick = gcols[i % len(gcols)].multiselect(
+                k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str
+            )
             has = out["grid"].map(lambda g, k=k: k in g)
             out = out[~has | out["grid"].map(lambda g, k=k, pick=pick: g.get(k) in pick)]
     return out

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pandas as pd
 import streamlit as st
-
 from board import data, ui
 
 CLAIMS = {  # docs/claims.md, shortened
@@ -22,10 +21,15 @@ CLAIMS = {  # docs/claims.md, shortened
     "C12": "Online RL learns from its own samples; DPO from a fixed batch",
     "C13": "Whether supervised learning can replace RL remains open",
 }
-BADGE = {"supported": ":green-badge[supported]", "contradicted": ":red-badge[contradicted]",
-         "inconclusive": ":orange-badge[inconclusive]", "unstable": ":orange-badge[unstable]",
-         "incomplete": ":gray-badge[incomplete]", "insufficient seeds": ":gray-badge[insufficient seeds]",
-         "not measured": ":gray-badge[not measured]"}  # fmt: skip
+BADGE = {
+    "supported": ":green-badge[supported]",
+    "contradicted": ":red-badge[contradicted]",
+    "inconclusive": ":orange-badge[inconclusive]",
+    "unstable": ":orange-badge[unstable]",
+    "incomplete": ":gray-badge[incomplete]",
+    "insufficient seeds": ":gray-badge[insufficient seeds]",
+    "not measured": ":gray-badge[not measured]",
+}
 PAGES = {"Compare": "views/compare.py"}
 
 ctx = ui.current()
@@ -45,14 +49,25 @@ tested = {c: [s for s, cl in zip(studies["name"], studies["claims"]) if c in cl]
 rows = []
 for c, text in CLAIMS.items():
     v = verdicts[verdicts["claim"] == c]
-    rows.append({"claim": c, "statement": text, "studies": ", ".join(tested[c]) or "-",
-                 "verdicts": ", ".join(f"{s}: {x}" for s, x in zip(v["study"], v["verdict"])) or
-                             ("no report yet" if tested[c] else "no study")})  # fmt: skip
+    rows.append(
+        {
+            "claim": c,
+            "statement": text,
+            "studies": ", ".join(tested[c]) or "-",
+            "verdicts": ", ".join(f"{s}: {x}" for s, x in zip(v["study"], v["verdict"]))
+            or ("no report yet" if tested[c] else "no study"),
+        }
+    )
 overview = pd.DataFrame(rows)
 st.dataframe(overview, hide_index=True, key="claims_table")
 if len(verdicts):
-    st.download_button("Download all verdicts (CSV)", verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
-                       file_name="verdicts.csv", mime="text/csv", key="claims_download_csv")  # fmt: skip
+    st.download_button(
+        "Download all verdicts (CSV)",
+        verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
+        file_name="verdicts.csv",
+        mime="text/csv",
+        key="claims_download_csv",
+    )
 
 st.subheader(f"Study {ctx.study}")
 row = studies[studies["name"] == ctx.study].iloc[0]
@@ -67,9 +82,17 @@ if not len(mine):
 report = mine["report"].dropna()
 if len(report) and Path(report.iloc[0]).exists():
     path = Path(report.iloc[0])
-    mime = {".pdf": "application/pdf", ".html": "text/html", ".md": "text/markdown"}.get(path.suffix, "application/octet-stream")
-    st.download_button(f"Download the report ({path.name})", path.read_bytes(), file_name=f"{ctx.study}_{path.name}",
-                       mime=mime, key="claims_download_report", type="primary")  # fmt: skip
+    mime = {".pdf": "application/pdf", ".html": "text/html", ".md": "text/markdown"}.get(
+        path.suffix, "application/octet-stream"
+    )
+    st.download_button(
+        f"Download the report ({path.name})",
+        path.read_bytes(),
+        file_name=f"{ctx.study}_{path.name}",
+        mime=mime,
+        key="claims_download_report",
+        type="primary",
+    )
 st.caption(f"Report generated {mine['generated_at'].iloc[0] or '(time not recorded)'} · `{mine['path'].iloc[0]}`")
 for i, v in mine.reset_index(drop=True).iterrows():
     with st.container(border=True):
@@ -81,9 +104,15 @@ for i, v in mine.reset_index(drop=True).iterrows():
             est = r.get("estimate")
             lo, hi = r.get("ci_low"), r.get("ci_high")
             val = f" = {est:.4g}" if isinstance(est, (int, float)) and pd.notna(est) else ""
-            ci = f" (95% CI {lo:.4g} to {hi:.4g})" if all(isinstance(x, (int, float)) and pd.notna(x) for x in (lo, hi)) else ""
-            st.markdown(f"{BADGE.get(r.get('verdict'), r.get('verdict'))} {r.get('statement') or ''}  \n"
-                        f"Evidence: `{r.get('metric')}`{val}{ci}" + (f", n = {r['n']}" if r.get("n") else ""))  # fmt: skip
+            ci = (
+                f" (95% CI {lo:.4g} to {hi:.4g})"
+                if all(isinstance(x, (int, float)) and pd.notna(x) for x in (lo, hi))
+                else ""
+            )
+            st.markdown(
+                f"{BADGE.get(r.get('verdict'), r.get('verdict'))} {r.get('statement') or ''}  \n"
+                f"Evidence: `{r.get('metric')}`{val}{ci}" + (f", n = {r['n']}" if r.get("n") else "")
+            )
             fig = r.get("figure")
             if fig and Path(fig).exists():
                 st.image(fig, width=480)

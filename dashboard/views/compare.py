@@ -1,7 +1,6 @@
 """Compare: any metric over steps or samples, per algorithm, mean and 95% band over seeds."""
 
 import streamlit as st
-
 from board import charts, data, stats, ui
 
 MAX_POINTS = 400  # per line; longer curves keep every k-th logged step
@@ -9,12 +8,16 @@ PREFERRED = ("reward/exact", "reward/mean", "objective/exact", "kl/exact", "kl/e
 
 ctx = ui.current()
 st.title("Compare")
-st.caption("One metric across the study's runs: the mean over seeds per algorithm (and hyperparameter setting), "
-           "with a 95% t confidence band. Metric names are documented in docs/metrics.md.")  # fmt: skip
+st.caption(
+    "One metric across the study's runs: the mean over seeds per algorithm (and hyperparameter setting), "
+    "with a 95% t confidence band. Metric names are documented in docs/metrics.md."
+)
 
 names = data.metric_names(ctx.root, ctx.study, ctx.sig)
 if not names:
-    ui.no_data(f"No metrics logged yet in study {ctx.study}.", "Runs publish their metrics as they finish; come back soon.")
+    ui.no_data(
+        f"No metrics logged yet in study {ctx.study}.", "Runs publish their metrics as they finish; come back soon."
+    )
     st.stop()
 runs = ctx.runs()
 
@@ -24,14 +27,24 @@ wanted = st.session_state.pop("compare_goto", None)  # set by the Claims page's 
 if wanted in names:
     st.session_state["compare_metric"] = wanted
 metric = c1.selectbox("Metric", names, index=names.index(default), key="compare_metric")
-x = c2.radio("x axis", ["step", "samples"], horizontal=True, key="compare_x",
-             help="samples: completions (online), demonstrations or preference pairs (offline) consumed")  # fmt: skip
+x = c2.radio(
+    "x axis",
+    ["step", "samples"],
+    horizontal=True,
+    key="compare_x",
+    help="samples: completions (online), demonstrations or preference pairs (offline) consumed",
+)
 log_x = c3.checkbox("log x", key="compare_log_x")
 log_y = c4.checkbox("log y", key="compare_log_y")
 
 shown = ui.filters(runs, "compare")
-split = st.multiselect("Separate lines by", ui.grid_keys(runs), default=ui.varying(runs), key="compare_split",
-                       help="hyperparameters that get their own line; the others are pooled with the seeds")  # fmt: skip
+split = st.multiselect(
+    "Separate lines by",
+    ui.grid_keys(runs),
+    default=ui.varying(runs),
+    key="compare_split",
+    help="hyperparameters that get their own line; the others are pooled with the seeds",
+)
 if not len(shown):
     st.info("No run passes the filters.")
     st.stop()
@@ -62,7 +75,16 @@ st.caption("; ".join(notes) + ". Band: 95% t interval over seeds (none with a si
 
 last = curve.sort_values("step").groupby("line").tail(1).sort_values("mean", ascending=False)
 st.markdown(f"**{metric} at the last logged step** (mean, 95% band, seeds)")
-st.dataframe(last[["line", "step", "samples", "mean", "lo", "hi", "n"]], hide_index=True, key="compare_last",
-             column_config={c: st.column_config.NumberColumn(format="%.4g") for c in ("mean", "lo", "hi", "samples")})  # fmt: skip
-st.download_button("Download the data shown (CSV)", curve.to_csv(index=False).encode(), key="compare_download",
-                   file_name=f"{ctx.study}_{metric.replace('/', '_')}.csv", mime="text/csv")  # fmt: skip
+st.dataframe(
+    last[["line", "step", "samples", "mean", "lo", "hi", "n"]],
+    hide_index=True,
+    key="compare_last",
+    column_config={c: st.column_config.NumberColumn(format="%.4g") for c in ("mean", "lo", "hi", "samples")},
+)
+st.download_button(
+    "Download the data shown (CSV)",
+    curve.to_csv(index=False).encode(),
+    key="compare_download",
+    file_name=f"{ctx.study}_{metric.replace('/', '_')}.csv",
+    mime="text/csv",
+)

@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import streamlit as st
-
 from board import charts, data, stats, ui
 
 DIST = "kl/exact_to_optimal"
@@ -36,24 +35,40 @@ keys = ui.grid_keys(final)
 vary = ui.varying(final)
 axis_opts = vary or keys or ["beta"]
 c1, c2 = st.columns([2, 3])
-axis = c1.selectbox("Across", axis_opts, index=axis_opts.index("beta") if "beta" in axis_opts else 0, key="conv_axis",
-                    help="the grid key along the map's columns; the other grid keys get their own rows")  # fmt: skip
+axis = c1.selectbox(
+    "Across",
+    axis_opts,
+    index=axis_opts.index("beta") if "beta" in axis_opts else 0,
+    key="conv_axis",
+    help="the grid key along the map's columns; the other grid keys get their own rows",
+)
 final[axis] = [g.get(axis, b if axis == "beta" else None) for g, b in zip(final["grid"], final["beta"])]
 values = sorted(final[axis].dropna().unique())
 lacking = final[final[axis].isna()]  # methods without this key do not depend on it: the same at every value
 final = pd.concat([final.dropna(subset=[axis]), *(lacking.assign(**{axis: v}) for v in values)], ignore_index=True)
 own = [k for k in vary if k != axis]
-final["method"] = [r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in own if k in r["grid"]) for r in final.to_dict("records")]
+final["method"] = [
+    r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in own if k in r["grid"]) for r in final.to_dict("records")
+]
 final["kind"] = np.where(final["online"], "online (RL)", "offline (supervised)")
 
 st.subheader("Distance to pi*")
 cell = stats.mean_band(final, ["method", "kind", axis], DIST)
 cell[axis] = cell[axis].astype(str)
-st.altair_chart(charts.heatmap(cell, axis, "method", "mean", "E_x KL(pi || pi*)", scheme="viridis"), width="stretch",
-                key="conv_optimal_map")  # fmt: skip
-st.caption("Mean over seeds of the final exact KL(pi || pi*); 0 is the optimum itself."
-           + (f" Methods without `{axis}` ({', '.join(dict.fromkeys(lacking['algo_label']))}) are repeated at each of its values."
-              if len(lacking) else ""))  # fmt: skip
+st.altair_chart(
+    charts.heatmap(cell, axis, "method", "mean", "E_x KL(pi || pi*)", scheme="viridis"),
+    width="stretch",
+    key="conv_optimal_map",
+)
+st.caption(
+    "Mean over seeds of the final exact KL(pi || pi*); 0 is the optimum itself."
+    + (
+        f" Methods without `{axis}` ({', '.join(dict.fromkeys(lacking['algo_label']))}) are repeated at "
+        "each of its values."
+        if len(lacking)
+        else ""
+    )
+)
 
 st.subheader("Distance between final policies")
 online = list(dict.fromkeys(final.loc[final["online"], "method"]))
@@ -80,31 +95,52 @@ if not len(pairs):
     st.info(f"No run of another method shares a task, seed and grid point with {ref}.")
     st.stop()
 pols = data.policies(ctx.root, tuple(sorted(set(pairs["run_id_a"]) | set(pairs["run_id_b"]))), ctx.sig)
-exact = [a in pols and b in pols and pols[a].shape == pols[b].shape for a, b in zip(pairs["run_id_a"], pairs["run_id_b"])]
-pairs["tv"] = [stats.policy_distances(pols[a], pols[b])["tv"] if ok else np.nan
-               for a, b, ok in zip(pairs["run_id_a"], pairs["run_id_b"], exact)]  # fmt: skip
+exact = [
+    a in pols and b in pols and pols[a].shape == pols[b].shape for a, b in zip(pairs["run_id_a"], pairs["run_id_b"])
+]
+pairs["tv"] = [
+    stats.policy_distances(pols[a], pols[b])["tv"] if ok else np.nan
+    for a, b, ok in zip(pairs["run_id_a"], pairs["run_id_b"], exact)
+]
 bound = stats.pinsker_bound(pairs[f"{DIST}_a"], pairs[f"{DIST}_b"])
 pairs["distance"] = np.where(exact, pairs["tv"], bound)
 pairs[axis] = pairs[f"{axis}_a"].astype(str)
 n_exact = int(np.sum(exact))
 cell = stats.mean_band(pairs, ["method", "kind", axis], "distance")
 apart = "part" if n_exact == len(pairs) else "not shown to agree"  # a large bound proves nothing
-cell["verdict"] = np.where(cell["hi"].fillna(cell["mean"]) < threshold, "same policy",
-                           np.where(cell["lo"].fillna(cell["mean"]) > threshold, apart, "unclear"))  # fmt: skip
+cell["verdict"] = np.where(
+    cell["hi"].fillna(cell["mean"]) < threshold,
+    "same policy",
+    np.where(cell["lo"].fillna(cell["mean"]) > threshold, apart, "unclear"),
+)
 
 what = "E_x TV(pi_RL, pi)" if n_exact == len(pairs) else "TV bound" if n_exact == 0 else "TV (exact or bound)"
-st.altair_chart(charts.heatmap(cell, axis, "method", "mean", what, scheme="magma"), width="stretch", key="conv_pair_map")
+st.altair_chart(
+    charts.heatmap(cell, axis, "method", "mean", what, scheme="magma"), width="stretch", key="conv_pair_map"
+)
 if n_exact == len(pairs):
-    st.caption(f"Exact total variation between the final policies ({len(pairs)} seed-matched pairs; `policy.npy` of each run).")
+    st.caption(
+        f"Exact total variation between the final policies ({len(pairs)} seed-matched pairs; `policy.npy` of each run)."
+    )
 else:
     st.caption(
-        f"{len(pairs) - n_exact} of {len(pairs)} pairs lack a stored final policy (`policy.npy`): their distance is the "
+        f"{len(pairs) - n_exact} of {len(pairs)} pairs lack a stored final policy (`policy.npy`): "
+        "their distance is the "
         "upper bound TV(a, b) <= sqrt(KL(a || pi*)/2) + sqrt(KL(b || pi*)/2) (Pinsker and the triangle inequality) "
         "from each run's exact KL to pi*. A small bound proves the two policies agree; a large one alone does not "
         "prove they part."
-    )  # fmt: skip
+    )
 st.markdown(f"**{ref} vs each method** (mean and 95% band over seeds; same policy: band below {threshold:g})")
-st.dataframe(cell.rename(columns={"mean": "distance"}), hide_index=True, key="conv_table",
-             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("distance", "lo", "hi")})  # fmt: skip
-st.download_button("Download the pairs (CSV)", pairs.drop(columns=[c for c in pairs if c.startswith("grid")]).to_csv(index=False).encode(),
-                   file_name=f"{ctx.study}_convergence.csv", mime="text/csv", key="conv_download")  # fmt: skip
+st.dataframe(
+    cell.rename(columns={"mean": "distance"}),
+    hide_index=True,
+    key="conv_table",
+    column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("distance", "lo", "hi")},
+)
+st.download_button(
+    "Download the pairs (CSV)",
+    pairs.drop(columns=[c for c in pairs if c.startswith("grid")]).to_csv(index=False).encode(),
+    file_name=f"{ctx.study}_convergence.csv",
+    mime="text/csv",
+    key="conv_download",
+)

@@ -2,7 +2,6 @@
 
 import pandas as pd
 import streamlit as st
-
 from board import charts, data, stats, ui
 
 VIEWS = {  # what the heatmap shows -> (method column, exact column or None, diverging colours)
@@ -12,7 +11,12 @@ VIEWS = {  # what the heatmap shows -> (method column, exact column or None, div
     "correlation with the exact A": ("corr", None, True),
     "MSE to the exact A": ("mse", None, False),
 }
-SUMMARY = ["credit/corr", "credit/decisive_share", "credit/decisive_share_exact", "credit/mse"]  # workbench.probe.Prober
+SUMMARY = [
+    "credit/corr",
+    "credit/decisive_share",
+    "credit/decisive_share_exact",
+    "credit/mse",
+]  # workbench.probe.Prober
 HOW = (
     "Credit records come from the in-training probes of online methods on enumerable tasks (`probe_every` in a "
     "study's `[settings]`, default 50): each probe compares the advantages the method feeds its loss with the "
@@ -20,7 +24,6 @@ HOW = (
     "to the run's `credit.jsonl`. Run a study of online methods on an enumerable task, e.g. "
     "`workbench run studies/quickstart.toml`."
 )
-
 
 
 ctx = ui.current()
@@ -45,8 +48,13 @@ cr = cr.assign(line=cr["run_id"].map(line_of))
 
 c1, c2 = st.columns([3, 2])
 view = c1.radio("Show", list(VIEWS), horizontal=True, key="credit_view")
-when = c2.radio("Probes", ["last", "all (mean)"], horizontal=True, key="credit_when",
-                help="last: each run's final probe; all: the mean over every probe during training")  # fmt: skip
+when = c2.radio(
+    "Probes",
+    ["last", "all (mean)"],
+    horizontal=True,
+    key="credit_when",
+    help="last: each run's final probe; all: the mean over every probe during training",
+)
 every = cr
 if when == "last":
     cr = cr[cr["step"] == cr.groupby("run_id")["step"].transform("max")]
@@ -61,8 +69,10 @@ heat["row"] = heat["line"] + " · " + heat["source"]
 heat = heat.sort_values(["line", "source"])  # estimated, then exact
 decisive = sorted(int(t) for t in cr.loc[cr["decisive"] == True, "position"].unique())  # noqa: E712
 st.altair_chart(charts.heatmap(heat, "position", "row", "mean", view, **scheme), width="stretch", key="credit_heatmap")
-st.caption(f"Mean over {cr['run_id'].nunique()} runs ({when} probe{'s' if when != 'last' else ''}). "
-           f"Decisive positions: {decisive if decisive else 'none recorded'}.")  # fmt: skip
+st.caption(
+    f"Mean over {cr['run_id'].nunique()} runs ({when} probe{'s' if when != 'last' else ''}). "
+    f"Decisive positions: {decisive if decisive else 'none recorded'}."
+)
 table = heat.pivot_table(index="row", columns="position", values="mean", sort=False)
 table.columns = [f"t={c}" for c in table.columns]
 st.dataframe(table, key="credit_table")
@@ -75,16 +85,26 @@ cols = st.columns(2 if ex else 1)
 for col, (field, source) in zip(cols, [(est, "estimated"), (ex, "exact")]):
     if field is None:
         continue
-    grid = stats.mean_band(one.dropna(subset=[field]), ["step", "position"], field).rename(columns={"step": "probe step"})
+    grid = stats.mean_band(one.dropna(subset=[field]), ["step", "position"], field).rename(
+        columns={"step": "probe step"}
+    )
     row_px = 34 if grid["probe step"].nunique() <= 12 else 12
-    col.altair_chart(charts.heatmap(grid, "position", "probe step", "mean", f"{line}: {source}", row_px=row_px,
-                                    y_type="ordinal", **scheme), width="stretch")  # fmt: skip
+    col.altair_chart(
+        charts.heatmap(
+            grid, "position", "probe step", "mean", f"{line}: {source}", row_px=row_px, y_type="ordinal", **scheme
+        ),
+        width="stretch",
+    )
 st.caption(f"{view} at each probe (rows) and position (columns), mean over {one['run_id'].nunique()} runs of {line}.")
 
 if st.checkbox("Summary metrics over training (credit/*)", key="credit_summaries"):
-    pick = st.selectbox("Summary", SUMMARY, key="credit_summary",
-                        help="credit/corr: correlation of the method's and the exact advantages over sampled tokens; "
-                             "credit/decisive_share: share of |A| on the decisive positions")  # fmt: skip
+    pick = st.selectbox(
+        "Summary",
+        SUMMARY,
+        key="credit_summary",
+        help="credit/corr: correlation of the method's and the exact advantages over sampled tokens; "
+        "credit/decisive_share: share of |A| on the decisive positions",
+    )
     m, issues = data.metrics(ctx.root, ctx.study, (pick,), ctx.sig)
     curve, _ = stats.curves(m, line_of, pick)
     if len(curve):

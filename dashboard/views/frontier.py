@@ -3,7 +3,6 @@
 import altair as alt
 import pandas as pd
 import streamlit as st
-
 from board import charts, data, stats, ui
 
 ctx = ui.current()
@@ -29,10 +28,14 @@ y = c2.selectbox("Reward (y)", ys, index=ys.index("reward/exact") if "reward/exa
 log_x = c3.checkbox("log x", key="frontier_log_x")
 paths = c4.checkbox("training paths", key="frontier_paths", help="the mean (KL, reward) at each evaluation")
 if not exact:
-    st.info("These runs' task is not enumerable: no exact frontier. Showing sampled estimates (`reward/eval`, the "
-            "`kl/k*_monitor` estimators).")  # fmt: skip
+    st.info(
+        "These runs' task is not enumerable: no exact frontier. Showing sampled estimates (`reward/eval`, the "
+        "`kl/k*_monitor` estimators)."
+    )
 
-cols = tuple(dict.fromkeys([x, y, "optimal/kl", "optimal/reward", "optimal/objective", "objective/exact", "kl/exact_to_optimal"]))
+cols = tuple(
+    dict.fromkeys([x, y, "optimal/kl", "optimal/reward", "optimal/objective", "objective/exact", "kl/exact_to_optimal"])
+)
 final, issues = data.final(ctx.root, ctx.study, cols, ctx.sig)
 ui.show_issues(issues)
 final = final.drop_duplicates("run_id")
@@ -41,7 +44,9 @@ task = st.selectbox("Task", tasks, key="frontier_task") if len(tasks) > 1 else t
 final = final[final["task_label"] == task]
 final["beta"] = final["beta"].astype(float)
 other = [k for k in ui.varying(final) if k != "beta"]
-final["method"] = [r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in other if k in r["grid"]) for r in final.to_dict("records")]
+final["method"] = [
+    r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in other if k in r["grid"]) for r in final.to_dict("records")
+]
 
 pts = stats.finals(final, ["method", "beta"], list(dict.fromkeys([x, y, "kl/exact_to_optimal", "objective/exact"])))
 if x not in pts or y not in pts:
@@ -67,17 +72,29 @@ if paths:
     path["track"] = path["method"] + " beta=" + path["beta"].map("{:g}".format)
     X = alt.X(field=charts._q(x), type="quantitative", scale=alt.Scale(type="log") if log_x else alt.Scale(zero=False))
     Y = alt.Y(field=charts._q(y), type="quantitative", scale=alt.Scale(zero=False))
-    layers.insert(0, alt.Chart(path).mark_line(opacity=0.35).encode(x=X, y=Y, detail="track:N", order="step:Q",
-                                                                     color=alt.Color("method:N", title=None, scale=charts.PALETTE)))  # fmt: skip
+    layers.insert(
+        0,
+        alt.Chart(path)
+        .mark_line(opacity=0.35)
+        .encode(
+            x=X, y=Y, detail="track:N", order="step:Q", color=alt.Color("method:N", title=None, scale=charts.PALETTE)
+        ),
+    )
 st.altair_chart(alt.layer(*layers).properties(height=460), width="stretch", key="frontier_chart")
 if len(front):
     st.markdown("**The exact frontier** (pi*_beta, mean over seeds: each seed's reference policy differs slightly)")
-    st.dataframe(front.drop(columns="label"), hide_index=True, key="frontier_optimum",
-                 column_config={c: st.column_config.NumberColumn(format="%.4f") for c in front.columns if c != "beta"})  # fmt: skip
+    st.dataframe(
+        front.drop(columns="label"),
+        hide_index=True,
+        key="frontier_optimum",
+        column_config={c: st.column_config.NumberColumn(format="%.4f") for c in front.columns if c != "beta"},
+    )
 elif exact:
     st.caption("The frontier is drawn for KL = kl/exact and reward = reward/exact.")
 
-show = pts[["method", "beta", x, f"{x}:lo", f"{x}:hi", y, f"{y}:lo", f"{y}:hi", f"{y}:n"]].rename(columns={f"{y}:n": "seeds"})
+show = pts[["method", "beta", x, f"{x}:lo", f"{x}:hi", y, f"{y}:lo", f"{y}:hi", f"{y}:n"]].rename(
+    columns={f"{y}:n": "seeds"}
+)
 if len(front):
     show = show.merge(front[["beta", "optimal/objective"]], on="beta", how="left")
     if "objective/exact" in pts:
@@ -86,7 +103,18 @@ if len(front):
         show["KL(pi || pi*)"] = pts["kl/exact_to_optimal"].to_numpy()
     show = show.drop(columns="optimal/objective")
 st.markdown("**Where each method ends** (final values, mean and 95% band over seeds)")
-st.dataframe(show, hide_index=True, key="frontier_table",
-             column_config={c: st.column_config.NumberColumn(format="%.4f") for c in show.columns if c not in ("method", "beta", "seeds")})  # fmt: skip
-st.download_button("Download (CSV)", show.to_csv(index=False).encode(), file_name=f"{ctx.study}_frontier.csv",
-                   mime="text/csv", key="frontier_download")  # fmt: skip
+st.dataframe(
+    show,
+    hide_index=True,
+    key="frontier_table",
+    column_config={
+        c: st.column_config.NumberColumn(format="%.4f") for c in show.columns if c not in ("method", "beta", "seeds")
+    },
+)
+st.download_button(
+    "Download (CSV)",
+    show.to_csv(index=False).encode(),
+    file_name=f"{ctx.study}_frontier.csv",
+    mime="text/csv",
+    key="frontier_download",
+)

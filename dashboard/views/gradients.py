@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import streamlit as st
-
 from board import charts, data, stats, ui
 
 STATS = {  # statistic -> (in-training metric, probe column, log scale by default)
@@ -48,35 +47,59 @@ if len(probe) and col in probe:
     p = probe[np.isfinite(probe[col].astype(float))]  # an SNR is infinite where the estimator has no variance
     if log_y:
         p = p[p[col] > 0]
-    agg = stats.mean_band(p, ["objective", "batch_size"], col).rename(columns={"objective": "line", "batch_size": "batch size"})
-    st.altair_chart(charts.lines(agg, "batch size", label.split("  ")[0], log_x=True, log_y=log_y), width="stretch",
-                    key="grad_batch_chart")  # fmt: skip
-    st.caption(f"From `workbench probe --what gradients` on {p['run_id'].nunique()} checkpoint(s): every objective at "
-               "the same parameters; mean and 95% band over the probed runs.")  # fmt: skip
+    agg = stats.mean_band(p, ["objective", "batch_size"], col).rename(
+        columns={"objective": "line", "batch_size": "batch size"}
+    )
+    st.altair_chart(
+        charts.lines(agg, "batch size", label.split("  ")[0], log_x=True, log_y=log_y),
+        width="stretch",
+        key="grad_batch_chart",
+    )
+    st.caption(
+        f"From `workbench probe --what gradients` on {p['run_id'].nunique()} checkpoint(s): every objective at "
+        "the same parameters; mean and 95% band over the probed runs."
+    )
     st.dataframe(agg, hide_index=True, key="grad_batch_table")
 elif metric in names:
     m, issues = data.metrics(ctx.root, ctx.study, (metric,), ctx.sig)
     ui.show_issues(issues)
     m = m[np.isfinite(m[metric])]
-    per_run = m.groupby("run_id", as_index=False)[metric].mean().merge(runs[["run_id", "algo_label", "batch_size"]], on="run_id")
+    per_run = (
+        m.groupby("run_id", as_index=False)[metric]
+        .mean()
+        .merge(runs[["run_id", "algo_label", "batch_size"]], on="run_id")
+    )
     if log_y:
         per_run = per_run[per_run[metric] > 0]
-    agg = stats.mean_band(per_run, ["algo_label", "batch_size"], metric).rename(columns={"algo_label": "line", "batch_size": "batch size"})
-    st.altair_chart(charts.lines(agg, "batch size", metric, log_x=True, log_y=log_y), width="stretch", key="grad_batch_chart")
-    st.caption(f"From the in-training probes: `{metric}` averaged over each run's probes, at the run's own batch size; "
-               f"mean and 95% band over seeds. Batch sizes in this study: {sorted(agg['batch size'].unique())}. "
-               "For every objective at several batch sizes, probe a checkpoint: `workbench probe RUN_ID --what gradients`.")  # fmt: skip
+    agg = stats.mean_band(per_run, ["algo_label", "batch_size"], metric).rename(
+        columns={"algo_label": "line", "batch_size": "batch size"}
+    )
+    st.altair_chart(
+        charts.lines(agg, "batch size", metric, log_x=True, log_y=log_y), width="stretch", key="grad_batch_chart"
+    )
+    st.caption(
+        f"From the in-training probes: `{metric}` averaged over each run's probes, at the run's own batch size; "
+        f"mean and 95% band over seeds. Batch sizes in this study: {sorted(agg['batch size'].unique())}. "
+        "For every objective at several batch sizes, probe a checkpoint: `workbench probe RUN_ID --what gradients`."
+    )
     st.dataframe(agg, hide_index=True, key="grad_batch_table")
 else:
     st.info(f"No run logged `{metric}`.")
 
 st.subheader("Over training")
-over = [n for n in grad_metrics if n.startswith("grad/cos_")] + [n for n in grad_metrics if not n.startswith("grad/cos_")]
+over = [n for n in grad_metrics if n.startswith("grad/cos_")] + [
+    n for n in grad_metrics if not n.startswith("grad/cos_")
+]
 if not over:
     st.info("No in-training gradient probes in these runs (`probe_every` = 0).")
     st.stop()
-pick = st.selectbox("Measurement", over, key="grad_over", help="grad/cos_sft_rl, grad/cos_dpo_rl: cosine between the true "
-                    "gradient of SFT's / DPO's loss and the exact RL gradient, at the run's parameters")  # fmt: skip
+pick = st.selectbox(
+    "Measurement",
+    over,
+    key="grad_over",
+    help="grad/cos_sft_rl, grad/cos_dpo_rl: cosine between the true "
+    "gradient of SFT's / DPO's loss and the exact RL gradient, at the run's parameters",
+)
 shown = ui.filters(runs, "grad")
 m, issues = data.metrics(ctx.root, ctx.study, (pick,), ctx.sig, tuple(sorted(set(shown["run_id"]))))
 ui.show_issues(issues)

@@ -4,15 +4,14 @@ import json
 
 import pandas as pd
 import streamlit as st
-
 from board import charts, data, ui
+
 from workbench.store import STATUSES
 
 LIVE_S = 2.0  # refresh period of a study with runs queued or running
 
 ctx = ui.current()
 st.title("Studies")
-
 
 
 def studies_table(studies: pd.DataFrame) -> None:
@@ -22,9 +21,13 @@ def studies_table(studies: pd.DataFrame) -> None:
     s["claims"] = s["claims"].map(", ".join)
     st.dataframe(
         s[["name", "claims", "n_runs", *STATUSES, "progress", "description"]],
-        hide_index=True, key="studies_table",
-        column_config={"n_runs": "runs", "progress": st.column_config.ProgressColumn("finished", format="percent", min_value=0, max_value=1)},
-    )  # fmt: skip
+        hide_index=True,
+        key="studies_table",
+        column_config={
+            "n_runs": "runs",
+            "progress": st.column_config.ProgressColumn("finished", format="percent", min_value=0, max_value=1),
+        },
+    )
 
 
 def budget(runs: pd.DataFrame) -> str:
@@ -33,7 +36,10 @@ def budget(runs: pd.DataFrame) -> str:
     for (steps, bs, unit), g in runs.groupby(["steps", "batch_size", "unit"], dropna=False):
         algos = ", ".join(dict.fromkeys(g["algo_label"]))
         total = int(steps) * int(bs) if bs == bs and bs is not None else None
-        parts.append(f"**{algos}**: {int(steps)} update rounds x {bs} {unit}" + (f" = up to {total:,} {unit} per run" if total else ""))
+        parts.append(
+            f"**{algos}**: {int(steps)} update rounds x {bs} {unit}"
+            + (f" = up to {total:,} {unit} per run" if total else "")
+        )
     return "; ".join(parts)
 
 
@@ -50,13 +56,22 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
     for r in runs.to_dict("records"):
         step, samples = progress_of(r)
         status = r["status"] + (" (stale: owner gone)" if r["stale"] else "")
-        rows.append({
-            "algorithm": r["algo_label"], "grid": r["grid_label"], "task": r["task_label"], "seed": r["seed"],
-            "status": status, "step": step, "steps": r["steps"],
-            "progress": (step or 0) / max(r["steps"], 1) if step == step and step is not None else 0.0,
-            "consumed": f"{int(samples):,} {r['unit']}" if samples == samples and samples is not None else "-",
-            "attempts": r["attempts"], "run_id": r["run_id"], "reason": r["reason"] or "",
-        })  # fmt: skip
+        rows.append(
+            {
+                "algorithm": r["algo_label"],
+                "grid": r["grid_label"],
+                "task": r["task_label"],
+                "seed": r["seed"],
+                "status": status,
+                "step": step,
+                "steps": r["steps"],
+                "progress": (step or 0) / max(r["steps"], 1) if step == step and step is not None else 0.0,
+                "consumed": f"{int(samples):,} {r['unit']}" if samples == samples and samples is not None else "-",
+                "attempts": r["attempts"],
+                "run_id": r["run_id"],
+                "reason": r["reason"] or "",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -80,9 +95,13 @@ def study_view(live: bool) -> None:
         st.caption(f"live: refreshing every {LIVE_S:g} s while runs are queued or running")
     st.markdown("Budget: " + budget(runs))
     st.dataframe(
-        runs_table(runs), hide_index=True, key="runs_table",
-        column_config={"progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1)},
-    )  # fmt: skip
+        runs_table(runs),
+        hide_index=True,
+        key="runs_table",
+        column_config={
+            "progress": st.column_config.ProgressColumn("progress", format="percent", min_value=0, max_value=1)
+        },
+    )
 
 
 runs = ctx.runs()
@@ -90,8 +109,13 @@ live = bool(runs["status"].isin(["queued", "running"]).any())
 st.fragment(run_every=LIVE_S if live else None)(study_view)(live)
 
 st.subheader("Open a run")
-labels = {r["run_id"]: f"{r['algo_label']}{' [' + r['grid_label'] + ']' if r['grid_label'] else ''} / {r['task_label']} / seed {r['seed']} ({r['run_id']})"
-          for r in runs.to_dict("records")}  # fmt: skip
+labels = {
+    r["run_id"]: (
+        f"{r['algo_label']}{' [' + r['grid_label'] + ']' if r['grid_label'] else ''} / {r['task_label']} / "
+        f"seed {r['seed']} ({r['run_id']})"
+    )
+    for r in runs.to_dict("records")
+}
 
 
 def _run_to_url() -> None:
@@ -107,8 +131,14 @@ if wanted is not None and wanted not in labels:  # another study's run, or a sta
     st.query_params.pop("run", None)
 elif wanted is not None and "run" not in st.session_state:  # ?run=RUN_ID opens that run
     st.session_state["run"] = wanted
-rid = st.selectbox("Run", [None, *labels], format_func=lambda r: "(choose a run)" if r is None else labels.get(r, r),
-                   key="run", on_change=_run_to_url, help="its id is kept in the URL: ?run=RUN_ID")  # fmt: skip
+rid = st.selectbox(
+    "Run",
+    [None, *labels],
+    format_func=lambda r: "(choose a run)" if r is None else labels.get(r, r),
+    key="run",
+    on_change=_run_to_url,
+    help="its id is kept in the URL: ?run=RUN_ID",
+)
 
 
 def run_view(rid: str, live: bool) -> None:
@@ -118,8 +148,11 @@ def run_view(rid: str, live: bool) -> None:
     if live != (r["status"] in ("queued", "running")):
         st.rerun()
     files = data.run_files(ctx.root, rid, sig)
-    st.markdown(f"**{labels[rid]}**: status **{r['status']}**" + (f" ({r['reason']})" if r["reason"] else "")
-                + f" · folder `{files['path']}`")  # fmt: skip
+    st.markdown(
+        f"**{labels[rid]}**: status **{r['status']}**"
+        + (f" ({r['reason']})" if r["reason"] else "")
+        + f" · folder `{files['path']}`"
+    )
     if files["error"]:
         st.error("This run failed; its error.txt:")
         st.code(files["error"][-4000:], language="text")
@@ -127,7 +160,9 @@ def run_view(rid: str, live: bool) -> None:
     ui.show_issues(issues)
     if len(m):
         names = [c for c in m.columns if c not in ("run_id", "step", "samples") and m[c].notna().any()]
-        default = [n for n in ("reward/exact", "kl/exact", "reward/mean", "loss/sft", "loss/dpo") if n in names][:3] or names[:1]
+        default = [n for n in ("reward/exact", "kl/exact", "reward/mean", "loss/sft", "loss/dpo") if n in names][
+            :3
+        ] or names[:1]
         pick = st.multiselect("Metrics", names, default=default, key="run_metrics")
         if pick:
             long = m.melt(id_vars=["step"], value_vars=pick, var_name="line", value_name="mean").dropna()

@@ -32,10 +32,14 @@ class PreferenceOptions(BaseModel):
     """How the fixed preference set is built from the task's Bradley-Terry labeller."""
 
     pairs: Literal["auto", "all", "random"] = Field(
-        "auto", description="'all': every pair of completions (enumerable tasks); 'random': n_pairs uniform pairs; 'auto': all if at most 20,000 pairs"
-    )  # fmt: skip
+        "auto",
+        description="'all': every pair of completions (enumerable tasks); 'random': n_pairs uniform pairs; "
+        "'auto': all if at most 20,000 pairs",
+    )
     n_pairs: int = Field(2048, ge=1, le=100_000_000, description="pairs drawn when pairs='random'")
-    labels: Literal["soft", "sampled"] = Field("soft", description="'soft': store P(chosen wins); 'sampled': draw a winner")
+    labels: Literal["soft", "sampled"] = Field(
+        "soft", description="'soft': store P(chosen wins); 'sampled': draw a winner"
+    )
     bt_temperature: float = Field(1.0, ge=0, description="label noise: P = sigmoid(dr / temperature); 0 = noiseless")
     coverage: float = Field(1.0, gt=0, le=1, description="fraction of the action set that appears in the pairs")
 
@@ -50,9 +54,16 @@ class OnlineDPOConfig(AlgoConfig):
 
 
 def dpo_loss(
-    logp_c: Tensor, logp_r: Tensor, ref_logp_c: Tensor, ref_logp_r: Tensor, mask_c: Tensor, mask_r: Tensor,
-    p_chosen: Tensor, cfg, beta: float,
-) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    logp_c: Tensor,
+    logp_r: Tensor,
+    ref_logp_c: Tensor,
+    ref_logp_r: Tensor,
+    mask_c: Tensor,
+    mask_r: Tensor,
+    p_chosen: Tensor,
+    cfg,
+    beta: float,
+) -> tuple[Tensor, Tensor, dict]:
     """Per-token log-probs ``(B, T)`` of chosen and rejected under the policy and the reference.
 
     Returns ``(loss, per_sequence_loss (B, 1), stats)``.
@@ -79,7 +90,9 @@ def dpo_loss(
 def preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator):
     pairs = cfg.pairs
     if pairs == "auto":
-        n_all = len(task.eval_prompts()) * task.n_completions * (task.n_completions - 1) // 2 if task.enumerable else None
+        n_all = (
+            len(task.eval_prompts()) * task.n_completions * (task.n_completions - 1) // 2 if task.enumerable else None
+        )
         pairs = "all" if n_all is not None and n_all <= 20_000 else "random"
     data = task.preferences(cfg.n_pairs, generator, pairs, cfg.labels, cfg.bt_temperature, cfg.coverage)
     return {"prompts": data.prompts, "chosen": data.chosen, "rejected": data.rejected, "p_chosen": data.p_chosen}
@@ -110,9 +123,16 @@ def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
     w = batch["first_wins"].bool()[:, None]
     pick = lambda x, first: torch.where(w == first, x[:, 0], x[:, 1])  # noqa: E731
     loss, per_seq, stats = dpo_loss(
-        pick(logp, True), pick(logp, False), pick(ref, True), pick(ref, False), pick(mask, True), pick(mask, False),
-        torch.ones_like(batch["weight"]), cfg, beta,
-    )  # fmt: skip
+        pick(logp, True),
+        pick(logp, False),
+        pick(ref, True),
+        pick(ref, False),
+        pick(mask, True),
+        pick(mask, False),
+        torch.ones_like(batch["weight"]),
+        cfg,
+        beta,
+    )
     per_seq = per_seq * batch["weight"][:, None]  # ties carry no loss
     loss = per_seq.sum() / batch["weight"].sum().clamp(min=1)
     stats["loss/dpo"] = loss.item()
@@ -125,20 +145,41 @@ def offline_regulariser(cfg: DPOConfig, beta: float) -> str:
 
 
 def online_regulariser(cfg: OnlineDPOConfig, beta: float) -> str:
-    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on hard labels (the better of two samples), beta {beta:g}"
+    return (
+        f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on hard labels (the better of two samples), "
+        f"beta {beta:g}"
+    )
 
 
 SPEC = AlgorithmSpec(
-    name="dpo", Config=DPOConfig, kind="offline", summary="DPO/IPO on a fixed preference set",
-    dataset=preference_dataset, step=step, regulariser=offline_regulariser,
-)  # fmt: skip
+    name="dpo",
+    Config=DPOConfig,
+    kind="offline",
+    summary="DPO/IPO on a fixed preference set",
+    dataset=preference_dataset,
+    step=step,
+    regulariser=offline_regulariser,
+)
 
 IPO_SPEC = AlgorithmSpec(
-    name="ipo", Config=DPOConfig, kind="offline", summary="IPO on a fixed preference set",
-    dataset=preference_dataset, step=step, defaults={"algo.loss_type": "ipo"}, regulariser=offline_regulariser,
-)  # fmt: skip
+    name="ipo",
+    Config=DPOConfig,
+    kind="offline",
+    summary="IPO on a fixed preference set",
+    dataset=preference_dataset,
+    step=step,
+    defaults={"algo.loss_type": "ipo"},
+    regulariser=offline_regulariser,
+)
 
 ONLINE_SPEC = AlgorithmSpec(
-    name="online_dpo", Config=OnlineDPOConfig, kind="online", summary="DPO on pairs sampled from the policy",
-    prepare=prepare_online, loss=loss_online, min_group_size=2, defaults={"group_size": 2}, regulariser=online_regulariser,
-)  # fmt: skip
+    name="online_dpo",
+    Config=OnlineDPOConfig,
+    kind="online",
+    summary="DPO on pairs sampled from the policy",
+    prepare=prepare_online,
+    loss=loss_online,
+    min_group_size=2,
+    defaults={"group_size": 2},
+    regulariser=online_regulariser,
+)

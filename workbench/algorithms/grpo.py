@@ -20,17 +20,23 @@ from pydantic import Field
 from torch import Tensor
 
 from ..analysis.kl import kl_estimate
-from .common import AlgoConfig, Aggregation, aggregate, group_view
+from .common import Aggregation, AlgoConfig, aggregate, group_view
 from .spec import AlgorithmSpec, Rollout
 
 
 class GRPOConfig(AlgoConfig):
-    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="divide by the group std, the batch std, or nothing (Dr. GRPO)")
-    aggregation: Aggregation = Field("sequence_mean", description="sequence_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO)")
+    scale_rewards: Literal["group", "batch", "none"] = Field(
+        "group", description="divide by the group std, the batch std, or nothing (Dr. GRPO)"
+    )
+    aggregation: Aggregation = Field(
+        "sequence_mean", description="sequence_mean (GRPO), token_mean (DAPO), constant (Dr. GRPO)"
+    )
     clip_eps_low: float = Field(0.2, ge=0, description="eps_low of the ratio clip")
     clip_eps_high: float = Field(0.2, ge=0, description="eps_high of the ratio clip (DAPO: larger)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="KL estimator in the loss (the paper: k3)")
-    kl_ratio_correction: bool = Field(False, description="multiply kl_it by rho_it (TRL's use_bias_correction_kl, its default); the paper: off")
+    kl_ratio_correction: bool = Field(
+        False, description="multiply kl_it by rho_it (TRL's use_bias_correction_kl, its default); the paper: off"
+    )
     eps: float = Field(1e-4, gt=0, description="eps added to the std")
     epochs: int = Field(1, ge=1, le=10_000, description="passes over each rollout (TRL num_iterations)")
     minibatches: int = Field(1, ge=1, le=100_000, description="minibatches per pass")
@@ -49,7 +55,12 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps:
 
 def prepare(roll: Rollout, cfg: GRPOConfig, beta: float) -> dict[str, Tensor]:
     A = grpo_advantages(roll.step_rewards.sum(-1), roll.group_size, cfg.scale_rewards, cfg.eps)
-    return {"advantages": A[:, None] * roll.mask, "old_logp": roll.old_logp, "ref_logp": roll.ref_logp, "mask": roll.mask}
+    return {
+        "advantages": A[:, None] * roll.mask,
+        "old_logp": roll.old_logp,
+        "ref_logp": roll.ref_logp,
+        "mask": roll.mask,
+    }
 
 
 def grpo_loss(
@@ -81,10 +92,20 @@ def loss(out, batch, cfg: GRPOConfig, beta: float):
 def regulariser(cfg: GRPOConfig, beta: float) -> str:
     if beta == 0:
         return "no KL penalty"
-    return f"KL {cfg.kl_estimator} in the loss" + (" (ratio-corrected)" if cfg.kl_ratio_correction else "") + f", beta {beta:g}"
+    return (
+        f"KL {cfg.kl_estimator} in the loss"
+        + (" (ratio-corrected)" if cfg.kl_ratio_correction else "")
+        + f", beta {beta:g}"
+    )
 
 
 SPEC = AlgorithmSpec(
-    name="grpo", Config=GRPOConfig, kind="online", summary="group-relative policy optimisation",
-    prepare=prepare, loss=loss, min_group_size=2, regulariser=regulariser,
-)  # fmt: skip
+    name="grpo",
+    Config=GRPOConfig,
+    kind="online",
+    summary="group-relative policy optimisation",
+    prepare=prepare,
+    loss=loss,
+    min_group_size=2,
+    regulariser=regulariser,
+)

@@ -21,7 +21,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..analysis.kl import kl_estimate
-from .common import AlgoConfig, Aggregation, aggregate, explained_variance, gae, masked_whiten
+from .common import Aggregation, AlgoConfig, aggregate, explained_variance, gae, masked_whiten
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 
@@ -49,15 +49,29 @@ def prepare(roll: Rollout, cfg: PPOConfig, beta: float) -> dict[str, Tensor]:
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, roll.mask) * roll.mask
     return {
-        "advantages": adv, "raw_advantages": raw_adv, "returns": ret, "old_values": values, "old_logp": roll.old_logp,
-        "ref_logp": roll.ref_logp, "mask": roll.mask, f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
-    }  # fmt: skip
+        "advantages": adv,
+        "raw_advantages": raw_adv,
+        "returns": ret,
+        "old_values": values,
+        "old_logp": roll.old_logp,
+        "ref_logp": roll.ref_logp,
+        "mask": roll.mask,
+        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
+    }
 
 
 def ppo_loss(
-    logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, values: Tensor | None, old_values: Tensor,
-    returns: Tensor, mask: Tensor, cfg: PPOConfig, beta: float,
-) -> tuple[Tensor, Tensor, dict]:  # fmt: skip
+    logp: Tensor,
+    old_logp: Tensor,
+    ref_logp: Tensor,
+    advantages: Tensor,
+    values: Tensor | None,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cfg: PPOConfig,
+    beta: float,
+) -> tuple[Tensor, Tensor, dict]:
     """All inputs ``(B, T)`` (``values`` None without a critic). Returns ``(loss, per_token_loss, stats)``."""
     ratio = torch.exp(logp - old_logp)  # rho_t
     pg1 = -advantages * ratio
@@ -82,12 +96,27 @@ def ppo_loss(
 
 def loss(out, batch, cfg: PPOConfig, beta: float):
     return ppo_loss(
-        out.logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], out.values, batch["old_values"],
-        batch["returns"], batch["mask"], cfg, beta,
-    )  # fmt: skip
+        out.logp,
+        batch["old_logp"],
+        batch["ref_logp"],
+        batch["advantages"],
+        out.values,
+        batch["old_values"],
+        batch["returns"],
+        batch["mask"],
+        cfg,
+        beta,
+    )
 
 
 SPEC = AlgorithmSpec(
-    name="ppo", Config=PPOConfig, kind="online", summary="PPO with value head, GAE and clipping",
-    prepare=prepare, loss=loss, value_head=True, defaults={"group_size": 1}, regulariser=kl_penalty,
-)  # fmt: skip
+    name="ppo",
+    Config=PPOConfig,
+    kind="online",
+    summary="PPO with value head, GAE and clipping",
+    prepare=prepare,
+    loss=loss,
+    value_head=True,
+    defaults={"group_size": 1},
+    regulariser=kl_penalty,
+)

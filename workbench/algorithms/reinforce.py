@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import Tensor
 
 from ..analysis.kl import kl_estimate
-from .common import AlgoConfig, Aggregation, aggregate
+from .common import Aggregation, AlgoConfig, aggregate
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 
 KLPlace = Literal["reward", "loss"]
@@ -31,7 +31,9 @@ KLEstimator = Literal["k1", "k2", "k3"]
 
 class ReinforceConfig(AlgoConfig):
     baseline: Literal["none", "mean", "group_mean"] = Field("mean", description="baseline b subtracted from the return")
-    kl_in: KLPlace = Field("reward", description="where the beta-KL acts: subtracted from the reward, or added to the loss")
+    kl_in: KLPlace = Field(
+        "reward", description="where the beta-KL acts: subtracted from the reward, or added to the loss"
+    )
     kl_estimator: KLEstimator = Field("k1", description="KL estimator (k1 in the reward is unbiased)")
     aggregation: Aggregation = Field("sequence_sum", description="loss aggregation; sequence_sum is grad log pi(y|x)")
 
@@ -62,7 +64,12 @@ def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> dict[str, Tenso
         b = G.view(-1, g, T).mean(1, keepdim=True).expand(-1, g, T).reshape(B, T)  # mean over the group
     else:
         b = torch.zeros_like(G)
-    return {"advantages": (G - b) * roll.mask, "mask": roll.mask, "ref_logp": roll.ref_logp, f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl}
+    return {
+        "advantages": (G - b) * roll.mask,
+        "mask": roll.mask,
+        "ref_logp": roll.ref_logp,
+        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
+    }
 
 
 def reinforce_loss(
@@ -85,6 +92,12 @@ def loss(out, batch, cfg: ReinforceConfig, beta: float):
 
 
 SPEC = AlgorithmSpec(
-    name="reinforce", Config=ReinforceConfig, kind="online", summary="REINFORCE, optional baseline",
-    prepare=prepare, loss=loss, defaults={"group_size": 1}, regulariser=kl_penalty,
-)  # fmt: skip
+    name="reinforce",
+    Config=ReinforceConfig,
+    kind="online",
+    summary="REINFORCE, optional baseline",
+    prepare=prepare,
+    loss=loss,
+    defaults={"group_size": 1},
+    regulariser=kl_penalty,
+)

@@ -11,7 +11,6 @@ Face sequence-classification checkpoint and serves as the reward for RL runs
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
@@ -44,7 +43,12 @@ def step(rm, ref, batch, cfg: RewardModelConfig, beta: float):
 
 
 SPEC = AlgorithmSpec(
-    name="rm", Config=RewardModelConfig, kind="offline", trains="reward_model",
-    summary="Bradley-Terry reward model", dataset=preference_dataset, step=step,
+    name="rm",
+    Config=RewardModelConfig,
+    kind="offline",
+    trains="reward_model",
+    summary="Bradley-Terry reward model",
+    dataset=preference_dataset,
+    step=step,
     regulariser=lambda cfg, beta: "a reward model, not a policy",
-)  # fmt: skip
+)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from .common import AlgoConfig, Aggregation, group_view
+from .common import Aggregation, AlgoConfig, group_view
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards, reinforce_loss
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 
@@ -39,7 +39,12 @@ def prepare(roll: Rollout, cfg: RLOOConfig, beta: float) -> dict[str, Tensor]:
     A = rloo_advantages(r.sum(-1), roll.group_size)  # (B,)
     if cfg.normalize_advantages:
         A = A / (A.std() + 1e-8)
-    return {"advantages": A[:, None] * roll.mask, "mask": roll.mask, "ref_logp": roll.ref_logp, f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl}
+    return {
+        "advantages": A[:, None] * roll.mask,
+        "mask": roll.mask,
+        "ref_logp": roll.ref_logp,
+        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
+    }
 
 
 def loss(out, batch, cfg: RLOOConfig, beta: float):
@@ -47,6 +52,12 @@ def loss(out, batch, cfg: RLOOConfig, beta: float):
 
 
 SPEC = AlgorithmSpec(
-    name="rloo", Config=RLOOConfig, kind="online", summary="REINFORCE with leave-one-out baseline",
-    prepare=prepare, loss=loss, min_group_size=2, regulariser=kl_penalty,
-)  # fmt: skip
+    name="rloo",
+    Config=RLOOConfig,
+    kind="online",
+    summary="REINFORCE with leave-one-out baseline",
+    prepare=prepare,
+    loss=loss,
+    min_group_size=2,
+    regulariser=kl_penalty,
+)

@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .common import AlgoConfig, Aggregation, aggregate
+from .common import Aggregation, AlgoConfig, aggregate
 from .spec import AlgorithmSpec
 
 
@@ -40,6 +40,11 @@ def step(policy, ref, batch, cfg: SFTConfig, beta: float):
 
 
 SPEC = AlgorithmSpec(
-    name="sft", Config=SFTConfig, kind="offline", summary="masked NLL on demonstrations", dataset=dataset, step=step,
+    name="sft",
+    Config=SFTConfig,
+    kind="offline",
+    summary="masked NLL on demonstrations",
+    dataset=dataset,
+    step=step,
     regulariser=lambda cfg, beta: "SFT: cross-entropy on demonstrations, no KL",
 )

@@ -9,8 +9,9 @@ gives ``dataset(task, cfg, generator)`` and ``step(model, ref, batch, cfg, beta)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from torch import Tensor
 

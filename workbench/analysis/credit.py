@@ -125,11 +125,15 @@ def prompt_index(prompts: Tensor, eval_prompts: Tensor) -> Tensor:
     """``(B,)`` row of each prompt in ``eval_prompts``; every prompt must be one of them."""
     eq = (prompts[:, None, :].cpu() == eval_prompts[None, :, :].cpu()).all(-1)  # (B, P)
     if not eq.any(1).all():
-        raise ValueError("a sampled prompt is not among the eval prompts: exact credit needs the whole prompt distribution")
+        raise ValueError(
+            "a sampled prompt is not among the eval prompts: exact credit needs the whole prompt distribution"
+        )
     return eq.float().argmax(1)
 
 
-def compare(method_adv: Tensor, exact_adv: Tensor, mask: Tensor, decisive: Tensor) -> tuple[dict[str, float], list[dict]]:
+def compare(
+    method_adv: Tensor, exact_adv: Tensor, mask: Tensor, decisive: Tensor
+) -> tuple[dict[str, float], list[dict]]:
     """Method vs exact advantages at the sampled tokens, each ``(B, T)``.
 
     Returns the summary ``{corr, mse, decisive_share, decisive_share_exact}`` and one row per
@@ -155,13 +159,20 @@ def compare(method_adv: Tensor, exact_adv: Tensor, mask: Tensor, decisive: Tenso
     rows = []
     for t in range(m.shape[1]):
         k = sel[:, t]
-        rows.append({
-            "position": t, "decisive": bool(d[t]),
-            "method_abs": m[k, t].abs().mean().item(), "exact_abs": e[k, t].abs().mean().item(),
-            "method_mean": m[k, t].mean().item(), "exact_mean": e[k, t].mean().item(),
-            "corr": pearson(m[k, t], e[k, t]), "mse": ((m[k, t] - e[k, t]) ** 2).mean().item(),
-            "share": sm[t].item(), "share_exact": se[t].item(),
-        })  # fmt: skip
+        rows.append(
+            {
+                "position": t,
+                "decisive": bool(d[t]),
+                "method_abs": m[k, t].abs().mean().item(),
+                "exact_abs": e[k, t].abs().mean().item(),
+                "method_mean": m[k, t].mean().item(),
+                "exact_mean": e[k, t].mean().item(),
+                "corr": pearson(m[k, t], e[k, t]),
+                "mse": ((m[k, t] - e[k, t]) ** 2).mean().item(),
+                "share": sm[t].item(),
+                "share_exact": se[t].item(),
+            }
+        )
     return summary, rows
 
 

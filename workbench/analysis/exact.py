@@ -26,8 +26,8 @@ def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 409
     prompts = task.eval_prompts() if prompts is None else prompts
     if getattr(policy, "has_prefix_tree", False):  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
         return policy.completion_logprobs(prompts.to(policy.device), chunk)
-    A, T = task.n_actions, task.completion_len
-    prefixes = task.all_completions()[:: A, :]  # (A^(T-1), T): every prefix, last token 0 as a placeholder
+    A, _T = task.n_actions, task.completion_len
+    prefixes = task.all_completions()[::A, :]  # (A^(T-1), T): every prefix, last token 0 as a placeholder
     dev = policy.device
     prompts, prefixes = prompts.to(dev), prefixes.to(dev)
     out = []

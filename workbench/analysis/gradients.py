@@ -40,8 +40,8 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -69,7 +69,9 @@ def flatten(grads) -> Tensor:
 # -- the exact RL objective ------------------------------------------------------------------
 
 
-def exact_objective(policy, task, ref_logp: Tensor, rewards: Tensor, beta: float, prompts: Tensor | None = None) -> Tensor:
+def exact_objective(
+    policy, task, ref_logp: Tensor, rewards: Tensor, beta: float, prompts: Tensor | None = None
+) -> Tensor:
     """J(theta) = E_x sum_y pi(y|x) r(x,y) - beta E_x KL(pi || pi_ref), differentiable.
 
     ``ref_logp`` and ``rewards`` are ``(P, A^T)`` over ``prompts`` (default the eval prompts).
@@ -82,7 +84,9 @@ def exact_objective(policy, task, ref_logp: Tensor, rewards: Tensor, beta: float
     return reward - beta * kl
 
 
-def exact_rl_gradient(policy, task, ref_logp: Tensor, rewards: Tensor, beta: float, prompts: Tensor | None = None) -> Tensor:
+def exact_rl_gradient(
+    policy, task, ref_logp: Tensor, rewards: Tensor, beta: float, prompts: Tensor | None = None
+) -> Tensor:
     """g_RL = grad_theta(-J), flat ``(D,)`` over ``lm_params(policy)``."""
     params = list(lm_params(policy).values())
     with torch.enable_grad():
@@ -138,9 +142,10 @@ class _Recorder:
         with torch.no_grad():  # rows with the same inputs have the same outputs: run the distinct ones
             o = _gathered(self.policy(p_u, c_u, values=want), inv, completions)
         out = PolicyOutput(
-            logp=o.logp.requires_grad_(), logits=o.logits.requires_grad_(),
+            logp=o.logp.requires_grad_(),
+            logits=o.logits.requires_grad_(),
             values=None if o.values is None else o.values.requires_grad_(),
-        )  # fmt: skip
+        )
         self.calls.append(_Call(prompts, completions, want, out))
         return out
 
@@ -206,7 +211,9 @@ def minibatch_gradients(policy, losses: list[LossFn], method: str = "auto", max_
             try:
                 return minibatch_gradients(policy, losses, "vmap", max_rows)
             except RuntimeError as e:  # a model vmap cannot batch (data-dependent control flow): the plain path
-                warnings.warn(f"vmap over minibatches failed ({str(e)[:120]}); using one backward per minibatch")
+                warnings.warn(
+                    f"vmap over minibatches failed ({str(e)[:120]}); using one backward per minibatch", stacklevel=2
+                )
     if method == "loop":
         with torch.enable_grad():
             pol = _Distinct(policy, grad=True)
@@ -230,7 +237,10 @@ def minibatch_gradients(policy, losses: list[LossFn], method: str = "auto", max_
     out: list[Tensor | None] = [None] * len(losses)
     groups: dict[tuple, list[int]] = {}
     for k, entry in enumerate(records):
-        key = tuple((c.prompts.shape, c.completions.shape, c.values, lp is None, lg is None, v is None) for c, lp, lg, v in entry)
+        key = tuple(
+            (c.prompts.shape, c.completions.shape, c.values, lp is None, lg is None, v is None)
+            for c, lp, lg, v in entry
+        )
         groups.setdefault(key, []).append(k)
     for key, ks in groups.items():
         rows = max(1, sum(c.prompts.shape[0] for c, *_ in records[ks[0]]))
@@ -260,13 +270,15 @@ def _vmapped_gradients(policy, params: dict[str, Tensor], entries: list, key: tu
     stacked = []
     for i, (_, _, _, no_lp, no_lg, no_v) in enumerate(key):
         calls = [e[i] for e in entries]
-        stacked.append({
-            "prompts": torch.stack([c.prompts for c, *_ in calls]),
-            "completions": torch.stack([c.completions for c, *_ in calls]),
-            **({} if no_lp else {"c_logp": torch.stack([lp for _, lp, _, _ in calls])}),
-            **({} if no_lg else {"c_logits": torch.stack([lg for _, _, lg, _ in calls])}),
-            **({} if no_v else {"c_values": torch.stack([v for _, _, _, v in calls])}),
-        })  # fmt: skip
+        stacked.append(
+            {
+                "prompts": torch.stack([c.prompts for c, *_ in calls]),
+                "completions": torch.stack([c.completions for c, *_ in calls]),
+                **({} if no_lp else {"c_logp": torch.stack([lp for _, lp, _, _ in calls])}),
+                **({} if no_lg else {"c_logits": torch.stack([lg for _, _, lg, _ in calls])}),
+                **({} if no_v else {"c_values": torch.stack([v for _, _, _, v in calls])}),
+            }
+        )
     detached = {n: p.detach() for n, p in params.items()}
 
     def surrogate(theta, inputs):  # sum over calls of <cotangent, output(theta)>: its gradient is the loss's
@@ -320,10 +332,17 @@ def slice_rollout(roll: Rollout, start: int, stop: int) -> Rollout:
     """Rows ``start:stop`` of a rollout (whole groups)."""
     sl = slice(start, stop)
     return Rollout(
-        prompts=roll.prompts[sl], completions=roll.completions[sl], mask=roll.mask[sl], old_logp=roll.old_logp[sl],
-        ref_logp=roll.ref_logp[sl], scores=roll.scores[sl], step_rewards=roll.step_rewards[sl], gold=roll.gold[sl],
-        group_size=roll.group_size, old_values=None if roll.old_values is None else roll.old_values[sl],
-    )  # fmt: skip
+        prompts=roll.prompts[sl],
+        completions=roll.completions[sl],
+        mask=roll.mask[sl],
+        old_logp=roll.old_logp[sl],
+        ref_logp=roll.ref_logp[sl],
+        scores=roll.scores[sl],
+        step_rewards=roll.step_rewards[sl],
+        gold=roll.gold[sl],
+        group_size=roll.group_size,
+        old_values=None if roll.old_values is None else roll.old_values[sl],
+    )
 
 
 def online_losses(spec, cfg, beta: float, rollouts: list[Rollout]) -> tuple[list[LossFn], list[dict]]:

@@ -35,16 +35,56 @@ import pandas as pd
 
 from .. import __version__
 from .stats import difference_interval, is_non_negative, t_half_width
-from .verdicts import FAILED, Statistics, aggregate, at_step, claim_verdicts, evaluate_rule, pairwise, rule_groups, summarise
+from .verdicts import (
+    FAILED,
+    Statistics,
+    aggregate,
+    at_step,
+    claim_verdicts,
+    evaluate_rule,
+    pairwise,
+    rule_groups,
+    summarise,
+)
 
 DEFAULT_METRICS = ("reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval")
 PACKAGES = ("torch", "transformers", "trl", "numpy", "pandas", "scipy", "matplotlib", "seaborn", "pyarrow")
-VERDICT_COLOURS = {"supported": "#1a7f37", "contradicted": "#cf222e", "inconclusive": "#9a6700", "unstable": "#bc4c00",
-                   "insufficient seeds": "#57606a", "incomplete": "#57606a", "not measured": "#57606a"}  # fmt: skip
+VERDICT_COLOURS = {
+    "supported": "#1a7f37",
+    "contradicted": "#cf222e",
+    "inconclusive": "#9a6700",
+    "unstable": "#bc4c00",
+    "insufficient seeds": "#57606a",
+    "incomplete": "#57606a",
+    "not measured": "#57606a",
+}
 CLAIMS_DOC = "docs/claims.md"  # in the workbench repository: each claim in the project's words, and what measures it
-RUN_COLUMNS = {"run_id", "task", "algo", "seed", "steps", "unit", "config", "task_label", "algo_label", "grid", "status",
-               "step", "samples", "reason", "final_step", "final_samples", "path", "attempts", "owner", "started_at",
-               "finished_at", "heartbeat", "group", "condition"}  # fmt: skip
+RUN_COLUMNS = {
+    "run_id",
+    "task",
+    "algo",
+    "seed",
+    "steps",
+    "unit",
+    "config",
+    "task_label",
+    "algo_label",
+    "grid",
+    "status",
+    "step",
+    "samples",
+    "reason",
+    "final_step",
+    "final_samples",
+    "path",
+    "attempts",
+    "owner",
+    "started_at",
+    "finished_at",
+    "heartbeat",
+    "group",
+    "condition",
+}
 
 
 def claim_link(claim: str) -> str:
@@ -107,7 +147,9 @@ def _group_label(df: pd.DataFrame) -> pd.Series:
     return label
 
 
-def curve_figure(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str, figdir: Path, level: float = 0.95) -> dict | None:
+def curve_figure(
+    metrics: pd.DataFrame, runs: pd.DataFrame, metric: str, figdir: Path, level: float = 0.95
+) -> dict | None:
     """``metric`` over update steps per group: mean and t band over seeds (finished runs only)."""
     plt = _matplotlib()
     if metric not in metrics:
@@ -131,7 +173,9 @@ def curve_figure(metrics: pd.DataFrame, runs: pd.DataFrame, metric: str, figdir:
         ax.plot(c["step"], c["mean"], color=colour, label=name, lw=1.4, ls="-" if i < 10 else "--")
         ax.fill_between(c["step"], c["lo"], c["hi"], color=colour, alpha=0.2, lw=0)
     pct = f"{level:.0%}"
-    ax.set_title(f"{metric}: mean and {pct} t band over seeds" + (" (band clipped at 0)" if clipped else ""), fontsize=10)
+    ax.set_title(
+        f"{metric}: mean and {pct} t band over seeds" + (" (band clipped at 0)" if clipped else ""), fontsize=10
+    )
     ax.set_xlabel("update step")
     ax.set_ylabel(metric)
     if metric.startswith("kl/") and (g["mean"] > 0).all() and g["mean"].max() / max(g["mean"].min(), 1e-12) > 100:
@@ -146,8 +190,10 @@ def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path, sta
     """Final ``metric`` of the rule's groups (at ``step`` for a rule with one): each seed, the mean and its interval."""
     plt = _matplotlib()
     m = result["metric"]
-    groups = [(name, g.loc[g["status"] == "done", m].dropna().to_numpy(float) if m in g else np.array([]))
-              for name, g in rule_groups(final, result)]  # fmt: skip
+    groups = [
+        (name, g.loc[g["status"] == "done", m].dropna().to_numpy(float) if m in g else np.array([]))
+        for name, g in rule_groups(final, result)
+    ]
     if not any(len(x) for _, x in groups):
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -165,8 +211,11 @@ def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path, sta
         ax.axhline(result["threshold"], ls="--", color=VERDICT_COLOURS["inconclusive"], lw=1)
     ax.set_xticks(range(len(groups)), [name for name, _ in groups], fontsize=8)
     ax.set_ylabel(m if result.get("step") is None else f"{m} at step {result['step']}")
-    ax.set_title(f"{result['claim']}: {result['verdict']} (mean and {stats.level:.0%} interval of each side)",
-                 color=VERDICT_COLOURS[result["verdict"]], fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"{result['claim']}: {result['verdict']} (mean and {stats.level:.0%} interval of each side)",
+        color=VERDICT_COLOURS[result["verdict"]],
+        fontsize=9,
+    )
     out = _save(fig, figdir, f"verdict_{index}_{result['claim']}_{_slug(m)}")
     plt.close(fig)
     return out
@@ -178,7 +227,9 @@ def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path, sta
 def _git(*args: str) -> str | None:
     try:
         root = Path(__file__).resolve().parents[2]
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
     except Exception:
         return None
 
@@ -204,13 +255,22 @@ def provenance(runs: pd.DataFrame, study_row: dict, command: list[str] | None) -
         "seeds": sorted(int(s) for s in runs["seed"].dropna().unique()),
         "packages": versions,
         "python": platform.python_version(),
-        "hardware": {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
-                     "cpu_count": __import__("os").cpu_count(), "run_devices": devices},  # fmt: skip
+        "hardware": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+            "cpu_count": __import__("os").cpu_count(),
+            "run_devices": devices,
+        },
         "command": " ".join(command if command is not None else sys.argv),
         "budget_consumed": {
             "runs": int(runs["run_id"].nunique()),
-            "update_steps": int(pd.to_numeric(runs.get("final_step", runs.get("step")), errors="coerce").fillna(0).sum()),
-            "samples": int(pd.to_numeric(runs.get("final_samples", runs.get("samples")), errors="coerce").fillna(0).sum()),
+            "update_steps": int(
+                pd.to_numeric(runs.get("final_step", runs.get("step")), errors="coerce").fillna(0).sum()
+            ),
+            "samples": int(
+                pd.to_numeric(runs.get("final_samples", runs.get("samples")), errors="coerce").fillna(0).sum()
+            ),
             "status": runs.drop_duplicates("run_id")["status"].value_counts().to_dict(),
         },
     }
@@ -243,7 +303,9 @@ def _interval(r: dict) -> str:
 
 def _rule_text(r: dict) -> str:
     where = "".join(f", {k}={v}" for k, v in (r.get("where") or {}).items())
-    side = {s: r[s] + "".join(f" [{k}={v}]" for k, v in (r.get(f"{s}_where") or {}).items()) for s in ("a", "b") if r.get(s)}
+    side = {
+        s: r[s] + "".join(f" [{k}={v}]" for k, v in (r.get(f"{s}_where") or {}).items()) for s in ("a", "b") if r.get(s)
+    }
     if r["kind"] in ("below", "above"):
         core = f"{r['metric']} of {side['a']} {r['kind']} {r['threshold']}"
     elif r["kind"] == "equivalent":
@@ -290,9 +352,14 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     metric_names = [m for m in spec.report.metrics if m in final]
 
     # tables (finished runs of every seed: exploration and confirmation)
-    summary = _with_counts(summarise(finished, metric_names, ["group"], stats) if metric_names else pd.DataFrame(), final)
-    pw = pd.concat([pairwise(finished, m, "method", ("condition",)) for m in metric_names], ignore_index=True) \
-        if metric_names else pd.DataFrame()  # fmt: skip
+    summary = _with_counts(
+        summarise(finished, metric_names, ["group"], stats) if metric_names else pd.DataFrame(), final
+    )
+    pw = (
+        pd.concat([pairwise(finished, m, "method", ("condition",)) for m in metric_names], ignore_index=True)
+        if metric_names
+        else pd.DataFrame()
+    )
     aggregates = _aggregates(finished, metric_names, stats)
 
     # verdicts: decided on the confirmation seeds; the exploration seeds are shown apart
@@ -300,8 +367,11 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     rules = list(spec.verdicts)
     frames = {r.step: final if r.step is None else at_step(final, metrics, r.step) for r in rules}
     rule_results = [evaluate_rule(frames[r.step][frames[r.step]["seed"].isin(decide)], r, stats) for r in rules]
-    explore = [evaluate_rule(frames[r.step][frames[r.step]["seed"].isin(set(spec.seeds))], r, stats) for r in rules] \
-        if spec.confirm_seeds else []  # fmt: skip
+    explore = (
+        [evaluate_rule(frames[r.step][frames[r.step]["seed"].isin(set(spec.seeds))], r, stats) for r in rules]
+        if spec.confirm_seeds
+        else []
+    )
     for r in rule_results:
         if r["claim"] not in spec.claims:
             raise ValueError(f"verdict rule on {r['claim']}, which study {study!r} does not list in claims")
@@ -318,7 +388,9 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     for name, results_ in (("verdict_rules", rule_results), ("verdict_rules_exploration", explore)):
         rr = pd.DataFrame(results_)
         if len(rr):
-            rr = rr.assign(**{c: rr[c].map(lambda w: json.dumps(w, sort_keys=True)) for c in ("where", "a_where", "b_where")})
+            rr = rr.assign(
+                **{c: rr[c].map(lambda w: json.dumps(w, sort_keys=True)) for c in ("where", "a_where", "b_where")}
+            )
         if name == "verdict_rules" or explore:
             rr.to_csv(tabdir / f"{name}.csv", index=False, float_format="%.6g")
 
@@ -331,7 +403,9 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
         if f:
             figures.append(f)
 
-    content = (summary.to_csv(index=False, float_format="%.6g") + json.dumps(rule_results, sort_keys=True, default=str)).encode()
+    content = (
+        summary.to_csv(index=False, float_format="%.6g") + json.dumps(rule_results, sort_keys=True, default=str)
+    ).encode()
     digest = hashlib.sha256(content).hexdigest()
     prov = provenance(final, srow, command)
     prov["study_file_sha256"] = hashlib.sha256(loaded.text.encode()).hexdigest()
@@ -340,7 +414,8 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     year = _year(final)
     bib_id = f"workbench_{_slug(study)}_{digest[:10]}"
     bib = (
-        f"@misc{{{bib_id},\n  title = {{{{workbench study report: {study}}}}},\n  author = {{{{workbench developers}}}},\n"
+        f"@misc{{{bib_id},\n"
+        f"  title = {{{{workbench study report: {study}}}}},\n  author = {{{{workbench developers}}}},\n"
         f"  year = {{{year}}},\n  note = {{Claims {', '.join(spec.claims)}; {prov['budget_consumed']['runs']} runs; "
         f"content sha256 {digest[:16]}; workbench {__version__}"
         + (f", commit {prov['git_commit'][:12]}" if prov["git_commit"] else "")
@@ -349,16 +424,38 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     (out / "report.bib").write_text(bib)
     deviations = [d.model_dump(by_alias=True) for d in spec.deviations]
     verdict_doc = {
-        "study": study, "claims": spec.claims, "verdicts": verdicts, "rules": rule_results,
+        "study": study,
+        "claims": spec.claims,
+        "verdicts": verdicts,
+        "rules": rule_results,
         "exploration": {"seeds": list(spec.seeds), "verdicts": explore_verdicts, "rules": explore},
-        "confirmation_seeds": sorted(decide), "statistics": stats.model_dump(), "deviations": deviations,
-        "study_file_sha256": prov["study_file_sha256"], "claims_doc": {c: claim_link(c) for c in spec.claims},
-        "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"}, "bibtex_id": bib_id,
-    }  # fmt: skip
+        "confirmation_seeds": sorted(decide),
+        "statistics": stats.model_dump(),
+        "deviations": deviations,
+        "study_file_sha256": prov["study_file_sha256"],
+        "claims_doc": {c: claim_link(c) for c in spec.claims},
+        "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"},
+        "bibtex_id": bib_id,
+    }
     (out / "verdicts.json").write_text(json.dumps(verdict_doc, indent=2, sort_keys=True, default=str))
 
-    doc = _Document(study, srow, spec, verdicts, rule_results, explore_verdicts, explore, summary, pw, aggregates,
-                    figures, prov, bib, issues, deviations)  # fmt: skip
+    doc = _Document(
+        study,
+        srow,
+        spec,
+        verdicts,
+        rule_results,
+        explore_verdicts,
+        explore,
+        summary,
+        pw,
+        aggregates,
+        figures,
+        prov,
+        bib,
+        issues,
+        deviations,
+    )
     (out / "report.md").write_text(doc.markdown())
     page = doc.html(out)
     (out / "report.html").write_text(page)
@@ -377,8 +474,10 @@ def _condition(df: pd.DataFrame, study_keys: set[str]) -> tuple[pd.Series, pd.Se
 
     cond = df["grid"].map(lambda g: label(g, False))
     own = df["grid"].map(lambda g: label(g, True))
-    return (df["task_label"].astype(str) + cond.map(lambda g: f" [{g}]" if g else ""),
-            df["algo_label"].astype(str) + own.map(lambda g: f" [{g}]" if g else ""))  # fmt: skip
+    return (
+        df["task_label"].astype(str) + cond.map(lambda g: f" [{g}]" if g else ""),
+        df["algo_label"].astype(str) + own.map(lambda g: f" [{g}]" if g else ""),
+    )
 
 
 def _with_counts(summary: pd.DataFrame, final: pd.DataFrame) -> pd.DataFrame:
@@ -394,16 +493,26 @@ def _aggregates(finished: pd.DataFrame, metric_names: list[str], stats: Statisti
     """IQM and probability of improvement across conditions, when the study has several."""
     if not len(finished) or finished["condition"].nunique() < 2:
         return {}
-    iqm, imp = zip(*(aggregate(finished, m, "method", "condition", stats.level) for m in metric_names)) if metric_names else ((), ())
-    out = {"aggregate_iqm": pd.concat(iqm, ignore_index=True) if iqm else pd.DataFrame(),
-           "aggregate_improvement": pd.concat(imp, ignore_index=True) if imp else pd.DataFrame()}  # fmt: skip
+    iqm, imp = (
+        zip(*(aggregate(finished, m, "method", "condition", stats.level) for m in metric_names))
+        if metric_names
+        else ((), ())
+    )
+    out = {
+        "aggregate_iqm": pd.concat(iqm, ignore_index=True) if iqm else pd.DataFrame(),
+        "aggregate_improvement": pd.concat(imp, ignore_index=True) if imp else pd.DataFrame(),
+    }
     return {k: v for k, v in out.items() if len(v)}
 
 
 def _year(final: pd.DataFrame) -> int:
     import datetime
 
-    t = pd.to_numeric(final.get("finished_at"), errors="coerce").dropna() if "finished_at" in final else pd.Series([], dtype=float)
+    t = (
+        pd.to_numeric(final.get("finished_at"), errors="coerce").dropna()
+        if "finished_at" in final
+        else pd.Series([], dtype=float)
+    )
     ts = t.max() if len(t) else 0
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).year if ts else datetime.date.today().year
 
@@ -414,17 +523,40 @@ def _verdict_rows(verdicts: dict, rule_results: list[dict], level: float) -> pd.
     for claim, v in verdicts.items():
         rs = [r for r in rule_results if r["claim"] == claim]
         if not rs:
-            rows.append({"claim": claim, "claim verdict": v, "rule": "(no rule)", "rule verdict": "", "estimate": math.nan,
-                         ci: "n/a", "n": "", "excluded": "", "figure": ""})  # fmt: skip
+            rows.append(
+                {
+                    "claim": claim,
+                    "claim verdict": v,
+                    "rule": "(no rule)",
+                    "rule verdict": "",
+                    "estimate": math.nan,
+                    ci: "n/a",
+                    "n": "",
+                    "excluded": "",
+                    "figure": "",
+                }
+            )
         for r in rs:
-            rows.append({"claim": claim, "claim verdict": v, "rule": _rule_text(r), "rule verdict": r["verdict"],
-                         "estimate": r["estimate"], ci: _interval(r), "n": _n_text(r), "excluded": _failed_text(r),
-                         "figure": r.get("figure") or ""})  # fmt: skip
+            rows.append(
+                {
+                    "claim": claim,
+                    "claim verdict": v,
+                    "rule": _rule_text(r),
+                    "rule verdict": r["verdict"],
+                    "estimate": r["estimate"],
+                    ci: _interval(r),
+                    "n": _n_text(r),
+                    "excluded": _failed_text(r),
+                    "figure": r.get("figure") or "",
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def _n_text(r: dict) -> str:
-    return str(r["n_a"]) if r.get("n_b") is None else f"{r['n_a']} / {r['n_b']}" + (" paired" if r.get("paired") else "")
+    return (
+        str(r["n_a"]) if r.get("n_b") is None else f"{r['n_a']} / {r['n_b']}" + (" paired" if r.get("paired") else "")
+    )
 
 
 def _failed_text(r: dict) -> str:
@@ -452,13 +584,30 @@ METHODS = {"t": "Student t (paired t for runs paired by seed, Welch otherwise)",
 class _Document:
     """The report as Markdown and as self-contained HTML, from the same pieces."""
 
-    def __init__(self, study, srow, spec, verdicts, rule_results, explore_verdicts, explore, summary, pw, aggregates,
-                 figures, prov, bib, issues, deviations):  # fmt: skip
+    def __init__(
+        self,
+        study,
+        srow,
+        spec,
+        verdicts,
+        rule_results,
+        explore_verdicts,
+        explore,
+        summary,
+        pw,
+        aggregates,
+        figures,
+        prov,
+        bib,
+        issues,
+        deviations,
+    ):
         self.__dict__.update(locals())
         del self.__dict__["self"]
         self.stats = spec.statistics
-        self.about = ABOUT_VERDICTS.format(level=self.stats.level, method=METHODS[self.stats.interval],
-                                           min_seeds=self.stats.min_seeds, doc=CLAIMS_DOC)  # fmt: skip
+        self.about = ABOUT_VERDICTS.format(
+            level=self.stats.level, method=METHODS[self.stats.interval], min_seeds=self.stats.min_seeds, doc=CLAIMS_DOC
+        )
 
     def _notes(self, rule_results) -> list[tuple[str, str, str]]:
         """(claim, rule, note) lines: statements and declared confounds."""
@@ -467,38 +616,56 @@ class _Document:
             if r.get("statement"):
                 out.append((r["claim"], _rule_text(r), r["statement"]))
             if r.get("confounded"):
-                out.append((r["claim"], _rule_text(r), f"Confounded comparison, declared by the study: {r['confounded']}"))
+                out.append(
+                    (r["claim"], _rule_text(r), f"Confounded comparison, declared by the study: {r['confounded']}")
+                )
         return out
 
     def _seeds_line(self) -> str:
         p = self.prov
-        return (f"Claims tested: {', '.join(self.spec.claims)}. Exploration seeds: {', '.join(map(str, p['exploration_seeds']))}; "
-                f"confirmation seeds: {', '.join(map(str, p['confirmation_seeds'])) or 'none declared'}. "
-                f"Runs: {p['budget_consumed']['runs']} ({', '.join(f'{k}: {v}' for k, v in sorted(p['budget_consumed']['status'].items()))}). "
-                f"Study file sha256: {p['study_file_sha256'][:16]}.")  # fmt: skip
+        return (
+            f"Claims tested: {', '.join(self.spec.claims)}. "
+            f"Exploration seeds: {', '.join(map(str, p['exploration_seeds']))}; "
+            f"confirmation seeds: {', '.join(map(str, p['confirmation_seeds'])) or 'none declared'}. "
+            f"Runs: {p['budget_consumed']['runs']} "
+            f"({', '.join(f'{k}: {v}' for k, v in sorted(p['budget_consumed']['status'].items()))}). "
+            f"Study file sha256: {p['study_file_sha256'][:16]}."
+        )
 
     def markdown(self) -> str:
         lv = self.stats.level
-        parts = [f"# Study report: {self.study}\n", f"{self.srow.get('description') or ''}\n", self._seeds_line() + "\n"]
+        parts = [
+            f"# Study report: {self.study}\n",
+            f"{self.srow.get('description') or ''}\n",
+            self._seeds_line() + "\n",
+        ]
         parts.append("## Verdicts (confirmation seeds)\n")
         parts.append(self.about + "\n")
         parts.append(_md_table(_verdict_rows(self.verdicts, self.rule_results, lv)))
-        parts += [f"- **[{c}]({claim_link(c)})** ({rule}): {note}\n" for c, rule, note in self._notes(self.rule_results)]
+        parts += [
+            f"- **[{c}]({claim_link(c)})** ({rule}): {note}\n" for c, rule, note in self._notes(self.rule_results)
+        ]
         if self.deviations:
             parts.append("\n## Deviations declared by the study\n")
             parts.append("Settings changed after seeing results, as the study file declares them:\n")
             parts.append(_md_table(pd.DataFrame(self.deviations)))
         if self.explore:
             parts.append("\n## The same rules on the exploration seeds (they decide nothing)\n")
-            parts.append("These seeds guided the study's design; they are shown so a reader can see whether the "
-                         "confirmation agreed.\n")  # fmt: skip
+            parts.append(
+                "These seeds guided the study's design; they are shown so a reader can see whether the "
+                "confirmation agreed.\n"
+            )
             parts.append(_md_table(_verdict_rows(self.explore_verdicts, self.explore, lv)))
-        parts.append(f"\n## Final metrics (finished runs; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; "
-                     "run counts by status)\n")  # fmt: skip
+        parts.append(
+            f"\n## Final metrics (finished runs; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; "
+            "run counts by status)\n"
+        )
         parts.append(_md_table(self.summary))
         parts.append("\n## Tests within each task and grid point\n")
-        parts.append("Paired t when the two groups' runs pair by seed, Welch otherwise; Holm-corrected across the "
-                     "comparisons of each metric. Groups without spread get no p-value.\n")  # fmt: skip
+        parts.append(
+            "Paired t when the two groups' runs pair by seed, Welch otherwise; Holm-corrected across the "
+            "comparisons of each metric. Groups without spread get no p-value.\n"
+        )
         parts.append(_md_table(self.pw))
         for name, df in self.aggregates.items():
             parts.append(f"\n## {AGGREGATE_TITLES[name]}\n")
@@ -509,7 +676,9 @@ class _Document:
             parts.append("\n## Runs skipped by the loader\n")
             parts += [f"- `{i['run_id']}`: {i['problem']}\n" for i in self.issues]
         parts.append("\n## Provenance\n```json\n" + json.dumps(self.prov, indent=2, sort_keys=True) + "\n```\n")
-        parts.append("\n## How to cite\n```bibtex\n" + self.bib + "```\nand the workbench itself: see `CITATION.cff`.\n")
+        parts.append(
+            "\n## How to cite\n```bibtex\n" + self.bib + "```\nand the workbench itself: see `CITATION.cff`.\n"
+        )
         return "\n".join(parts)
 
     def html(self, out: Path) -> str:
@@ -541,34 +710,47 @@ class _Document:
             return f"<table class='t'><tr>{head}</tr>{body}</table>"
 
         figs = "".join(
-            f"<figure><img alt='{e(f['name'])}' src='{_img(out / f['png'])}'/><figcaption>{e(f['name'])}</figcaption></figure>"
+            f"<figure><img alt='{e(f['name'])}' src='{_img(out / f['png'])}'/>"
+            f"<figcaption>{e(f['name'])}</figcaption></figure>"
             for f in self.figures
         )
         skipped = "".join(f"<li><code>{e(i['run_id'])}</code>: {e(i['problem'])}</li>" for i in self.issues)
-        notes = "".join(f"<li><b>{e(c)}</b> ({e(rule)}): {e(note)}</li>" for c, rule, note in self._notes(self.rule_results))
-        dev = (f"<h2>Deviations declared by the study</h2><p>Settings changed after seeing results, as the study file "
-               f"declares them:</p>{table(pd.DataFrame(self.deviations))}" if self.deviations else "")  # fmt: skip
-        exp = (f"<h2>The same rules on the exploration seeds (they decide nothing)</h2><p>These seeds guided the study's "
-               f"design; they are shown so a reader can see whether the confirmation agreed.</p>"
-               f"{verdict_table(self.explore_verdicts, self.explore)}" if self.explore else "")  # fmt: skip
+        notes = "".join(
+            f"<li><b>{e(c)}</b> ({e(rule)}): {e(note)}</li>" for c, rule, note in self._notes(self.rule_results)
+        )
+        dev = (
+            f"<h2>Deviations declared by the study</h2><p>Settings changed after seeing results, as the study file "
+            f"declares them:</p>{table(pd.DataFrame(self.deviations))}"
+            if self.deviations
+            else ""
+        )
+        exp = (
+            f"<h2>The same rules on the exploration seeds (they decide nothing)</h2><p>These seeds guided the study's "
+            f"design; they are shown so a reader can see whether the confirmation agreed.</p>"
+            f"{verdict_table(self.explore_verdicts, self.explore)}"
+            if self.explore
+            else ""
+        )
         aggs = "".join(f"<h2>{e(AGGREGATE_TITLES[k])}</h2>{table(v)}" for k, v in self.aggregates.items())
         lv = self.stats.level
         return f"""<!doctype html><html><head><meta charset="utf-8"><title>workbench report: {e(self.study)}</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;font-size:11pt}} table{{border-collapse:collapse;font-size:9pt}}
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;font-size:11pt}} \
+table{{border-collapse:collapse;font-size:9pt}}
 td,th{{border-bottom:1px solid #ddd;padding:2px 6px;text-align:left}} figure{{margin:1em 0;page-break-inside:avoid}}
 img{{max-width:100%}} pre{{font-size:8pt;white-space:pre-wrap;background:#f6f8fa;padding:.5em}}</style></head><body>
-<h1>Study report: {e(self.study)}</h1><p>{e(self.srow.get('description') or '')}</p>
+<h1>Study report: {e(self.study)}</h1><p>{e(self.srow.get("description") or "")}</p>
 <p>{e(self._seeds_line())}</p>
 <h2>Verdicts (confirmation seeds)</h2><p>{e(self.about)}</p>
 {verdict_table(self.verdicts, self.rule_results)}
 <ul>{notes}</ul>{dev}{exp}
-<h2>Final metrics</h2><p>Finished runs only; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; run counts by
+<h2>Final metrics</h2><p>Finished runs only; mean, std and {lv:.0%} {self.stats.interval} interval over seeds; \
+run counts by
 status.</p>{table(self.summary)}
 <h2>Tests within each task and grid point</h2><p>Paired t when the two groups' runs pair by seed, Welch otherwise;
 Holm-corrected across the comparisons of each metric. Groups without spread get no p-value.</p>{table(self.pw)}
 {aggs}
 <h2>Figures</h2>{figs}
-{'<h2>Runs skipped by the loader</h2><ul>' + skipped + '</ul>' if skipped else ''}
+{"<h2>Runs skipped by the loader</h2><ul>" + skipped + "</ul>" if skipped else ""}
 <h2>Provenance</h2><pre>{e(json.dumps(self.prov, indent=2, sort_keys=True))}</pre>
 <h2>How to cite</h2><pre>{e(self.bib)}</pre><p>and the workbench itself: see <code>CITATION.cff</code>.</p>
 </body></html>"""
@@ -576,7 +758,9 @@ Holm-corrected across the comparisons of each metric. Groups without spread get 
 
 AGGREGATE_TITLES = {
     "aggregate_iqm": "Across tasks and grid points: interquartile mean (stratified bootstrap interval)",
-    "aggregate_improvement": "Across tasks and grid points: probability that a's value exceeds b's (stratified bootstrap interval)",
+    "aggregate_improvement": (
+        "Across tasks and grid points: probability that a's value exceeds b's (stratified bootstrap interval)"
+    ),
 }
 
 

@@ -40,8 +40,20 @@ BOOTSTRAP_RESAMPLES = 9999
 Method = Literal["t", "bca"]
 
 # metrics that cannot be negative: their bands are clipped at 0 in figures (and the figure says so)
-NON_NEGATIVE_PREFIXES = ("kl/exact", "kl/k2", "kl/k3", "optimal/kl", "entropy/", "length/", "grad/total_var",
-                         "grad/norm", "grad/true_norm", "grad/exact_norm", "time/", "memory/")  # fmt: skip
+NON_NEGATIVE_PREFIXES = (
+    "kl/exact",
+    "kl/k2",
+    "kl/k3",
+    "optimal/kl",
+    "entropy/",
+    "length/",
+    "grad/total_var",
+    "grad/norm",
+    "grad/true_norm",
+    "grad/exact_norm",
+    "time/",
+    "memory/",
+)
 
 
 def is_non_negative(metric: str) -> bool:
@@ -119,8 +131,14 @@ def _bca(data: tuple, stat, est: float, level: float, seed: int) -> tuple[float,
 
     with warnings.catch_warnings():  # degenerate resamples: scipy warns and returns NaN, which we report as such
         warnings.simplefilter("ignore")
-        res = bootstrap(data, stat, confidence_level=level, n_resamples=BOOTSTRAP_RESAMPLES, method="BCa",
-                        random_state=np.random.default_rng(seed))  # fmt: skip
+        res = bootstrap(
+            data,
+            stat,
+            confidence_level=level,
+            n_resamples=BOOTSTRAP_RESAMPLES,
+            method="BCa",
+            random_state=np.random.default_rng(seed),
+        )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 

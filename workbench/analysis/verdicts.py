@@ -66,15 +66,21 @@ class Statistics(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    min_seeds: int = Field(5, ge=3, description="usable values a rule needs on each side, else 'insufficient seeds' (never below 3)")
-    interval: Literal["t", "bca"] = Field("t", description="t: Student / paired t / Welch intervals; bca: a seeded BCa bootstrap")
+    min_seeds: int = Field(
+        5, ge=3, description="usable values a rule needs on each side, else 'insufficient seeds' (never below 3)"
+    )
+    interval: Literal["t", "bca"] = Field(
+        "t", description="t: Student / paired t / Welch intervals; bca: a seeded BCa bootstrap"
+    )
     level: float = Field(LEVEL, gt=0.5, lt=1, description="confidence level of every interval")
 
     @model_validator(mode="after")
     def _bca_needs_seeds(self) -> Statistics:
         if self.interval == "bca" and self.min_seeds < 20:
-            raise ValueError("interval = 'bca' needs min_seeds >= 20: a nominal 95% BCa interval covered the mean 75-89% "
-                             "of the time at 3-10 seeds in a simulation (normal data); use 't' below that")  # fmt: skip
+            raise ValueError(
+                "interval = 'bca' needs min_seeds >= 20: a nominal 95% BCa interval covered the mean 75-89% "
+                "of the time at 3-10 seeds in a simulation (normal data); use 't' below that"
+            )
         return self
 
 
@@ -85,25 +91,37 @@ class VerdictRule(BaseModel):
 
     claim: str = Field(description="claim id from docs/claims.md, e.g. 'C6'")
     metric: str = Field(description="metric name (docs/metrics.md), final value per run")
-    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(description="what supports the claim")
+    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(
+        description="what supports the claim"
+    )
     a: str = Field(description="group label: an algorithm label of the study")
     b: str | None = Field(None, description="second group label, for greater/less/equivalent/noninferior")
-    where: dict[str, object] = Field(default_factory=dict, description="grid values or task label both groups must have")
-    a_where: dict[str, object] = Field(default_factory=dict, description="more filters for group a only, merged over 'where'")
-    b_where: dict[str, object] = Field(default_factory=dict, description="more filters for group b only, merged over 'where'")
+    where: dict[str, object] = Field(
+        default_factory=dict, description="grid values or task label both groups must have"
+    )
+    a_where: dict[str, object] = Field(
+        default_factory=dict, description="more filters for group a only, merged over 'where'"
+    )
+    b_where: dict[str, object] = Field(
+        default_factory=dict, description="more filters for group b only, merged over 'where'"
+    )
     step: int | None = Field(None, ge=0, description="read the metric at this update step instead of its final value")
     threshold: float | None = Field(None, description="for below/above")
-    margin: float | None = Field(None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less")
+    margin: float | None = Field(
+        None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less"
+    )
     statement: str = Field("", description="what the rule checks, in words, for the report")
     failures: Literal["exclude", "worst"] = Field(
-        "exclude", description="failed/diverged runs: 'exclude' (counted; over a fifth of a side -> unstable) or "
+        "exclude",
+        description="failed/diverged runs: 'exclude' (counted; over a fifth of a side -> unstable) or "
         "'worst' (each takes the value 'worst', for stability claims)",
-    )  # fmt: skip
+    )
     worst: float | None = Field(None, description="failures = 'worst': the value a failed or diverged run takes")
     confounded: str | None = Field(
-        None, description="why a raw reward/KL comparison between methods that regularise differently is still made; "
+        None,
+        description="why a raw reward/KL comparison between methods that regularise differently is still made; "
         "printed under the verdict",
-    )  # fmt: skip
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> VerdictRule:
@@ -144,8 +162,17 @@ def summarise(final: pd.DataFrame, metrics: list[str], by: list[str], stats: Sta
             if not len(x):
                 continue
             _, lo, hi = difference_interval(x, level=stats.level, method=stats.interval)
-            rows.append({**dict(zip(by, key)), "metric": m, "n": len(x), "mean": x.mean(),
-                         "std": x.std(ddof=1) if len(x) > 1 else math.nan, "ci_low": lo, "ci_high": hi})  # fmt: skip
+            rows.append(
+                {
+                    **dict(zip(by, key)),
+                    "metric": m,
+                    "n": len(x),
+                    "mean": x.mean(),
+                    "std": x.std(ddof=1) if len(x) > 1 else math.nan,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -172,7 +199,9 @@ def paired_values(xa: pd.Series, sa: pd.Series, xb: pd.Series, sb: pd.Series):
     return np.array([da[s] for s in order]), np.array([db[s] for s in order])
 
 
-def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label", within: tuple[str, ...] = ("condition",)) -> pd.DataFrame:
+def pairwise(
+    final: pd.DataFrame, metric: str, group: str = "algo_label", within: tuple[str, ...] = ("condition",)
+) -> pd.DataFrame:
     """Tests between the groups of each condition (task and grid point) on one metric, Holm-corrected.
 
     Paired t when the two groups hold the same seeds, Welch otherwise. Two groups without
@@ -205,9 +234,22 @@ def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label", within
                     with warnings.catch_warnings():  # near-identical seeds: scipy warns, the p-value stands
                         warnings.simplefilter("ignore", RuntimeWarning)
                         p = float((ttest_rel(*pair) if pair else ttest_ind(xa, xb, equal_var=False)).pvalue)
-                rows.append({**dict(zip(within, key)), "metric": metric, "a": a, "b": b, "n_a": len(xa), "n_b": len(xb),
-                             "mean_a": xa.mean(), "mean_b": xb.mean(), "difference": xa.mean() - xb.mean(),
-                             "test": test, "p": p, "note": note})  # fmt: skip
+                rows.append(
+                    {
+                        **dict(zip(within, key)),
+                        "metric": metric,
+                        "a": a,
+                        "b": b,
+                        "n_a": len(xa),
+                        "n_b": len(xb),
+                        "mean_a": xa.mean(),
+                        "mean_b": xb.mean(),
+                        "difference": xa.mean() - xb.mean(),
+                        "test": test,
+                        "p": p,
+                        "note": note,
+                    }
+                )
     df = pd.DataFrame(rows)
     if len(df):
         ok = df["p"].notna()
@@ -217,8 +259,14 @@ def pairwise(final: pd.DataFrame, metric: str, group: str = "algo_label", within
     return df
 
 
-def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condition: str = "condition",
-              level: float = LEVEL, resamples: int = AGGREGATE_RESAMPLES) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
+def aggregate(
+    final: pd.DataFrame,
+    metric: str,
+    group: str = "algo_label",
+    condition: str = "condition",
+    level: float = LEVEL,
+    resamples: int = AGGREGATE_RESAMPLES,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Across conditions (tasks x grid points): the interquartile mean of each group and the
     probability of improvement between groups, with stratified bootstrap intervals.
 
@@ -246,8 +294,17 @@ def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condi
         values = np.concatenate(list(conds.values()))
         boots = trim_mean(np.concatenate([resample(x) for x in conds.values()], axis=1), 0.25, axis=1)
         lo, hi = np.quantile(boots, q)
-        iqm_rows.append({"group": g, "metric": metric, "conditions": len(conds), "n": len(values),
-                         "iqm": trim_mean(values, 0.25), "ci_low": lo, "ci_high": hi})  # fmt: skip
+        iqm_rows.append(
+            {
+                "group": g,
+                "metric": metric,
+                "conditions": len(conds),
+                "n": len(values),
+                "iqm": trim_mean(values, 0.25),
+                "ci_low": lo,
+                "ci_high": hi,
+            }
+        )
     imp_rows = []
     names = sorted(by)
     for i, a in enumerate(names):
@@ -259,8 +316,17 @@ def aggregate(final: pd.DataFrame, metric: str, group: str = "algo_label", condi
             est = np.mean([_prob_greater(x, y) for x, y in pairs])
             boots = np.mean([_prob_greater(resample(x), resample(y)) for x, y in pairs], axis=0)
             lo, hi = np.quantile(boots, q)
-            imp_rows.append({"a": a, "b": b, "metric": metric, "conditions": len(common), "p_a_greater": est,
-                             "ci_low": lo, "ci_high": hi})  # fmt: skip
+            imp_rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "metric": metric,
+                    "conditions": len(common),
+                    "p_a_greater": est,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
     return pd.DataFrame(iqm_rows), pd.DataFrame(imp_rows)
 
 
@@ -325,8 +391,15 @@ def side_values(runs: pd.DataFrame, rule: VerdictRule) -> dict:
     if rule.failures == "worst":
         values += [float(rule.worst)] * len(failed)
         seeds += list(failed["seed"])
-    return {"values": np.array(values, dtype=float), "seeds": seeds, "runs": len(runs), "failed": len(failed),
-            "measured": int(ok.sum()), "finished": len(done) + len(failed), "distinct": len(set(seeds))}  # fmt: skip
+    return {
+        "values": np.array(values, dtype=float),
+        "seeds": seeds,
+        "runs": len(runs),
+        "failed": len(failed),
+        "measured": int(ok.sum()),
+        "finished": len(done) + len(failed),
+        "distinct": len(set(seeds)),
+    }
 
 
 def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | None = None) -> dict:
@@ -337,15 +410,34 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | No
     """
     stats = stats or Statistics()
     sides = [side_values(g, rule) for _, g in rule_groups(final, rule)]
-    out = {"claim": rule.claim, "metric": rule.metric, "kind": rule.kind, "a": rule.a, "b": rule.b,
-           "where": rule.where, "a_where": rule.a_where, "b_where": rule.b_where, "step": rule.step,
-           "statement": rule.statement, "threshold": rule.threshold, "margin": rule.margin,
-           "failures": rule.failures, "worst": rule.worst, "confounded": rule.confounded,
-           "interval": stats.interval, "level": stats.level, "min_seeds": stats.min_seeds, "paired": False,
-           "n": min(len(s["values"]) for s in sides), "n_a": len(sides[0]["values"]),
-           "n_b": len(sides[1]["values"]) if len(sides) > 1 else None,
-           "failed_a": sides[0]["failed"], "failed_b": sides[1]["failed"] if len(sides) > 1 else None,
-           "runs_a": sides[0]["runs"], "runs_b": sides[1]["runs"] if len(sides) > 1 else None}  # fmt: skip
+    out = {
+        "claim": rule.claim,
+        "metric": rule.metric,
+        "kind": rule.kind,
+        "a": rule.a,
+        "b": rule.b,
+        "where": rule.where,
+        "a_where": rule.a_where,
+        "b_where": rule.b_where,
+        "step": rule.step,
+        "statement": rule.statement,
+        "threshold": rule.threshold,
+        "margin": rule.margin,
+        "failures": rule.failures,
+        "worst": rule.worst,
+        "confounded": rule.confounded,
+        "interval": stats.interval,
+        "level": stats.level,
+        "min_seeds": stats.min_seeds,
+        "paired": False,
+        "n": min(len(s["values"]) for s in sides),
+        "n_a": len(sides[0]["values"]),
+        "n_b": len(sides[1]["values"]) if len(sides) > 1 else None,
+        "failed_a": sides[0]["failed"],
+        "failed_b": sides[1]["failed"] if len(sides) > 1 else None,
+        "runs_a": sides[0]["runs"],
+        "runs_b": sides[1]["runs"] if len(sides) > 1 else None,
+    }
     nan = {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     if any(s["finished"] == 0 or (s["measured"] == 0 and s["finished"] > s["failed"]) for s in sides):
         return {**out, **nan, "verdict": "not measured"}
@@ -355,12 +447,15 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | No
         a, b = sides
         pair = paired_values(a["values"], a["seeds"], b["values"], b["seeds"])
         out["paired"] = pair is not None
-        est, lo, hi = difference_interval(*(pair or (a["values"], b["values"])), paired=pair is not None,
-                                          level=stats.level, method=stats.interval)  # fmt: skip
+        est, lo, hi = difference_interval(
+            *(pair or (a["values"], b["values"])), paired=pair is not None, level=stats.level, method=stats.interval
+        )
     out.update(estimate=est, ci_low=lo, ci_high=hi)
     if rule.failures == "exclude" and any(s["failed"] > MAX_FAILED_SHARE * s["runs"] for s in sides):
         return {**out, "verdict": "unstable"}
-    if any(s["distinct"] < stats.min_seeds for s in sides):  # seeds, not values: a side pooling grid points is one seed each
+    if any(
+        s["distinct"] < stats.min_seeds for s in sides
+    ):  # seeds, not values: a side pooling grid points is one seed each
         return {**out, "verdict": "insufficient seeds"}
     return {**out, "verdict": _decide(rule, lo, hi)}
 

@@ -49,34 +49,71 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, Resolved
-from ..policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, describe, resolve_device, word_ids
+from ..policy import (
+    ModelConfig,
+    Policy,
+    RewardModel,
+    build_model,
+    build_reward_model,
+    describe,
+    resolve_device,
+    word_ids,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TRL_TRAINERS = {"sft": "SFTTrainer", "rm": "RewardTrainer", "dpo": "DPOTrainer", "ipo": "DPOTrainer",
-                "grpo": "GRPOTrainer", "rloo": "RLOOTrainer"}  # fmt: skip
+TRL_TRAINERS = {
+    "sft": "SFTTrainer",
+    "rm": "RewardTrainer",
+    "dpo": "DPOTrainer",
+    "ipo": "DPOTrainer",
+    "grpo": "GRPOTrainer",
+    "rloo": "RLOOTrainer",
+}
 NO_COUNTERPART = {
     "ppo": "TRL 1.16 has no PPO in its core (PPOTrainer moved to trl.experimental and is being removed)",
-    "reinforce": "TRL 1.16 has no plain REINFORCE trainer (its RLOOTrainer is REINFORCE with a leave-one-out baseline: algo 'rloo')",
+    "reinforce": (
+        "TRL 1.16 has no plain REINFORCE trainer (its RLOOTrainer is REINFORCE with a leave-one-out baseline: "
+        "algo 'rloo')"
+    ),
     "online_dpo": "TRL 1.16 has no online DPO in its core (OnlineDPOTrainer moved to trl.experimental)",
 }
 
 # TRL's logged name -> ours, per algorithm, where the meaning is the same
 _COMMON = {"grad_norm": "grad/norm"}
 METRIC_NAMES = {
-    "grpo": {**_COMMON, "loss": "loss/policy", "reward": "reward/mean", "reward_std": "reward/std",
-             "clip_ratio/region_mean": "clip/ratio"},
+    "grpo": {
+        **_COMMON,
+        "loss": "loss/policy",
+        "reward": "reward/mean",
+        "reward_std": "reward/std",
+        "clip_ratio/region_mean": "clip/ratio",
+    },
     "rloo": {**_COMMON, "reward": "reward/mean", "reward_std": "reward/std"},  # its loss value is a surrogate: trl/loss
     "sft": {**_COMMON, "loss": "loss/sft"},
-    "dpo": {**_COMMON, "loss": "loss/dpo", "rewards/chosen": "rewards/chosen", "rewards/rejected": "rewards/rejected",
-            "rewards/accuracies": "rewards/accuracies", "rewards/margins": "rewards/margins"},
+    "dpo": {
+        **_COMMON,
+        "loss": "loss/dpo",
+        "rewards/chosen": "rewards/chosen",
+        "rewards/rejected": "rewards/rejected",
+        "rewards/accuracies": "rewards/accuracies",
+        "rewards/margins": "rewards/margins",
+    },
     "rm": {**_COMMON, "loss": "loss/rm", "accuracy": "rm/accuracy", "margin": "rm/margin"},
-}  # fmt: skip
+}
 METRIC_NAMES["ipo"] = METRIC_NAMES["dpo"]
-_DROPPED = ("learning_rate", "epoch", "total_flos", "train_runtime", "train_samples_per_second",
-            "train_steps_per_second", "train_loss", "step_time")  # fmt: skip
+_DROPPED = (
+    "learning_rate",
+    "epoch",
+    "total_flos",
+    "train_runtime",
+    "train_samples_per_second",
+    "train_steps_per_second",
+    "train_loss",
+    "step_time",
+)
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -113,7 +150,9 @@ def check_config(res: Resolved) -> None:
         if acfg.kl_in != "reward" or acfg.kl_estimator != "k1":
             problems.append("RLOOTrainer puts the k1 KL in the reward: algo.kl_in = 'reward', algo.kl_estimator = 'k1'")
         if acfg.aggregation != "sequence_sum":
-            problems.append("RLOOTrainer's loss is a mean over sequences of summed log-probs: algo.aggregation = 'sequence_sum'")
+            problems.append(
+                "RLOOTrainer's loss is a mean over sequences of summed log-probs: algo.aggregation = 'sequence_sum'"
+            )
     if name == "sft" and acfg.aggregation != "token_mean":
         problems.append("SFTTrainer's loss is a mean over completion tokens: algo.aggregation = 'token_mean'")
     if problems:
@@ -125,13 +164,30 @@ def trl_args(res: Resolved, out_dir: str | Path, batch_size: int, **kw) -> dict:
     run = res.run
     on_cpu = resolve_device(run.device).type == "cpu"
     return dict(
-        output_dir=str(out_dir), use_cpu=on_cpu, bf16=False, fp16=False, gradient_checkpointing=False, report_to="none",
-        save_strategy="no", disable_tqdm=True, seed=run.seed, data_seed=run.seed, max_steps=run.steps,
-        per_device_train_batch_size=batch_size, gradient_accumulation_steps=1, learning_rate=run.lr,
-        lr_scheduler_type=run.lr_schedule, warmup_steps=0, weight_decay=run.weight_decay,
-        max_grad_norm=run.max_grad_norm, optim="adamw_torch", logging_steps=1, logging_nan_inf_filter=False,
-        dataloader_num_workers=0, **kw,
-    )  # fmt: skip
+        output_dir=str(out_dir),
+        use_cpu=on_cpu,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=run.seed,
+        data_seed=run.seed,
+        max_steps=run.steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        learning_rate=run.lr,
+        lr_scheduler_type=run.lr_schedule,
+        warmup_steps=0,
+        weight_decay=run.weight_decay,
+        max_grad_norm=run.max_grad_norm,
+        optim="adamw_torch",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        dataloader_num_workers=0,
+        **kw,
+    )
 
 
 # -- the task as text ---------------------------------------------------------------------------
@@ -191,15 +247,23 @@ def offline_dataset(res: Resolved, codec: Codec):
     data_gen = torch.Generator().manual_seed(res.run.seed + 1_000_003)
     data = res.spec.dataset(res.task, res.algo_cfg, data_gen)
     if res.spec.name == "sft":  # tokenised: no EOS appended, loss on the completion only
-        rows = [(codec.prefix_ids(p), codec.action_ids[c].tolist()) for p, c in zip(data["prompts"], data["completions"], strict=True)]
-        return datasets.Dataset.from_dict({
-            "input_ids": [p + c for p, c in rows], "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in rows],
-        })  # fmt: skip
-    return datasets.Dataset.from_dict({
-        "prompt": [codec.prompt_text(p) for p in data["prompts"]],
-        "chosen": [codec.completion_text(c) for c in data["chosen"]],
-        "rejected": [codec.completion_text(r) for r in data["rejected"]],
-    })  # fmt: skip
+        rows = [
+            (codec.prefix_ids(p), codec.action_ids[c].tolist())
+            for p, c in zip(data["prompts"], data["completions"], strict=True)
+        ]
+        return datasets.Dataset.from_dict(
+            {
+                "input_ids": [p + c for p, c in rows],
+                "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in rows],
+            }
+        )
+    return datasets.Dataset.from_dict(
+        {
+            "prompt": [codec.prompt_text(p) for p in data["prompts"]],
+            "chosen": [codec.completion_text(c) for c in data["chosen"]],
+            "rejected": [codec.completion_text(r) for r in data["rejected"]],
+        }
+    )
 
 
 class RewardFunction:
@@ -350,10 +414,14 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
         reward_fn = RewardFunction(res, codec, rm)
         G = run.group_size
         common = dict(
-            num_generations=G, max_completion_length=task.completion_len, temperature=run.temperature, beta=run.beta,
-            num_iterations=acfg.epochs if name == "grpo" else 1, log_completions=False,
+            num_generations=G,
+            max_completion_length=task.completion_len,
+            temperature=run.temperature,
+            beta=run.beta,
+            num_iterations=acfg.epochs if name == "grpo" else 1,
+            log_completions=False,
             generation_kwargs={"suppress_tokens": codec.suppressed()},
-        )  # fmt: skip
+        )
         if run.model.dtype != "float32":
             common["model_init_kwargs"] = {"dtype": run.model.dtype}
         if name == "grpo":
@@ -361,32 +429,57 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
             if loss_type is None:
                 raise ConfigError(f"backend 'trl': GRPOTrainer has no aggregation {acfg.aggregation!r}")
             args = trl.GRPOConfig(
-                **trl_args(res, out_dir, run.batch_size), **common, loss_type=loss_type,
-                scale_rewards=acfg.scale_rewards, epsilon=acfg.clip_eps_low, epsilon_high=acfg.clip_eps_high,
+                **trl_args(res, out_dir, run.batch_size),
+                **common,
+                loss_type=loss_type,
+                scale_rewards=acfg.scale_rewards,
+                epsilon=acfg.clip_eps_low,
+                epsilon_high=acfg.clip_eps_high,
                 use_bias_correction_kl=acfg.kl_ratio_correction,
-            )  # fmt: skip
+            )
             cls = trl.GRPOTrainer
         else:
-            args = trl.RLOOConfig(**trl_args(res, out_dir, run.batch_size), **common, normalize_advantages=acfg.normalize_advantages)
+            args = trl.RLOOConfig(
+                **trl_args(res, out_dir, run.batch_size), **common, normalize_advantages=acfg.normalize_advantages
+            )
             cls = trl.RLOOTrainer
         trainer = cls(
-            model=str(model_dir), reward_funcs=reward_fn, args=args, train_dataset=online_dataset(res, codec),
-            processing_class=tok, callbacks=list(callbacks),
-        )  # fmt: skip
+            model=str(model_dir),
+            reward_funcs=reward_fn,
+            args=args,
+            train_dataset=online_dataset(res, codec),
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
     elif name == "sft":
         args = trl.SFTConfig(**trl_args(res, out_dir, acfg.batch_size), completion_only_loss=True)
-        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=offline_dataset(res, codec), processing_class=tok,
-                                 callbacks=list(callbacks))  # fmt: skip
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=offline_dataset(res, codec),
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
     elif name in ("dpo", "ipo"):
         ref_model, _ = _hf_model(task, run.model, run.seed)
         args = trl.DPOConfig(**trl_args(res, out_dir, acfg.batch_size), beta=run.beta, loss_type=acfg.loss_type)
-        trainer = trl.DPOTrainer(model=model, ref_model=ref_model.requires_grad_(False), args=args,
-                                 train_dataset=offline_dataset(res, codec), processing_class=tok,
-                                 callbacks=list(callbacks))  # fmt: skip
+        trainer = trl.DPOTrainer(
+            model=model,
+            ref_model=ref_model.requires_grad_(False),
+            args=args,
+            train_dataset=offline_dataset(res, codec),
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
     elif name == "rm":
         args = trl.RewardConfig(**trl_args(res, out_dir, acfg.batch_size))
-        trainer = trl.RewardTrainer(model=model, args=args, train_dataset=offline_dataset(res, codec),
-                                    processing_class=tok, callbacks=list(callbacks))  # fmt: skip
+        trainer = trl.RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=offline_dataset(res, codec),
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
     else:  # pragma: no cover - check_config refuses it first
         raise ConfigError(f"backend 'trl' has no trainer for {name!r}")
     from transformers import PrinterCallback
@@ -429,8 +522,14 @@ def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         trainer.add_callback(cb)
         cfg_dict = res.to_dict()
         summary = describe(wrap(trainer.model)) if ref is not None else {}
-        writer.config({"config": cfg_dict, "config_hash": res.config_hash, "model": summary,
-                       "backend": {"name": "trl", "trainer": TRL_TRAINERS[spec.name], "trl_version": _trl_version()}})  # fmt: skip
+        writer.config(
+            {
+                "config": cfg_dict,
+                "config_hash": res.config_hash,
+                "model": summary,
+                "backend": {"name": "trl", "trainer": TRL_TRAINERS[spec.name], "trl_version": _trl_version()},
+            }
+        )
         trainer.train()
         status = {"status": "done", "step": run.steps}
         if cb.diverged is not None:

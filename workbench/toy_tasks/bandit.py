@@ -33,7 +33,9 @@ class BanditConfig(TaskConfig):
     reward_shape: Literal["linear", "peak", "far_peak", "random"] = Field("random", description="reward table shape")
     peak_width: float = Field(1.0, gt=0, description="w for the 'peak' shape")
     base: float = Field(0.2, description="reward of the non-peak arms for 'far_peak'")
-    prior: Literal["none", "low_arms"] = Field("none", description="shape of the reference policy: random init, or mass on the first arms")
+    prior: Literal["none", "low_arms"] = Field(
+        "none", description="shape of the reference policy: random init, or mass on the first arms"
+    )
     prior_scale: float = Field(1.0, gt=0, description="'low_arms': pi_ref(k) ∝ exp(-k / prior_scale)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the reward table (not of training)")
 
