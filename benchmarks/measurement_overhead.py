@@ -23,7 +23,7 @@ import time
 import torch
 
 from workbench.config import RunConfig, resolve
-from workbench.train import train
+from workbench.training.loop import train
 
 ALGOS = ["sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "online_dpo"]
 

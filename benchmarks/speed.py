@@ -5,8 +5,8 @@
     python benchmarks/speed.py --quick              # 2 repeats, fewer steps (a smoke check)
 
 Each section builds ONE resolved run config and trains it twice per repeat: with the
-workbench loop (``workbench.train.train``, ``model.impl = "native"``) and with TRL's own
-trainer (built by ``workbench.backends.trl_backend.build_trainer`` for the same config,
+workbench loop (``workbench.training.loop.train``, ``model.impl = "native"``) and with TRL's own
+trainer (built by ``workbench.backends.trl.build_trainer`` for the same config,
 i.e. the same task, weights, tokenizer, prompts, batch, steps, learning rate and KL
 coefficient; TRL runs on a Hugging Face ``GPT2LMHeadModel``, no workbench callback).
 Repeats alternate which system goes first. Throughput is measured after a warm-up from
@@ -23,7 +23,7 @@ Sections
     sft       SFT update time, 64 demonstrations per update
     study     8 seeds of the grpo config: one ``train`` after another in one process, 2 processes
               of 4 seeds one by one, and 2 processes of 4 seeds stacked as a batch dimension
-              (``workbench.seeds.train_seeds``); the figure is completions/s over the study's
+              (``workbench.training.stacked.train_seeds``); the figure is completions/s over the study's
               wall time (model building and the evaluations at the start and end included)
               against TRL's single-run completions/s from the grpo section. In brackets: the
               CPU seconds of the busiest process (the wall time the study would take on cores
@@ -106,8 +106,8 @@ def per_update_rate(stamps: list[tuple[float, float]], warmup: int) -> tuple[flo
 
 
 def time_workbench(res, warmup: int) -> tuple[float, float]:
-    """``workbench.train.train`` on ``res``, stamped at the end of every update (before the row is logged)."""
-    from workbench import train as loop
+    """``workbench.training.loop.train`` on ``res``, stamped at the end of every update (before the row is logged)."""
+    from workbench.training import loop as loop
 
     stamps: list[tuple[float, float]] = []
     steps = {"online_step": loop.online_step, "offline_step": loop.offline_step}
@@ -135,7 +135,7 @@ def time_trl(res, warmup: int) -> tuple[float, float]:
     """TRL's trainer for ``res``, stamped at ``on_step_end`` (before TRL logs)."""
     from transformers import TrainerCallback
 
-    from workbench.backends.trl_backend import build_trainer
+    from workbench.backends.trl import build_trainer
 
     stamps: list[tuple[float, float]] = []
 
@@ -185,8 +185,8 @@ def _train_seeds(args: tuple) -> float:
     """Worker: train the grpo config for each seed, one ``train`` after another or stacked (``train_seeds``).
     Returns the CPU seconds this process spent."""
     seeds, steps, batched = args
-    from workbench.seeds import train_seeds
-    from workbench.train import train
+    from workbench.training.loop import train
+    from workbench.training.stacked import train_seeds
 
     torch.set_num_threads(1)
     t = time.process_time()

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from workbench.analysis.report import build_report
-from workbench.executors import InlineExecutor
-from workbench.study import load_study, run_study
+from workbench.reporting.report import build_report
+from workbench.studies.executors import InlineExecutor
+from workbench.studies.study import load_study, run_study
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.toml"))
 CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13)}  # C10, C11 need tasks that do not exist yet

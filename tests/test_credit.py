@@ -18,9 +18,9 @@ from workbench.analysis.credit import (
     step_rewards_all,
 )
 from workbench.analysis.exact import ExactEvaluator, exact_logprobs
+from workbench.analysis.probe import Estimators, make_objective
 from workbench.config import resolve
-from workbench.policy import build_policy
-from workbench.probe import Estimators, make_objective
+from workbench.models.policy import build_policy
 from workbench.toy_tasks.bandit import Bandit, BanditConfig
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
 

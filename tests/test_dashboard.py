@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from workbench import store
+from workbench.results import store
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "dashboard" / "app.py"
@@ -446,7 +446,7 @@ def test_claims_page_without_and_with_a_report(copy_of, monkeypatch):
     }
     (rep / "verdicts.json").write_text(
         json.dumps(
-            {  # as workbench.analysis.report writes it
+            {  # as workbench.reporting.report writes it
                 "study": STUDY,
                 "claims": ["C6", "C13"],
                 "verdicts": {"C6": "supported", "C13": "not measured"},
@@ -571,7 +571,7 @@ def test_the_dashboard_imports_only_the_store(results, tmp_path):
     # the store, and the interval functions the report uses (no torch)
     assert (
         out.stdout.strip().splitlines()[-1]
-        == "['workbench', 'workbench.analysis', 'workbench.analysis.stats', 'workbench.store']"
+        == "['workbench', 'workbench.analysis', 'workbench.core.stats', 'workbench.results.store']"
     )
 
 

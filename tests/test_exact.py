@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.analysis.exact import ExactEvaluator, exact_logprobs, kl, optimal_logprobs
-from workbench.policy import build_policy
+from workbench.models.policy import build_policy
 from workbench.toy_tasks.bandit import Bandit, BanditConfig
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench import executors, store
 from workbench.cli import main
-from workbench.executors import InlineExecutor
-from workbench.store import LoadWarning, Store, StoreFault, load_metrics, load_runs, publish_text, storage_fault
-from workbench.study import format_summary, load_study, run_study, summarize
+from workbench.results import store
+from workbench.results.store import LoadWarning, Store, StoreFault, load_metrics, load_runs, publish_text, storage_fault
+from workbench.studies import executors
+from workbench.studies.executors import InlineExecutor
+from workbench.studies.study import format_summary, load_study, run_study, summarize
 
 STUDY = """
 name = "faults"
@@ -105,7 +106,7 @@ def one_line_error(err: str, *fragments: str) -> None:
 
 
 def test_status_with_done_diverged_and_failed_runs(tmp_path, capsys, monkeypatch):
-    import workbench.train as train_mod
+    import workbench.training.loop as train_mod
 
     real = train_mod.train
 
@@ -236,7 +237,7 @@ def assert_released(results) -> None:
 
 
 def test_full_disk_in_a_run_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeypatch, baseline, cli_inline):
-    import workbench.study as study_mod
+    import workbench.studies.study as study_mod
 
     real = study_mod.publish_metrics
 
@@ -285,7 +286,7 @@ def test_full_index_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeyp
 
 
 def test_read_only_run_folder_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeypatch, baseline, cli_inline):
-    import workbench.train as train_mod
+    import workbench.training.loop as train_mod
 
     real = train_mod.train
     denied = []
@@ -306,7 +307,7 @@ def test_read_only_run_folder_stops_releases_and_resumes_exactly(tmp_path, capsy
 
 
 def test_read_only_results_folder_before_anything_runs(tmp_path, capsys, monkeypatch, cli_inline):
-    import workbench.study as study_mod
+    import workbench.studies.study as study_mod
 
     def read_only(path, text):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))

@@ -69,7 +69,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 def _train_case(name: str, tmp: Path) -> dict:
     from workbench.config import resolve
-    from workbench.train import train
+    from workbench.training.loop import train
 
     raw, sets = CASES[name]
     res = resolve(raw, {**SMALL, **sets, "save_checkpoint": False})
@@ -79,7 +79,7 @@ def _train_case(name: str, tmp: Path) -> dict:
 
 def _train_stacked(name: str, tmp: Path) -> dict:
     from workbench.config import resolve
-    from workbench.seeds import train_seeds
+    from workbench.training.stacked import train_seeds
 
     raw, sets = STACKED[name]
     reses = [resolve(raw, {**SMALL, **sets, "save_checkpoint": False, "seed": s}) for s in STACKED_SEEDS]

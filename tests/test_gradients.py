@@ -23,10 +23,10 @@ from workbench.analysis.gradients import (
     online_losses,
     sample_batches,
 )
-from workbench.analysis.stats import trace_cov
+from workbench.analysis.probe import Estimators, make_objective
 from workbench.config import resolve
-from workbench.policy import build_policy
-from workbench.probe import Estimators, make_objective
+from workbench.core.stats import trace_cov
+from workbench.models.policy import build_policy
 
 CPU = torch.device("cpu")
 TINY = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2}

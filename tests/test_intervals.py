@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from workbench.analysis.stats import difference_interval, t_half_width
-from workbench.analysis.verdicts import Statistics, VerdictRule, evaluate_rule
+from workbench.core.stats import difference_interval, t_half_width
+from workbench.reporting.verdicts import Statistics, VerdictRule, evaluate_rule
 
 N_SETS = 2000
 N = 5

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workbench.analysis.kl import ESTIMATORS, k1, k2, k3, kl_estimate
+from workbench.core.kl import ESTIMATORS, k1, k2, k3, kl_estimate
 
 D = torch.float64
 

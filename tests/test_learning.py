@@ -8,7 +8,7 @@ import pytest
 
 from workbench.config import resolve
 from workbench.registry import ALGORITHMS
-from workbench.train import train
+from workbench.training.loop import train
 
 POLICY_ALGOS = [name for name, spec in ALGORITHMS.items() if spec.trains == "policy"]
 SMALL = {"model.n_layer": 1, "model.n_embd": 32, "batch_size": 32, "lr": 3e-3, "save_checkpoint": False}

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from workbench.algorithms import dpo, grpo, ppo, reinforce, rloo
-from workbench.algorithms.common import aggregate, gae, masked_whiten
 from workbench.algorithms.dpo import DPOConfig, OnlineDPOConfig, dpo_loss
 from workbench.algorithms.grpo import GRPOConfig, grpo_advantages, grpo_loss
 from workbench.algorithms.ppo import PPOConfig, ppo_loss
@@ -22,6 +21,7 @@ from workbench.algorithms.reward_model import RewardModelConfig, reward_model_lo
 from workbench.algorithms.rloo import RLOOConfig, rloo_advantages
 from workbench.algorithms.sft import SFTConfig, sft_loss
 from workbench.algorithms.spec import Rollout
+from workbench.core.ops import aggregate, gae, masked_whiten
 
 D = torch.float64
 TOL = dict(rel=1e-9, abs=1e-12)

@@ -12,10 +12,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from workbench.analysis.exact import exact_logprobs
 from workbench.config import resolve
-from workbench.native_gpt2 import NativeGPT2
-from workbench.policy import ModelConfig, build_model, build_policy
+from workbench.models.native_gpt2 import NativeGPT2
+from workbench.models.policy import ModelConfig, build_model, build_policy
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
-from workbench.train import train
+from workbench.training.loop import train
 
 CPU = torch.device("cpu")
 TOL = dict(rtol=0, atol=2e-6)
@@ -57,7 +57,7 @@ def test_identical_logits_hidden_states_and_gradients(kw):
 
 def test_gelu_new_equals_transformers_activation_on_large_tensors():
     """``gelu_new`` computes x sigmoid(2u) above 2^18 elements: the same values and gradients as GPT-2's tanh form."""
-    from workbench.native_gpt2 import gelu_new
+    from workbench.models.native_gpt2 import gelu_new
 
     x = torch.randn(600, 600, requires_grad=True)
     g = torch.randn(600, 600)

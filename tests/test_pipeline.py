@@ -1,4 +1,5 @@
-"""The RLHF pipeline inside one run (workbench/pipeline.py): SFT, a Bradley-Terry reward model, RL against it."""
+"""The RLHF pipeline inside one run (workbench/training/pipeline.py): SFT, a Bradley-Terry reward model,
+RL against it."""
 
 import json
 from pathlib import Path
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from workbench.config import ConfigError, resolve
-from workbench.pipeline import rm_quality
-from workbench.train import train
+from workbench.training.loop import train
+from workbench.training.pipeline import rm_quality
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 

@@ -5,7 +5,7 @@ import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from workbench.analysis.exact import exact_logprobs
-from workbench.policy import ModelConfig, Policy, build_model, build_policy, build_reward_model, resolve_device
+from workbench.models.policy import ModelConfig, Policy, build_model, build_policy, build_reward_model, resolve_device
 from workbench.toy_tasks.bandit import Bandit, BanditConfig
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from workbench.analysis.probe import OBJECTIVES
 from workbench.cli import main
 from workbench.config import resolve
-from workbench.probe import OBJECTIVES
-from workbench.train import train
+from workbench.training.loop import train
 
 TINY = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2}
 SEQ = {"name": "sequence", "vocab_size": 3, "length": 3, "variant": "decisive", "decisive_position": 1}

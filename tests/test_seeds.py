@@ -1,12 +1,12 @@
-"""Seeds as a batch dimension (``workbench.seeds.train_seeds``) against one ``train`` per seed."""
+"""Seeds as a batch dimension (``workbench.training.stacked.train_seeds``) against one ``train`` per seed."""
 
 import json
 
 import pytest
 
 from workbench.config import ConfigError, resolve
-from workbench.seeds import train_seeds
-from workbench.train import train
+from workbench.training.loop import train
+from workbench.training.stacked import train_seeds
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}
 SETS = {

@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from workbench.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
-from workbench.store import (
+from workbench.results.store import (
     Owner,
     Store,
     is_stale,
@@ -22,6 +21,7 @@ from workbench.store import (
     read_progress,
     results_dir,
 )
+from workbench.studies.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
 
 
 def add_run(store: Store, run_id="r1", study="s"):

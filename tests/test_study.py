@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.executors import InlineExecutor
-from workbench.store import LoadWarning, load_final, load_metrics, load_runs, query
-from workbench.study import expand, format_summary, load_study, run_study, summarize
+from workbench.results.store import LoadWarning, load_final, load_metrics, load_runs, query
+from workbench.studies.executors import InlineExecutor
+from workbench.studies.study import expand, format_summary, load_study, run_study, summarize
 
 HEAD = """
 name = "{name}"
@@ -100,7 +100,7 @@ def test_each_run_folder_has_the_documented_files(tmp_path):
 
 def test_identical_conditions_across_algorithms(tmp_path):
     """Same seed -> same initial weights, reference, prompt stream seed and budget; consumption recorded."""
-    from workbench.policy import build_policy
+    from workbench.models.policy import build_policy
 
     algos = TWO_ALGOS + '\n[[algorithms]]\nname = "ppo"\n\n[[algorithms]]\nname = "dpo"\n'
     path, results = write_study(tmp_path, algos, steps=5), tmp_path / "results"
@@ -229,7 +229,7 @@ def test_loader_reports_and_skips_corrupt_files(tmp_path):
 
 def test_loader_reads_a_live_runs_complete_lines(tmp_path):
     """A running run's half-written last line is a write in progress, not corruption."""
-    from workbench.store import Owner, Store
+    from workbench.results.store import Owner, Store
 
     path, results = write_study(tmp_path, TWO_ALGOS), tmp_path / "results"
     run(path, results)

@@ -13,10 +13,10 @@ import json
 import pytest
 import torch
 
-from workbench.backends.trl_backend import NoTRLCounterpart
+from workbench.backends.trl import NoTRLCounterpart
 from workbench.config import ConfigError, _without_new_defaults, config_hash, resolve
-from workbench.policy import ModelConfig, build_model, build_policy, build_reward_model
-from workbench.train import train
+from workbench.models.policy import ModelConfig, build_model, build_policy, build_reward_model
+from workbench.training.loop import train
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}
 TINY = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2}

@@ -1,7 +1,7 @@
 """Our pure losses against TRL's trainers, on the same tiny model and the same batch.
 
 Each test instantiates the real TRL trainer (``DPOTrainer``, ``GRPOTrainer``, ``SFTTrainer``,
-``RewardTrainer``) on a tiny local GPT-2 built by ``workbench.policy.build_model``, lets the
+``RewardTrainer``) on a tiny local GPT-2 built by ``workbench.models.policy.build_model``, lets the
 trainer prepare the data (tokenisation, EOS, collation, prompt masking), calls the trainer's
 own ``compute_loss`` (or, for GRPO advantages, ``_generate_and_score_completions``) on that
 batch, and compares the result, and for the losses also the gradient w.r.t. every model
@@ -45,7 +45,7 @@ from trl import (  # noqa: E402
 )
 
 from workbench.algorithms import dpo, grpo, reward_model, sft  # noqa: E402
-from workbench.policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, word_ids  # noqa: E402
+from workbench.models.policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, word_ids  # noqa: E402
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig  # noqa: E402
 
 TASK = Sequence(SequenceConfig(vocab_size=4, length=4, n_prompts=3, seed=0))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from workbench import metric_names
 from workbench.cli import main
 from workbench.config import ConfigError, resolve
-from workbench.study import load_study
+from workbench.results import metric_names
+from workbench.studies.study import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2", "--quiet"]
@@ -104,7 +104,7 @@ def test_the_dotted_names_that_are_fine(tmp_path):
 @pytest.mark.parametrize("cmd", ["report", "status"])
 @pytest.mark.parametrize("name", ["..", ".", "a" * 300, "a b"])
 def test_commands_taking_a_study_name_reject_one_no_study_can_have(cmd, name, tmp_path, capsys):
-    from workbench.store import Store
+    from workbench.results.store import Store
 
     results = tmp_path / "results"
     Store(results).close()
@@ -326,7 +326,7 @@ def test_the_claim_studies_name_only_known_metrics():
 
 
 def test_workbench_run_prints_the_metric_warning_and_runs(tmp_path, capsys, monkeypatch):
-    from workbench import executors
+    from workbench.studies import executors
 
     monkeypatch.setattr(executors, "LocalProcessExecutor", lambda n, preload=(): executors.InlineExecutor())
     path = study(tmp_path, with_rules("kl/exact_to_optimal", "reward/exactt", "kl/exact"))
@@ -343,8 +343,8 @@ def test_workbench_run_prints_the_metric_warning_and_runs(tmp_path, capsys, monk
 
 
 def test_report_of_a_study_file_uses_the_name_inside_it(tmp_path, capsys, monkeypatch):
-    from workbench.analysis import report
-    from workbench.store import Store
+    from workbench.reporting import report
+    from workbench.results.store import Store
 
     results = tmp_path / "results"
     Store(results).close()

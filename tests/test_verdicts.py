@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workbench.analysis.verdicts import (
+from workbench.reporting.verdicts import (
     Statistics,
     VerdictRule,
     aggregate,
@@ -250,7 +250,7 @@ def test_same_groups_on_both_sides_is_an_error():
 
 
 def test_at_step_reads_the_value_logged_at_that_step():
-    from workbench.analysis.verdicts import at_step
+    from workbench.reporting.verdicts import at_step
 
     runs = pd.DataFrame(
         {
@@ -325,7 +325,7 @@ def test_queued_runs_are_pending_not_failures_and_pooled_values_are_not_seeds():
 
 
 def test_a_step_rule_with_nothing_logged_still_sees_the_failed_runs():
-    from workbench.analysis.verdicts import at_step
+    from workbench.reporting.verdicts import at_step
 
     runs = frame({"a": [0.4] * 5, "b": [0.5] * 5}, metric="reward/exact", status={"a": "diverged", "b": "diverged"})
     df = at_step(runs.assign(run_id=[f"r{i}" for i in range(10)]), pd.DataFrame(), 0)

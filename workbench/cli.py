@@ -47,7 +47,7 @@ def cmd_train(args) -> int:
         pass  # resolve() reports it with the allowed names
     res = resolve(raw, overrides)
     _prepare_out(Path(args.out), args.overwrite)
-    from .train import train
+    from .training.loop import train
 
     result = train(res, args.out, progress=not args.quiet)
     final = {k: v for k, v in result["final"].items() if k.split("/")[0] in ("reward", "kl", "objective", "entropy")}
@@ -98,9 +98,9 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .executors import LocalProcessExecutor
-    from .store import StoreFault, results_dir, storage_fault
-    from .study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
+    from .results.store import StoreFault, results_dir, storage_fault
+    from .studies.executors import LocalProcessExecutor
+    from .studies.study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
 
     study = load_study(args.study)
     for w in study.warnings:  # allowed but likely wrong: a verdict metric no run logs
@@ -174,7 +174,7 @@ def _study_name(arg: str) -> str:
 
     Raises ``ConfigError`` for a name no study can have (``..``, a path, 300 characters).
     """
-    from .study import load_study, study_name_problem
+    from .studies.study import load_study, study_name_problem
 
     if arg.endswith(".toml") or os.sep in arg or (os.altsep and os.altsep in arg):
         return load_study(arg).name
@@ -185,8 +185,8 @@ def _study_name(arg: str) -> str:
 
 
 def cmd_status(args) -> int:
-    from .store import load_runs, load_studies, results_dir
-    from .study import format_summary, summarize, text_table
+    from .results.store import load_runs, load_studies, results_dir
+    from .studies.study import format_summary, summarize, text_table
 
     results = results_dir(args.results)
     try:
@@ -244,8 +244,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .store import load_runs, load_studies, results_dir
-    from .study import text_table
+    from .results.store import load_runs, load_studies, results_dir
+    from .studies.study import text_table
 
     results = results_dir(args.results)
     try:
@@ -282,7 +282,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .probe import probe
+    from .analysis.probe import probe
 
     result = probe(
         args.target,
@@ -300,7 +300,7 @@ def cmd_probe(args) -> int:
 
 def cmd_dashboard(args) -> int:
     """``streamlit run dashboard/app.py`` on 127.0.0.1 only, usage statistics off; this process becomes the server."""
-    from .store import results_dir
+    from .results.store import results_dir
 
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     if not app.exists():
@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--objectives",
         nargs="+",
         default=None,
-        help="gradients/credit: which objectives (default: all; see workbench.probe)",
+        help="gradients/credit: which objectives (default: all; see workbench.analysis.probe)",
     )
     pr.add_argument("--seed", type=int, default=0, help="seed of the probe's sampling")
     pr.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
@@ -426,8 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args) -> int:
-    from .analysis.report import build_report
-    from .store import results_dir
+    from .reporting.report import build_report
+    from .results.store import results_dir
 
     study = _study_name(args.study)  # a study file: its `name`, not its file name
     root = results_dir(args.results)
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, retried: bool = False) -> int:
-    from .store import StoreFault, _is_corrupt, ensure_index, repair_index, results_dir, storage_fault
+    from .results.store import StoreFault, _is_corrupt, ensure_index, repair_index, results_dir, storage_fault
 
     try:
         if args.cmd in INDEX_COMMANDS:  # a damaged index is set aside and rebuilt before anything reads it

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .policy import ModelConfig
+from .models.policy import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -65,7 +65,7 @@ class RunConfig(BaseModel):
     reward_model: str | None = Field(
         None,
         description="reward-model checkpoint to optimise instead of the gold reward, or 'fit': train a Bradley-Terry "
-        "reward model inside the run first (phase 2 of RLHF; workbench/pipeline.py)",
+        "reward model inside the run first (phase 2 of RLHF; workbench/training/pipeline.py)",
     )
     rm_steps: int = Field(
         200, ge=1, le=MAX_STEPS, description="reward_model='fit': Bradley-Terry steps (64 pairs each)"
@@ -87,7 +87,8 @@ class RunConfig(BaseModel):
         100,
         ge=0,
         le=MAX_STEPS,
-        description="steps between gradient and credit probes (grad/..., credit/...; workbench.probe); 0 = off",
+        description="steps between gradient and credit probes (grad/..., credit/...; "
+        "workbench.analysis.probe); 0 = off",
     )
     probe_minibatches: int = Field(
         16, ge=2, le=100_000, description="K, independent minibatch gradients drawn per probe"
@@ -101,7 +102,7 @@ class RunConfig(BaseModel):
     backend: Literal["workbench", "trl"] = Field(
         "workbench",
         description="who trains: the workbench loops, or TRL's own trainer for the same run (sft, rm, "
-        "dpo, ipo, grpo, rloo; see workbench/backends/trl_backend.py); same run folder and metric names",
+        "dpo, ipo, grpo, rloo; see workbench/backends/trl.py); same run folder and metric names",
     )
 
 
@@ -239,11 +240,11 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         raise ConfigError("\n".join(missing))
     if (run.reward_model == "fit" or run.sft_warmup_steps) and (spec.kind != "online" or run.backend != "workbench"):
         raise ConfigError(
-            f"reward_model='fit' and sft_warmup_steps (workbench/pipeline.py) need an online algorithm on the "
+            f"reward_model='fit' and sft_warmup_steps (workbench/training/pipeline.py) need an online algorithm on the "
             f"workbench backend; got {algo_name!r} on {run.backend!r}"
         )
     if run.backend == "trl":
-        from .backends.trl_backend import check_config
+        from .backends.trl import check_config
 
         check_config(Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg))
     if spec.kind == "online":

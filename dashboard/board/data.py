@@ -1,4 +1,4 @@
-"""The dashboard's reads: ``workbench.store``'s loader, cached.
+"""The dashboard's reads: ``workbench.results.store``'s loader, cached.
 
 Every function takes the results folder and a *signature* of the index (the size and
 modification time of ``index.sqlite`` and its WAL): Streamlit's cache keys on it, so a
@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from workbench import store
+from workbench.results import store
 
 ONLINE_UNIT = "completions"  # a run that counts sampled completions learns online (RL); demos / pairs: offline
 

@@ -1,7 +1,7 @@
 """Aggregation over seeds: means with t confidence bands, thinned curves, matched pairs of runs.
 
 Pure pandas / numpy, no Streamlit: the pages call these and the tests check them alone. The
-band is the report's and the verdicts' interval of a mean (``workbench.analysis.stats``):
+band is the report's and the verdicts' interval of a mean (``workbench.core.stats``):
 
     mean_s      = (1/n) sum_i x_i                      over the n seeds of one line at one step
     half_width  = t_{0.975, n-1} * sd(x) / sqrt(n)     a 95% band (none with one seed)
@@ -17,7 +17,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from workbench.analysis.stats import LEVEL, is_non_negative, t_half_width
+from workbench.core.stats import LEVEL, is_non_negative, t_half_width
 
 
 def mean_band(

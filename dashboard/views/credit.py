@@ -16,7 +16,7 @@ SUMMARY = [
     "credit/decisive_share",
     "credit/decisive_share_exact",
     "credit/mse",
-]  # workbench.probe.Prober
+]  # workbench.analysis.probe.Prober
 HOW = (
     "Credit records come from the in-training probes of online methods on enumerable tasks (`probe_every` in a "
     "study's `[settings]`, default 50): each probe compares the advantages the method feeds its loss with the "

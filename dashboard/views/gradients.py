@@ -12,9 +12,9 @@ STATS = {  # statistic -> (in-training metric, probe column, log scale by defaul
     "cosine of the mean to the truth": ("grad/cos_mean_true", "cos_mean_true", False),
 }
 HOW = (
-    "Gradient measurements come from the probes (`workbench.probe`): during training every `probe_every` steps "
-    "(a `[settings]` entry of the study, default 50; `grad/snr`, `grad/total_var`, `grad/cos_true`, "
-    "`grad/cos_sft_rl`, `grad/cos_dpo_rl`), or on a finished run's checkpoint with "
+    "Gradient measurements come from the probes (`workbench.analysis.probe`): during training every "
+    "`probe_every` steps (a `[settings]` entry of the study, default 50; `grad/snr`, `grad/total_var`, "
+    "`grad/cos_true`, `grad/cos_sft_rl`, `grad/cos_dpo_rl`), or on a finished run's checkpoint with "
     "`workbench probe RUN_ID --what gradients --results DIR` (every objective at batch sizes 8, 32, 128, "
     "written to `probe_gradients.parquet`). Run a study that measures them, e.g. "
     "`workbench run studies/quickstart.toml`."

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from .common import AlgoConfig
+from ..core.ops import AlgoConfig
 from .spec import AlgorithmSpec, Rollout
 
 

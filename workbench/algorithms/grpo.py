@@ -19,8 +19,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..analysis.kl import kl_estimate
-from .common import Aggregation, AlgoConfig, aggregate, group_view
+from ..core.kl import kl_estimate
+from ..core.ops import Aggregation, AlgoConfig, aggregate, group_view
 from .spec import AlgorithmSpec, Rollout
 
 

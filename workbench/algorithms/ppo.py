@@ -20,8 +20,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..analysis.kl import kl_estimate
-from .common import Aggregation, AlgoConfig, aggregate, explained_variance, gae, masked_whiten
+from ..core.kl import kl_estimate
+from ..core.ops import Aggregation, AlgoConfig, aggregate, explained_variance, gae, masked_whiten
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 

@@ -21,8 +21,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..analysis.kl import kl_estimate
-from .common import Aggregation, AlgoConfig, aggregate
+from ..core.kl import kl_estimate
+from ..core.ops import Aggregation, AlgoConfig, aggregate
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 
 KLPlace = Literal["reward", "loss"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from .common import AlgoConfig
+from ..core.ops import AlgoConfig
 from .dpo import PreferenceOptions, preference_dataset
 from .spec import AlgorithmSpec
 

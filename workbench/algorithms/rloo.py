@@ -14,7 +14,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from .common import Aggregation, AlgoConfig, group_view
+from ..core.ops import Aggregation, AlgoConfig, group_view
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards, reinforce_loss
 from .spec import AlgorithmSpec, Rollout, kl_penalty
 

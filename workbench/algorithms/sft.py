@@ -12,7 +12,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .common import Aggregation, AlgoConfig, aggregate
+from ..core.ops import Aggregation, AlgoConfig, aggregate
 from .spec import AlgorithmSpec
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from .common import AlgoConfig
+from ..core.ops import AlgoConfig
 
 
 @dataclass
@@ -54,7 +54,7 @@ class AlgorithmSpec:
     min_group_size: int = 1
     defaults: dict = field(default_factory=dict)  # run-level defaults this algorithm prefers
     # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
-    # whose regularisers read differently are not compared on raw reward or KL (workbench.study checks rules)
+    # whose regularisers read differently are not compared on raw reward or KL (workbench.studies.study checks rules)
     regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"
 
     def epochs(self, cfg: AlgoConfig) -> int:

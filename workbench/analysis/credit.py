@@ -32,8 +32,8 @@ import math
 import torch
 from torch import Tensor
 
+from ..core.stats import pearson
 from .exact import exact_logprobs
-from .stats import pearson
 
 
 def step_rewards_all(task, prompts: Tensor, comps: Tensor, dense: bool) -> Tensor:

@@ -47,9 +47,9 @@ import torch
 from torch import Tensor
 
 from ..algorithms.spec import Rollout
-from ..policy import PolicyOutput
+from ..core.stats import cosine, trace_cov
+from ..models.policy import PolicyOutput
 from .exact import exact_logprobs
-from .stats import cosine, trace_cov
 
 LossFn = Callable[[Callable], Tensor]  # policy-like callable -> scalar loss of one minibatch
 

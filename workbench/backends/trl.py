@@ -1,6 +1,6 @@
 """TRL as a second backend: the same run trained by TRL's own trainers.
 
-``backend = "trl"`` in a run config makes ``workbench.train.train`` call ``train_trl``: the
+``backend = "trl"`` in a run config makes ``workbench.training.loop.train`` call ``train_trl``: the
 same task, model (weights of the same seed), tokenizer, prompts, batch, step count,
 learning-rate schedule and KL coefficient, trained by
 
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, Resolved
-from ..policy import (
+from ..models.policy import (
     ModelConfig,
     Policy,
     RewardModel,
@@ -275,7 +275,7 @@ class RewardFunction:
         self.gold: list[float] = []  # gold-reward means since the last log
 
     def __call__(self, prompts, completions, completion_ids, prompt_idx, **kwargs) -> list[float]:
-        from ..train import score
+        from ..training.loop import score
 
         p = torch.tensor(prompt_idx, dtype=torch.long)
         c = self.codec.completions(completion_ids)
@@ -295,7 +295,7 @@ def _callback_class():
         """Writes TRL's logs as workbench metric rows and measures the model every ``eval_every`` updates.
 
         Row ``s`` holds the measurement of the model before update ``s`` (when due) and the
-        statistics of update ``s``, as in ``workbench.train``; the last row (``s = steps``)
+        statistics of update ``s``, as in ``workbench.training.loop``; the last row (``s = steps``)
         only measures.
         """
 
@@ -305,9 +305,9 @@ def _callback_class():
             self.names = METRIC_NAMES[res.spec.name]
             self.row: dict | None = None
             self.final: dict = {}
-            from ..train import eval_generator
+            from ..training.loop import eval_generator
 
-            self.gen = eval_generator(res.run.seed)  # the evaluation's own stream, as in workbench.train
+            self.gen = eval_generator(res.run.seed)  # the evaluation's own stream, as in workbench.training.loop
             self.t0 = time.perf_counter()
             self.diverged: tuple[int, str] | None = None
 
@@ -379,7 +379,7 @@ def _callback_class():
 def _hf_model(task, mcfg: ModelConfig, seed: int):
     """The run's initial policy as a transformers model (a native GPT-2 is converted; same weights)."""
     model, tok = build_model(task, mcfg, seed)
-    if not hasattr(model, "generate"):  # workbench.native_gpt2.NativeGPT2
+    if not hasattr(model, "generate"):  # workbench.models.native_gpt2.NativeGPT2
         model = model.to_hf()
     return model, tok
 
@@ -490,7 +490,7 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
 
 def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     """Run one configuration with TRL. Returns ``{"status", "step", "final": metrics}`` as ``train``."""
-    from ..train import Evaluator, RunWriter
+    from ..training.loop import Evaluator, RunWriter
 
     check_config(res)
     run, task, spec = res.run, res.task, res.spec

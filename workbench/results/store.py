@@ -497,9 +497,9 @@ def rebuild_index(results) -> dict:
     failed, others (killed) queued; run folders of no study are added without one. Returns
     counts: ``studies``, ``runs``, ``folders``, and ``skipped`` (lines naming what could not be read).
     """
-    from .config import ConfigError
-    from .registry import ALGORITHMS
-    from .study import consumption_unit, expand, load_study
+    from ..config import ConfigError
+    from ..registry import ALGORITHMS
+    from ..studies.study import consumption_unit, expand, load_study
 
     root = results_dir(results)
     runs_dir = root / "runs"
@@ -1212,7 +1212,7 @@ VERDICTS = "verdicts.json"  # <results>/reports/<study>/verdicts.json, written b
 def load_verdicts(results=None) -> pd.DataFrame:
     """One row per (study, claim) of every report under ``<results>/reports/<study>/``.
 
-    Reads ``verdicts.json`` as ``workbench.analysis.report`` writes it: ``{"study", "claims",
+    Reads ``verdicts.json`` as ``workbench.reporting.report`` writes it: ``{"study", "claims",
     "verdicts": {claim: verdict}, "rules": [{"claim", "metric", "statement", "verdict",
     "estimate", "ci_low", "ci_high", "n", "figure", ...}], "report": {"pdf", "html", "md"}}``
     (paths relative to its folder). Columns: study, claim, verdict; the deciding rule's
@@ -1287,7 +1287,7 @@ def load_credit(results=None, study: str | None = None, run_ids: Iterable[str] |
     position).
 
     Columns: run_id, step, method, position, decisive, method_abs, exact_abs, method_mean,
-    exact_mean, corr, mse, share, share_exact (``workbench.probe.Prober``). A running run's
+    exact_mean, corr, mse, share, share_exact (``workbench.analysis.probe.Prober``). A running run's
     half-written last line is dropped; a corrupt file is reported in ``df.attrs["issues"]``.
     """
     runs = load_runs(results, study).drop_duplicates("run_id")

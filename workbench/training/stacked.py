@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from .algorithms.spec import Rollout
-from .config import ConfigError, Resolved
-from .native_gpt2 import NativeGPT2
-from .policy import Policy, PolicyOutput, build_policy, describe, resolve_device
-from .train import Evaluator, RunWriter, _rollout_stats, eval_generator, lr_factor, score
+from ..algorithms.spec import Rollout
+from ..config import ConfigError, Resolved
+from ..models.native_gpt2 import NativeGPT2
+from ..models.policy import Policy, PolicyOutput, build_policy, describe, resolve_device
+from .loop import Evaluator, RunWriter, _rollout_stats, eval_generator, lr_factor, score
 
 
 def check_batchable(reses: list[Resolved]) -> None:
@@ -99,14 +99,14 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     evaluators = [Evaluator(r, rf, device) for r, rf in zip(reses, refs, strict=True)]
     probers = [None] * S
     if run.probe_every:
-        from .probe import Prober
+        from ..analysis.probe import Prober
 
         probers = [
             Prober(r, rf, ev.exact, device, o) for r, rf, ev, o in zip(reses, refs, evaluators, outs, strict=True)
         ]
     rm = None
     if run.reward_model:
-        from .policy import build_reward_model
+        from ..models.policy import build_reward_model
 
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
     del singles
@@ -150,8 +150,8 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
             if reses[s].run.save_checkpoint:
                 view.save(outs[s] / "checkpoint")
             if evaluators[s].exact is not None:
-                from .analysis.exact import exact_logprobs
-                from .store import publish_policy
+                from ..analysis.exact import exact_logprobs
+                from ..results.store import publish_policy
 
                 with torch.no_grad():
                     publish_policy(outs[s], exact_logprobs(view, task, evaluators[s].exact.prompts).cpu().numpy())

@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from .algorithms import reward_model as rm_algo
-from .algorithms import sft
-from .analysis.exact import exact_logprobs
-from .config import Resolved
-from .policy import build_reward_model
+from ..algorithms import reward_model as rm_algo
+from ..algorithms import sft
+from ..analysis.exact import exact_logprobs
+from ..config import Resolved
+from ..models.policy import build_reward_model
 
 SEED_OFFSET = 3_000_017  # the pipeline's own data streams, apart from the run's prompt and sampling streams
 

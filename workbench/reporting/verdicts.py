@@ -8,7 +8,7 @@ TOML). A rule compares a metric's final value across seeds:
     equivalent        |mean_a - mean_b| < margin
     noninferior       mean_a - mean_b > -margin (a is at most ``margin`` worse than b)
 
-Each gets an interval of its statistic from ``workbench.analysis.stats.difference_interval``
+Each gets an interval of its statistic from ``workbench.core.stats.difference_interval``
 (Student t for a mean, paired t for seed-paired differences, Welch otherwise; or a BCa
 bootstrap when the study asks for it), at the study's level (95% by default). A rule's
 verdict, in this order:
@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .stats import LEVEL, difference_interval
+from ..core.stats import LEVEL, difference_interval
 
 SEED = 0  # bootstraps are seeded: the same results give the same report
 AGGREGATE_RESAMPLES = 2000

@@ -8,7 +8,7 @@
 ``fn`` and its arguments must pickle (by reference for ``fn``): a distributed engine (Ray,
 Dask, submitit) slots in by implementing these four names. The study runner keeps all
 bookkeeping (claims, the index) on its side and only asks the executor to run
-``workbench.study.execute_run(task)``.
+``workbench.studies.study.execute_run(task)``.
 
 - ``LocalProcessExecutor``: a pool of fresh processes, one process per run (nothing leaks
   from one run to the next: RNG state, thread settings, memory). Workers start from a

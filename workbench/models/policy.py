@@ -17,7 +17,7 @@ completion space and sums to one exactly where the task is enumerable.
 The model is a ``GPT2LMHeadModel`` or ``LlamaForCausalLM`` built from a config sized to the
 task with a word-level ``PreTrainedTokenizerFast``, or any local checkpoint directory
 (``model.path``) whose tokenizer spells every task word as one token. Nothing is
-downloaded. ``model.impl = "native"`` swaps the GPT-2 for ``workbench.native_gpt2``: the same
+downloaded. ``model.impl = "native"`` swaps the GPT-2 for ``workbench.models.native_gpt2``: the same
 parameters and checkpoints in plain PyTorch, which also computes the action tokens'
 logits only (``head_ids``); the interface is the same.
 """
@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .toy_tasks.base import Task
+from ..toy_tasks.base import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -61,8 +61,9 @@ class ModelConfig(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")
     impl: Literal["hf", "native"] = Field(
         "hf",
-        description="'hf': the transformers model; 'native': workbench.native_gpt2, the same GPT-2 (same weights, "
-        "same checkpoints) in plain PyTorch with an explicit KV cache, about 2x faster on toy tasks (gpt2 only)",
+        description="'hf': the transformers model; 'native': workbench.models.native_gpt2, the same GPT-2 "
+        "(same weights, same checkpoints) in plain PyTorch with an explicit KV cache, about 2x faster on toy tasks "
+        "(gpt2 only)",
     )
 
 
@@ -300,7 +301,7 @@ class Policy(nn.Module):
         return torch.cat(parts)
 
     def _head(self) -> dict:
-        """Models that can (``workbench.native_gpt2``) compute the action tokens' logits only."""
+        """Models that can (``workbench.models.native_gpt2``) compute the action tokens' logits only."""
         return {"head_ids": self.action_ids} if getattr(self.model, "supports_head_ids", False) else {}
 
     def _action_logits(self, logits: Tensor) -> Tensor:

@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .algorithms.spec import Rollout
-from .analysis.exact import ExactEvaluator
-from .analysis.kl import kl_estimate
-from .config import Resolved
-from .policy import build_policy, build_reward_model, describe, resolve_device
+from ..algorithms.spec import Rollout
+from ..analysis.exact import ExactEvaluator
+from ..config import Resolved
+from ..core.kl import kl_estimate
+from ..models.policy import build_policy, build_reward_model, describe, resolve_device
 
 
 class Diverged(RuntimeError):
@@ -79,8 +79,8 @@ def _write_json(path: Path, d: dict) -> None:
 
 def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     """Run one configuration to completion. Returns ``{"status", "step", "final": metrics}``."""
-    if res.run.backend == "trl":  # the same run through TRL's own trainer (workbench/backends/trl_backend.py)
-        from .backends.trl_backend import train_trl
+    if res.run.backend == "trl":  # the same run through TRL's own trainer (workbench/backends/trl.py)
+        from ..backends.trl import train_trl
 
         return train_trl(res, out, progress)
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
@@ -104,7 +104,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     pipe = None
     if ref is not None and (
         run.reward_model == "fit" or run.sft_warmup_steps
-    ):  # RLHF phases 1-2 first (workbench/pipeline.py)
+    ):  # RLHF phases 1-2 first (workbench/training/pipeline.py)
         from .pipeline import Pipeline
 
         pipe = Pipeline(res, model, device)
@@ -119,7 +119,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     evaluator = Evaluator(res, ref, device)
     prober = None
     if run.probe_every and ref is not None:
-        from .probe import Prober
+        from ..analysis.probe import Prober
 
         prober = Prober(res, ref, evaluator.exact, device, out)
 
@@ -167,8 +167,8 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     if run.save_checkpoint and status["status"] == "done":
         model.save(out / "checkpoint")
     if evaluator.exact is not None and status["status"] == "done":  # exact distances between runs' final policies
-        from .analysis.exact import exact_logprobs
-        from .store import publish_policy
+        from ..analysis.exact import exact_logprobs
+        from ..results.store import publish_policy
 
         with torch.no_grad():
             publish_policy(out, exact_logprobs(model, task, evaluator.exact.prompts).cpu().numpy())

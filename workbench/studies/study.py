@@ -54,10 +54,10 @@ from typing import Annotated, Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from .analysis.verdicts import Statistics, VerdictRule
-from .config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
-from .policy import ModelConfig
-from .store import (
+from ..config import MAX_COUNT, MAX_SEED, MAX_STEPS, ConfigError, Resolved, RunConfig, resolve
+from ..models.policy import ModelConfig
+from ..reporting.verdicts import Statistics, VerdictRule
+from ..results.store import (
     Heartbeat,
     Owner,
     Store,
@@ -76,8 +76,8 @@ CLAIM_IDS = tuple(f"C{i}" for i in range(1, 14))
 _NOT_SETTINGS = {"task", "algo", "seed", "steps", "batch_size", "device"}
 # what a LocalProcessExecutor's fork server imports once, so that each run's process starts warm
 WORKER_PRELOAD = (
-    "workbench.study",
-    "workbench.train",
+    "workbench.studies.study",
+    "workbench.training.loop",
     "transformers.models.auto.modeling_auto",
     "transformers.models.gpt2.modeling_gpt2",
     "transformers.models.llama.modeling_llama",
@@ -327,7 +327,7 @@ def _unwrap(tp):
 
 def _check(cfg: StudyConfig) -> list[str]:
     """What pydantic cannot see: registry names, task/algorithm parameters, grid keys, duplicates."""
-    from .registry import ALGORITHMS, TASKS
+    from ..registry import ALGORITHMS, TASKS
 
     problems: list[str] = []
     if len(set(cfg.seeds)) != len(cfg.seeds):
@@ -409,7 +409,7 @@ def is_raw_metric(metric: str) -> bool:
 
 def _regularisers(cfg: StudyConfig, label: str, where: dict) -> set[str]:
     """How the runs of algorithm ``label`` that ``where`` selects keep near pi_ref (``AlgorithmSpec.regulariser``)."""
-    from .registry import ALGORITHMS
+    from ..registry import ALGORITHMS
 
     entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
     spec = ALGORITHMS[entry.name]
@@ -478,7 +478,7 @@ def _confound_lines(cfg: StudyConfig) -> list[str]:
 def metric_warnings(cfg: StudyConfig) -> list[str]:
     """Metric names in verdict rules and ``[report]`` that no run of the study would log: a typo would
     otherwise show only as 'not measured'. Warnings, not errors (``workbench run`` prints them)."""
-    from . import metric_names
+    from ..results import metric_names
 
     out: list[str] = []
     algo_of = {a.label or a.name: a.name for a in cfg.algorithms}
@@ -590,7 +590,7 @@ def _points(grid: dict[str, list]) -> list[dict]:
 
 def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
     """Every run of the study: tasks x algorithms x study grid x algorithm grid x seeds."""
-    from .registry import ALGORITHMS
+    from ..registry import ALGORITHMS
 
     cfg = study.config
     shared = cfg.settings.model_dump(exclude_unset=True)
@@ -649,7 +649,7 @@ def execute_run(task: RunTask) -> dict:
     """Train one run into its (emptied) folder and publish its metrics. Returns the outcome."""
     from tqdm import tqdm
 
-    from .train import train  # sets torch's CPU threads from the config (cpu_threads), whatever --workers is
+    from ..training.loop import train  # sets torch's CPU threads from the config (cpu_threads), whatever --workers is
 
     tqdm.set_lock(
         threading.RLock()
@@ -900,7 +900,7 @@ def summarize(results, study: str) -> Any:
 
     import pandas as pd
 
-    from .store import LoadWarning
+    from ..results.store import LoadWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LoadWarning)  # reported through attrs["issues"]

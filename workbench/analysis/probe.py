@@ -7,7 +7,7 @@ Two entry points share the code in ``workbench.analysis``:
   per-position credit data to ``credit.jsonl`` in the run folder;
 - ``probe(target, what)``: ``workbench probe RUN_OR_CHECKPOINT --what gradients|credit|kl``
   on a saved checkpoint; every objective at several batch sizes, written as a table
-  ``probe_<what>.parquet`` in the run folder (through ``workbench.store.publish`` when that
+  ``probe_<what>.parquet`` in the run folder (through ``workbench.results.store.publish`` when that
   module is present) and summarised on stdout.
 
 The objectives compared by ``--what gradients`` (all at the same parameters, the same
@@ -38,10 +38,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .algorithms.spec import AlgorithmSpec
-from .analysis.credit import ExactCredit, compare, kl_in_reward
-from .analysis.exact import ExactEvaluator
-from .analysis.gradients import (
+from ..algorithms.spec import AlgorithmSpec
+from ..config import ConfigError, Resolved, RunConfig, resolve
+from ..core.kl import ESTIMATORS
+from ..core.stats import cosine, mean_se
+from .credit import ExactCredit, compare, kl_in_reward
+from .exact import ExactEvaluator
+from .gradients import (
     dataset_gradient,
     exact_rl_gradient,
     gradient_stats,
@@ -51,9 +54,6 @@ from .analysis.gradients import (
     sample_batches,
     slice_rollout,
 )
-from .analysis.kl import ESTIMATORS
-from .analysis.stats import cosine, mean_se
-from .config import ConfigError, Resolved, RunConfig, resolve
 
 OBJECTIVES: dict[str, tuple[str, dict]] = {
     "sft": ("sft", {}),
@@ -82,7 +82,7 @@ def make_objective(res: Resolved, name: str) -> Objective:
 
     PPO's value loss is dropped (``vf_coef = 0``): it trains the critic, not pi.
     """
-    from .registry import ALGORITHMS
+    from ..registry import ALGORITHMS
 
     algo, overrides = OBJECTIVES.get(name, (name, {}))
     if algo not in ALGORITHMS:
@@ -128,7 +128,7 @@ class Estimators:
 
     # -- data -------------------------------------------------------------------------------
     def rollouts_for(self, policy, B: int, G: int, K: int) -> list:
-        from .train import rollout
+        from ..training.loop import rollout
 
         key = (B, G, K)
         if key not in self.rollouts:
@@ -275,7 +275,7 @@ def locate(target: str, results: str | None = None) -> tuple[Path, Path]:
     p = Path(target)
     if not p.exists():
         try:
-            from .store import results_dir
+            from ..results.store import results_dir
 
             cand = results_dir(results) / "runs" / target
         except ImportError:
@@ -300,7 +300,7 @@ def load(target: str, results: str | None = None, device: str = "cpu"):
     """``(Resolved, policy, ref, run_dir)``: the run's config, its checkpointed policy and its reference."""
     from transformers.utils import logging as hf_logging
 
-    from .policy import build_policy, resolve_device
+    from ..models.policy import build_policy, resolve_device
 
     run_dir, ckpt = locate(target, results)
     raw = _run_config(run_dir / "config.json")
@@ -315,8 +315,10 @@ def load(target: str, results: str | None = None, device: str = "cpu"):
     value_head = res.spec.value_head and getattr(res.algo_cfg, "use_value_head", True)
     policy = build_policy(res.task, run.model.model_copy(update={"path": str(ckpt)}), run.seed, value_head, dev)
     start = build_policy(res.task, run.model, run.seed, False, dev)  # the run's starting policy, rebuilt from its seed
-    if run.sft_warmup_steps:  # its reference is then the result of its SFT phase (workbench/pipeline.py), deterministic
-        from .pipeline import sft_warmup
+    if (
+        run.sft_warmup_steps
+    ):  # its reference is then the result of its SFT phase (workbench/training/pipeline.py), deterministic
+        from ..training.pipeline import sft_warmup
 
         sft_warmup(res, start, dev)
     ref = start.frozen_copy()
@@ -466,7 +468,7 @@ def kl_table(policy, res, est: Estimators, exact: ExactEvaluator | None, batch_s
 
 def _write(path: Path, table: pd.DataFrame) -> Path:
     try:
-        from .store import publish
+        from ..results.store import publish
     except ImportError:  # the store module is optional here: a plain write then
         table.to_parquet(path, index=False)
         return path

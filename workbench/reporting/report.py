@@ -6,7 +6,7 @@ Reads the study only through the store's loader and writes to ``--out`` (default
     report.md  report.html (self-contained)  report.pdf  report.bib  verdicts.json
     figures/<name>.png and .svg       tables/<name>.csv
 
-Contents: verdicts per claim (``workbench.analysis.verdicts``), decided on the study's
+Contents: verdicts per claim (``workbench.reporting.verdicts``), decided on the study's
 confirmation seeds only, with the figure and the interval that decided each; the same rules
 on the exploration seeds, shown apart and deciding nothing; the deviations the study
 declares; final metrics per group (finished runs only) with done / diverged / failed
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from .stats import difference_interval, is_non_negative, t_half_width
+from ..core.stats import difference_interval, is_non_negative, t_half_width
 from .verdicts import (
     FAILED,
     Statistics,
@@ -320,8 +320,8 @@ def _rule_text(r: dict) -> str:
 
 def build_report(study: str, results=None, out: str | Path | None = None, command: list[str] | None = None) -> Path:
     """Write the report of ``study``; returns the output folder."""
-    from ..store import load_final, load_metrics, load_studies, results_dir
-    from ..study import load_study
+    from ..results.store import load_final, load_metrics, load_studies, results_dir
+    from ..studies.study import load_study
 
     root = results_dir(results)
     studies = load_studies(root)
