@@ -46,6 +46,7 @@ SPEC = AlgorithmSpec(
     name="rm",
     Config=RewardModelConfig,
     kind="offline",
+    unit="pairs",
     trains="reward_model",
     summary="Bradley-Terry reward model",
     dataset=preference_dataset,

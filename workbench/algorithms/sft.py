@@ -43,6 +43,7 @@ SPEC = AlgorithmSpec(
     name="sft",
     Config=SFTConfig,
     kind="offline",
+    unit="demos",
     summary="masked NLL on demonstrations",
     dataset=dataset,
     step=step,

@@ -52,6 +52,8 @@ class AlgorithmSpec:
     dataset: Callable[..., Any] | None = None
     step: Callable[..., tuple[Tensor, Tensor, dict]] | None = None
     min_group_size: int = 1
+    # what one unit of a run's ``samples`` is: a sampled completion, a preference pair or a demonstration
+    unit: Literal["completions", "pairs", "demos"] = "completions"
     defaults: dict = field(default_factory=dict)  # run-level defaults this algorithm prefers
     # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
     # whose regularisers read differently are not compared on raw reward or KL (workbench.studies.study checks rules)
