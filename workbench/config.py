@@ -15,18 +15,31 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .algorithms.spec import AlgoConfig, AlgorithmSpec
+from .core.errors import ConfigError
 from .models.policy import ModelConfig
+from .registry import ALGORITHMS, TASKS
+from .toy_tasks.base import Task
 
-
-class ConfigError(ValueError):
-    """A bad configuration; ``str()`` is a message for a person, no traceback needed."""
+__all__ = [
+    "Backend",
+    "ConfigError",
+    "Resolved",
+    "RunConfig",
+    "config_hash",
+    "load_backend",
+    "register_backend",
+    "resolve",
+]
 
 
 # upper bounds of the integer settings: far beyond any toy run, low enough that no step counter, seed stream or
@@ -109,9 +122,9 @@ class RunConfig(BaseModel):
 @dataclass
 class Resolved:
     run: RunConfig
-    task: Any  # the Task instance
-    spec: Any  # the AlgorithmSpec
-    algo_cfg: Any  # the algorithm's config instance
+    task: Task
+    spec: AlgorithmSpec
+    algo_cfg: AlgoConfig  # an instance of ``spec.Config``
 
     def to_dict(self) -> dict:
         d = self.run.model_dump()
@@ -186,8 +199,6 @@ def _fmt_errors(err: ValidationError, where: str, model_for) -> str:
 
 def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
     """Validate a raw config (plus dotted overrides) against the registries. Raises ``ConfigError``."""
-    from .registry import ALGORITHMS, TASKS
-
     raw = copy.deepcopy(raw)
     for k, v in (overrides or {}).items():
         set_dotted(raw, k, v)
@@ -243,10 +254,8 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
             f"reward_model='fit' and sft_warmup_steps (workbench/training/pipeline.py) need an online algorithm on the "
             f"workbench backend; got {algo_name!r} on {run.backend!r}"
         )
-    if run.backend == "trl":
-        from .backends.trl import check_config
-
-        check_config(Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg))
+    if run.backend != "workbench":
+        load_backend(run.backend).check(Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg))
     if spec.kind == "online":
         if run.group_size < spec.min_group_size:
             raise ConfigError(f"{algo_name} needs group_size >= {spec.min_group_size}, got {run.group_size}")
@@ -291,3 +300,31 @@ def _merge(base: dict, top: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Another trainer for the same run: ``check`` refuses (``ConfigError``) what it cannot run as configured;
+    ``train(res, out, progress)`` writes the same run folder as the workbench loop and returns its dict."""
+
+    name: str
+    check: Callable[[Resolved], None]
+    train: Callable[[Resolved, Any, bool], dict]
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def load_backend(name: str) -> Backend:
+    """The backend plugin ``name``: ``workbench.backends.<name>``, which registers itself when imported.
+
+    The one import by name in the package (a plugin point, so that this layer never imports a
+    backend; ``tests/test_layering.py`` allows it here only).
+    """
+    if name not in BACKENDS:
+        importlib.import_module(f"{__package__}.backends.{name}")
+    return BACKENDS[name]

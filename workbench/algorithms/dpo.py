@@ -17,6 +17,7 @@ the reward (gold or a reward model) and applies the same loss; ties carry no los
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -24,8 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import Tensor
 
-from ..core.ops import AlgoConfig
-from .spec import AlgorithmSpec, Rollout
+from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout
 
 
 class PreferenceOptions(BaseModel):
@@ -109,19 +109,32 @@ def step(policy, ref, batch, cfg: DPOConfig, beta: float):
     return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], ones, ones, batch["p_chosen"], cfg, beta)
 
 
-def prepare_online(roll: Rollout, cfg: OnlineDPOConfig, beta: float) -> dict[str, Tensor]:
+@dataclass(frozen=True, kw_only=True)
+class OnlineDPOBatch(Batch):
+    first_wins: Tensor  # (B/2,) 1 where the first sample of a pair scored higher
+    weight: Tensor  # (B/2,) 0 for ties, which carry no loss
+    ref_logp: Tensor  # (B, T)
+
+
+def prepare_online(roll: Rollout, cfg: OnlineDPOConfig, beta: float) -> OnlineDPOBatch:
     s = roll.scores.view(-1, 2)  # (B/2, 2) the two samples of a prompt
     first_wins = (s[:, 0] > s[:, 1]).float()
     tie = (s[:, 0] == s[:, 1]).float()
-    return {"first_wins": first_wins, "weight": 1 - tie, "ref_logp": roll.ref_logp, "mask": roll.mask}
+    return OnlineDPOBatch(first_wins=first_wins, weight=1 - tie, ref_logp=roll.ref_logp, mask=roll.mask)
 
 
-def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
+def online_dpo_loss(
+    out: PolicyOutput, batch: OnlineDPOBatch, cfg: OnlineDPOConfig, beta: float
+) -> tuple[Tensor, Tensor, dict]:
+    """``dpo_loss`` on the pairs of adjacent rows, the better-scored sample as chosen; ties weigh 0."""
     logp = out.logp.view(-1, 2, out.logp.shape[-1])  # (B/2, 2, T)
-    ref = batch["ref_logp"].view_as(logp)
-    mask = batch["mask"].view_as(logp)
-    w = batch["first_wins"].bool()[:, None]
-    pick = lambda x, first: torch.where(w == first, x[:, 0], x[:, 1])  # noqa: E731
+    ref = batch.ref_logp.view_as(logp)
+    mask = batch.mask.view_as(logp)
+    w = batch.first_wins.bool()[:, None]
+
+    def pick(x, first):
+        return torch.where(w == first, x[:, 0], x[:, 1])
+
     loss, per_seq, stats = dpo_loss(
         pick(logp, True),
         pick(logp, False),
@@ -129,14 +142,14 @@ def loss_online(out, batch, cfg: OnlineDPOConfig, beta: float):
         pick(ref, False),
         pick(mask, True),
         pick(mask, False),
-        torch.ones_like(batch["weight"]),
+        torch.ones_like(batch.weight),
         cfg,
         beta,
     )
-    per_seq = per_seq * batch["weight"][:, None]  # ties carry no loss
-    loss = per_seq.sum() / batch["weight"].sum().clamp(min=1)
+    per_seq = per_seq * batch.weight[:, None]  # ties carry no loss
+    loss = per_seq.sum() / batch.weight.sum().clamp(min=1)
     stats["loss/dpo"] = loss.item()
-    stats["online_dpo/tie_fraction"] = 1 - batch["weight"].mean().item()
+    stats["online_dpo/tie_fraction"] = 1 - batch.weight.mean().item()
     return loss, per_seq, stats
 
 
@@ -180,7 +193,8 @@ ONLINE_SPEC = AlgorithmSpec(
     kind="online",
     summary="DPO on pairs sampled from the policy",
     prepare=prepare_online,
-    loss=loss_online,
+    loss=online_dpo_loss,
+    keeps_pairs=True,
     min_group_size=2,
     defaults={"group_size": 2},
     regulariser=online_regulariser,

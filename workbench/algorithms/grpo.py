@@ -13,6 +13,7 @@ group std and eps = 1e-4, as in TRL.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,8 +21,8 @@ from pydantic import Field
 from torch import Tensor
 
 from ..core.kl import kl_estimate
-from ..core.ops import Aggregation, AlgoConfig, aggregate, group_view
-from .spec import AlgorithmSpec, Rollout
+from ..core.ops import Aggregation, aggregate, group_view
+from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout
 
 
 class GRPOConfig(AlgoConfig):
@@ -53,26 +54,27 @@ def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps:
     return centered.reshape(-1)
 
 
-def prepare(roll: Rollout, cfg: GRPOConfig, beta: float) -> dict[str, Tensor]:
+@dataclass(frozen=True, kw_only=True)
+class GRPOBatch(Batch):
+    advantages: Tensor  # (B, T) A_i on every completion token of row i
+    old_logp: Tensor  # (B, T) log pi_old
+    ref_logp: Tensor  # (B, T) log pi_ref
+
+
+def prepare(roll: Rollout, cfg: GRPOConfig, beta: float) -> GRPOBatch:
     A = grpo_advantages(roll.step_rewards.sum(-1), roll.group_size, cfg.scale_rewards, cfg.eps)
-    return {
-        "advantages": A[:, None] * roll.mask,
-        "old_logp": roll.old_logp,
-        "ref_logp": roll.ref_logp,
-        "mask": roll.mask,
-    }
+    return GRPOBatch(advantages=A[:, None] * roll.mask, old_logp=roll.old_logp, ref_logp=roll.ref_logp, mask=roll.mask)
 
 
-def grpo_loss(
-    logp: Tensor, old_logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: GRPOConfig, beta: float
-) -> tuple[Tensor, Tensor, dict]:
-    """All inputs ``(B, T)``. Returns ``(loss, per_token_loss (B, T), stats)``."""
+def grpo_loss(out: PolicyOutput, batch: GRPOBatch, cfg: GRPOConfig, beta: float) -> tuple[Tensor, Tensor, dict]:
+    """``out.logp`` and the batch's tensors ``(B, T)``. Returns ``(loss, per_token_loss (B, T), stats)``."""
+    logp, old_logp, advantages, mask = out.logp, batch.old_logp, batch.advantages, batch.mask
     ratio = torch.exp(logp - old_logp)  # rho_it
     clipped = torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)  # -min(rho A, clip(rho) A)
     stats = {}
     if beta != 0.0:
-        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)  # kl_it
+        kl = kl_estimate(logp, batch.ref_logp, cfg.kl_estimator)  # kl_it
         if cfg.kl_ratio_correction:
             kl = kl * ratio  # rho_it kl_it: unbiased off-policy (TRL default)
         per_token = per_token + beta * kl  # + beta kl_it
@@ -83,10 +85,6 @@ def grpo_loss(
     stats["loss/policy"] = loss.item()
     stats["clip/ratio"] = ((low | high).float() * mask).sum().item() / mask.sum().clamp(min=1).item()
     return loss, per_token * mask, stats
-
-
-def loss(out, batch, cfg: GRPOConfig, beta: float):
-    return grpo_loss(out.logp, batch["old_logp"], batch["ref_logp"], batch["advantages"], batch["mask"], cfg, beta)
 
 
 def regulariser(cfg: GRPOConfig, beta: float) -> str:
@@ -105,7 +103,9 @@ SPEC = AlgorithmSpec(
     kind="online",
     summary="group-relative policy optimisation",
     prepare=prepare,
-    loss=loss,
+    loss=grpo_loss,
+    epochs=lambda cfg: cfg.epochs,
+    minibatches=lambda cfg: cfg.minibatches,
     min_group_size=2,
     regulariser=regulariser,
 )

@@ -16,14 +16,16 @@ Several epochs of minibatch updates per rollout; advantages whitened per rollout
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from ..core.kl import kl_estimate
-from ..core.ops import Aggregation, AlgoConfig, aggregate, explained_variance, gae, masked_whiten
+from ..core.ops import Aggregation, aggregate, explained_variance, gae, masked_whiten
 from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards
-from .spec import AlgorithmSpec, Rollout, kl_penalty
+from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout, kl_penalty
 
 
 class PPOConfig(AlgoConfig):
@@ -41,39 +43,44 @@ class PPOConfig(AlgoConfig):
     aggregation: Aggregation = Field("token_mean", description="loss aggregation")
 
 
-def prepare(roll: Rollout, cfg: PPOConfig, beta: float) -> dict[str, Tensor]:
+@dataclass(frozen=True, kw_only=True)
+class PPOBatch(Batch):
+    advantages: Tensor  # (B, T) A_t, whitened when configured
+    raw_advantages: Tensor  # (B, T) A_t before whitening
+    returns: Tensor  # (B, T) R_t, the value targets
+    old_values: Tensor  # (B, T) V_old(s_t) (zeros without a critic)
+    old_logp: Tensor  # (B, T)
+    ref_logp: Tensor  # (B, T)
+
+
+def prepare(roll: Rollout, cfg: PPOConfig, beta: float) -> PPOBatch:
     r, kl = kl_shaped_rewards(roll, beta, cfg.kl_in, cfg.kl_estimator)  # r_t
     values = roll.old_values if (cfg.use_value_head and roll.old_values is not None) else torch.zeros_like(r)
     adv, ret = gae(r, values, roll.mask, cfg.gamma, cfg.lam)  # A_t, R_t
     raw_adv = adv
     if cfg.whiten_advantages:
         adv = masked_whiten(adv, roll.mask) * roll.mask
-    return {
-        "advantages": adv,
-        "raw_advantages": raw_adv,
-        "returns": ret,
-        "old_values": values,
-        "old_logp": roll.old_logp,
-        "ref_logp": roll.ref_logp,
-        "mask": roll.mask,
-        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
-    }
+    return PPOBatch(
+        advantages=adv,
+        raw_advantages=raw_adv,
+        returns=ret,
+        old_values=values,
+        old_logp=roll.old_logp,
+        ref_logp=roll.ref_logp,
+        mask=roll.mask,
+        kl=kl,
+        kl_metric=f"kl/{cfg.kl_estimator}_{cfg.kl_in}",
+    )
 
 
-def ppo_loss(
-    logp: Tensor,
-    old_logp: Tensor,
-    ref_logp: Tensor,
-    advantages: Tensor,
-    values: Tensor | None,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    cfg: PPOConfig,
-    beta: float,
-) -> tuple[Tensor, Tensor, dict]:
-    """All inputs ``(B, T)`` (``values`` None without a critic). Returns ``(loss, per_token_loss, stats)``."""
-    ratio = torch.exp(logp - old_logp)  # rho_t
+def ppo_loss(out: PolicyOutput, batch: PPOBatch, cfg: PPOConfig, beta: float) -> tuple[Tensor, Tensor, dict]:
+    """``out.logp``, ``out.values`` (None without a critic) and the batch's tensors ``(B, T)``.
+
+    Returns ``(loss, per_token_loss, stats)``.
+    """
+    logp, values, advantages, mask = out.logp, out.values, batch.advantages, batch.mask
+    old_values, returns = batch.old_values, batch.returns
+    ratio = torch.exp(logp - batch.old_logp)  # rho_t
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
     per_token = torch.max(pg1, pg2)  # L^clip
@@ -85,7 +92,7 @@ def ppo_loss(
         stats["loss/value"] = aggregate(vf, mask, cfg.aggregation).item()
         stats["value/explained_variance"] = explained_variance(values.detach(), returns, mask)
     if cfg.kl_in == "loss" and beta != 0.0:
-        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        kl = kl_estimate(logp, batch.ref_logp, cfg.kl_estimator)
         per_token = per_token + beta * kl
         stats[f"kl/{cfg.kl_estimator}_loss"] = ((kl * mask).sum(-1)).mean().item()
     loss = aggregate(per_token, mask, cfg.aggregation)
@@ -94,29 +101,17 @@ def ppo_loss(
     return loss, per_token * mask, stats
 
 
-def loss(out, batch, cfg: PPOConfig, beta: float):
-    return ppo_loss(
-        out.logp,
-        batch["old_logp"],
-        batch["ref_logp"],
-        batch["advantages"],
-        out.values,
-        batch["old_values"],
-        batch["returns"],
-        batch["mask"],
-        cfg,
-        beta,
-    )
-
-
 SPEC = AlgorithmSpec(
     name="ppo",
     Config=PPOConfig,
     kind="online",
     summary="PPO with value head, GAE and clipping",
     prepare=prepare,
-    loss=loss,
-    value_head=True,
+    loss=ppo_loss,
+    value_head=lambda cfg: cfg.use_value_head,
+    policy_loss_only=lambda cfg: cfg.model_copy(update={"vf_coef": 0.0}),
+    epochs=lambda cfg: cfg.epochs,
+    minibatches=lambda cfg: cfg.minibatches,
     defaults={"group_size": 1},
     regulariser=kl_penalty,
 )

@@ -15,6 +15,7 @@ sample itself (the textbook form); RLOO removes that bias.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -22,8 +23,8 @@ from pydantic import Field
 from torch import Tensor
 
 from ..core.kl import kl_estimate
-from ..core.ops import Aggregation, AlgoConfig, aggregate
-from .spec import AlgorithmSpec, Rollout, kl_penalty
+from ..core.ops import Aggregation, aggregate
+from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout, kl_penalty
 
 KLPlace = Literal["reward", "loss"]
 KLEstimator = Literal["k1", "k2", "k3"]
@@ -51,7 +52,13 @@ def kl_shaped_rewards(roll: Rollout, beta: float, kl_in: str, estimator: str) ->
     return r, kl
 
 
-def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> dict[str, Tensor]:
+@dataclass(frozen=True, kw_only=True)
+class ReinforceBatch(Batch):
+    advantages: Tensor  # (B, T) G_t - b_t (REINFORCE) or the leave-one-out advantage (RLOO)
+    ref_logp: Tensor  # (B, T) log pi_ref, for a KL in the loss
+
+
+def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> ReinforceBatch:
     r, kl = kl_shaped_rewards(roll, beta, cfg.kl_in, cfg.kl_estimator)
     G = returns_to_go(r, roll.mask)  # (B, T)
     if cfg.baseline == "mean":
@@ -64,31 +71,29 @@ def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> dict[str, Tenso
         b = G.view(-1, g, T).mean(1, keepdim=True).expand(-1, g, T).reshape(B, T)  # mean over the group
     else:
         b = torch.zeros_like(G)
-    return {
-        "advantages": (G - b) * roll.mask,
-        "mask": roll.mask,
-        "ref_logp": roll.ref_logp,
-        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
-    }
+    return ReinforceBatch(
+        advantages=(G - b) * roll.mask,
+        mask=roll.mask,
+        ref_logp=roll.ref_logp,
+        kl=kl,
+        kl_metric=f"kl/{cfg.kl_estimator}_{cfg.kl_in}",
+    )
 
 
 def reinforce_loss(
-    logp: Tensor, ref_logp: Tensor, advantages: Tensor, mask: Tensor, cfg: ReinforceConfig, beta: float
+    out: PolicyOutput, batch: ReinforceBatch, cfg: ReinforceConfig, beta: float
 ) -> tuple[Tensor, Tensor, dict]:
-    """logp, ref_logp, advantages, mask: ``(B, T)``. Returns ``(loss, per_token_loss, stats)``."""
-    per_token = -advantages * logp  # -A_t log pi(y_t|s_t)
+    """``out.logp`` and the batch's tensors ``(B, T)``. Returns ``(loss, per_token_loss, stats)``."""
+    logp, mask = out.logp, batch.mask
+    per_token = -batch.advantages * logp  # -A_t log pi(y_t|s_t)
     stats = {}
     if cfg.kl_in == "loss":
-        kl = kl_estimate(logp, ref_logp, cfg.kl_estimator)
+        kl = kl_estimate(logp, batch.ref_logp, cfg.kl_estimator)
         per_token = per_token + beta * kl  # + beta kl_t
         stats[f"kl/{cfg.kl_estimator}_loss"] = (kl * mask).sum(-1).mean().item()
     loss = aggregate(per_token, mask, cfg.aggregation)
     stats["loss/policy"] = loss.item()
     return loss, per_token * mask, stats
-
-
-def loss(out, batch, cfg: ReinforceConfig, beta: float):
-    return reinforce_loss(out.logp, batch["ref_logp"], batch["advantages"], batch["mask"], cfg, beta)
 
 
 SPEC = AlgorithmSpec(
@@ -97,7 +102,7 @@ SPEC = AlgorithmSpec(
     kind="online",
     summary="REINFORCE, optional baseline",
     prepare=prepare,
-    loss=loss,
+    loss=reinforce_loss,
     defaults={"group_size": 1},
     regulariser=kl_penalty,
 )

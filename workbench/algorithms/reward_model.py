@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from ..core.ops import AlgoConfig
 from .dpo import PreferenceOptions, preference_dataset
-from .spec import AlgorithmSpec
+from .spec import AlgoConfig, AlgorithmSpec
 
 
 class RewardModelConfig(AlgoConfig, PreferenceOptions):

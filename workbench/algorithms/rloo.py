@@ -14,9 +14,9 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from ..core.ops import Aggregation, AlgoConfig, group_view
-from .reinforce import KLEstimator, KLPlace, kl_shaped_rewards, reinforce_loss
-from .spec import AlgorithmSpec, Rollout, kl_penalty
+from ..core.ops import Aggregation, group_view
+from .reinforce import KLEstimator, KLPlace, ReinforceBatch, kl_shaped_rewards, reinforce_loss
+from .spec import AlgoConfig, AlgorithmSpec, Rollout, kl_penalty
 
 
 class RLOOConfig(AlgoConfig):
@@ -34,21 +34,18 @@ def rloo_advantages(returns: Tensor, group_size: int) -> Tensor:
     return (R - baseline).reshape(-1)
 
 
-def prepare(roll: Rollout, cfg: RLOOConfig, beta: float) -> dict[str, Tensor]:
+def prepare(roll: Rollout, cfg: RLOOConfig, beta: float) -> ReinforceBatch:
     r, kl = kl_shaped_rewards(roll, beta, cfg.kl_in, cfg.kl_estimator)
     A = rloo_advantages(r.sum(-1), roll.group_size)  # (B,)
     if cfg.normalize_advantages:
         A = A / (A.std() + 1e-8)
-    return {
-        "advantages": A[:, None] * roll.mask,
-        "mask": roll.mask,
-        "ref_logp": roll.ref_logp,
-        f"kl/{cfg.kl_estimator}_{cfg.kl_in}": kl,
-    }
-
-
-def loss(out, batch, cfg: RLOOConfig, beta: float):
-    return reinforce_loss(out.logp, batch["ref_logp"], batch["advantages"], batch["mask"], cfg, beta)
+    return ReinforceBatch(
+        advantages=A[:, None] * roll.mask,
+        mask=roll.mask,
+        ref_logp=roll.ref_logp,
+        kl=kl,
+        kl_metric=f"kl/{cfg.kl_estimator}_{cfg.kl_in}",
+    )
 
 
 SPEC = AlgorithmSpec(
@@ -57,7 +54,7 @@ SPEC = AlgorithmSpec(
     kind="online",
     summary="REINFORCE with leave-one-out baseline",
     prepare=prepare,
-    loss=loss,
+    loss=reinforce_loss,
     min_group_size=2,
     regulariser=kl_penalty,
 )

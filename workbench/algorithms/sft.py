@@ -12,8 +12,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..core.ops import Aggregation, AlgoConfig, aggregate
-from .spec import AlgorithmSpec
+from ..core.ops import Aggregation, aggregate
+from .spec import AlgoConfig, AlgorithmSpec
 
 
 class SFTConfig(AlgoConfig):

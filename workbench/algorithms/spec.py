@@ -1,10 +1,19 @@
-"""What an algorithm plugs into the training loops: a typed config and pure functions.
+"""What an algorithm plugs into the training loops: a typed config, pure functions, declared capabilities.
 
-An online algorithm gives ``prepare(rollout, cfg, beta) -> batch`` (advantages and
-whatever else its loss needs, computed once per rollout without gradients) and
-``loss(out, batch, cfg, beta) -> (loss, per_token_loss, stats)`` evaluated on each
-minibatch; ``out`` is the policy's ``PolicyOutput`` on that minibatch. An offline algorithm
-gives ``dataset(task, cfg, generator)`` and ``step(model, ref, batch, cfg, beta)``.
+An online algorithm gives
+
+    prepare(rollout, cfg, beta) -> batch        a frozen ``Batch`` subclass: advantages and whatever
+                                                its loss reads, computed once per rollout, no gradients
+    loss(out, batch, cfg, beta) -> (loss, per_token_loss, stats)
+                                                on each minibatch; ``out`` is the policy's
+                                                ``PolicyOutput`` on that minibatch
+
+and an offline algorithm gives ``dataset(task, cfg, generator)`` and
+``step(model, ref, batch, cfg, beta)``. What a loop must know about an algorithm (does it
+need a value head, how many passes over a rollout, must pairs stay whole, what a unit of
+``samples`` is) is declared on its ``AlgorithmSpec``, never discovered from its config's
+attributes or its batch's contents. Adding an algorithm: one file here with its Config,
+functions and ``SPEC``, one line in ``workbench/registry.py`` (or ``registry.register``), its tests.
 """
 
 from __future__ import annotations
@@ -13,25 +22,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from torch import Tensor
+from pydantic import BaseModel, ConfigDict
 
-from ..core.ops import AlgoConfig
+from ..core.types import Batch, PolicyOutput, Rollout
+
+__all__ = ["AlgoConfig", "AlgorithmSpec", "Batch", "PolicyOutput", "Rollout", "kl_penalty"]
 
 
-@dataclass
-class Rollout:
-    """One batch of on-policy samples. ``B = prompts x group_size``; rows of a group are adjacent."""
+class AlgoConfig(BaseModel):
+    """Base of every algorithm's typed config; unknown keys are errors."""
 
-    prompts: Tensor  # (B, Tp)
-    completions: Tensor  # (B, T)
-    mask: Tensor  # (B, T) 1 for completion tokens that count
-    old_logp: Tensor  # (B, T) log pi_old(y_t | s_t), the sampling policy
-    ref_logp: Tensor  # (B, T) log pi_ref(y_t | s_t)
-    scores: Tensor  # (B,) the reward being optimised (gold or reward model), at the last token
-    step_rewards: Tensor  # (B, T) the same reward split per step (scores at the last token unless dense)
-    gold: Tensor  # (B,) gold reward, for logging
-    group_size: int
-    old_values: Tensor | None = None  # (B, T) V_old(s_t) with a value head
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf or nan parameter is a ConfigError
 
 
 def kl_penalty(cfg: Any, beta: float) -> str:
@@ -39,28 +40,43 @@ def kl_penalty(cfg: Any, beta: float) -> str:
     return "no KL penalty" if beta == 0 else f"KL {cfg.kl_estimator} in the {cfg.kl_in}, beta {beta:g}"
 
 
-@dataclass
+def _one(cfg: Any) -> int:
+    return 1
+
+
+def _never(cfg: Any) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
 class AlgorithmSpec:
     name: str
     Config: type[AlgoConfig]
     kind: Literal["online", "offline"]
     summary: str
-    value_head: bool = False
     trains: Literal["policy", "reward_model"] = "policy"
-    prepare: Callable[..., dict[str, Tensor]] | None = None
-    loss: Callable[..., tuple[Tensor, Tensor, dict]] | None = None
-    dataset: Callable[..., Any] | None = None
-    step: Callable[..., tuple[Tensor, Tensor, dict]] | None = None
+    # online
+    prepare: Callable[[Rollout, Any, float], Batch] | None = None
+    loss: Callable[[PolicyOutput, Any, Any, float], tuple[Any, Any, dict]] | None = None
+    # offline
+    dataset: Callable[..., dict] | None = None
+    step: Callable[..., tuple[Any, Any, dict]] | None = None
+    # capabilities, declared
     min_group_size: int = 1
-    # what one unit of a run's ``samples`` is: a sampled completion, a preference pair or a demonstration
-    unit: Literal["completions", "pairs", "demos"] = "completions"
+    unit: Literal["completions", "pairs", "demos"] = "completions"  # what one unit of a run's ``samples`` is
+    value_head: Callable[[Any], bool] = _never  # does this config train a critic (a value head on the policy)
+    epochs: Callable[[Any], int] = _one  # passes over each rollout
+    minibatches: Callable[[Any], int] = _one  # minibatches per pass
+    keeps_pairs: bool = False  # the loss pairs adjacent rows: every minibatch is the whole rollout
+    # the config whose loss is the policy's alone (PPO: no value loss), for gradient probes of pi
+    policy_loss_only: Callable[[Any], Any] = lambda cfg: cfg
     defaults: dict = field(default_factory=dict)  # run-level defaults this algorithm prefers
     # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
-    # whose regularisers read differently are not compared on raw reward or KL (workbench.studies.study checks rules)
+    # whose regularisers read differently are not compared on raw reward or KL (workbench.studies checks rules)
     regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"
 
-    def epochs(self, cfg: AlgoConfig) -> int:
-        return getattr(cfg, "epochs", 1)
-
-    def minibatches(self, cfg: AlgoConfig) -> int:
-        return getattr(cfg, "minibatches", 1)
+    def __post_init__(self) -> None:
+        need = ("prepare", "loss") if self.kind == "online" else ("dataset", "step")
+        missing = [n for n in need if getattr(self, n) is None]
+        if missing:
+            raise TypeError(f"algorithm {self.name!r} ({self.kind}) must give {', '.join(missing)}")

@@ -15,7 +15,7 @@ enumerated sequence log-probs by marginalising the later tokens:
 log P(y_<=t) = logsumexp over y_>t of log pi(y|x), log pi(y_t | y_<t) = log P(y_<=t) - log P(y_<t).
 Arrays are kept as ``(P, A, ..., A)`` tensors, one axis per position, in float64.
 
-Each method's per-token advantages (``spec.prepare(rollout)["advantages"]``, ``(B, T)``:
+Each method's per-token advantages (``spec.prepare(rollout).advantages``, ``(B, T)``:
 PPO's GAE with its critic, GRPO's and RLOO's per-sequence constants, REINFORCE's
 returns minus baseline) are compared with A(s_t, y_t) at the sampled tokens:
 

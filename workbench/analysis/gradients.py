@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..algorithms.spec import Rollout
+from ..core.types import Batch, Rollout
 from ..core.stats import cosine, trace_cov
 from ..models.policy import PolicyOutput
 from .exact import exact_logprobs
@@ -345,7 +345,7 @@ def slice_rollout(roll: Rollout, start: int, stop: int) -> Rollout:
     )
 
 
-def online_losses(spec, cfg, beta: float, rollouts: list[Rollout]) -> tuple[list[LossFn], list[dict]]:
+def online_losses(spec, cfg, beta: float, rollouts: list[Rollout]) -> tuple[list[LossFn], list[Batch]]:
     """One loss per rollout: ``spec.loss`` on ``spec.prepare`` of it, all B rows in one minibatch.
 
     This is the first update training makes from that rollout (ratio 1, no clipping active).

@@ -7,7 +7,7 @@ Two entry points share the code in ``workbench.analysis``:
   per-position credit data to ``credit.jsonl`` in the run folder;
 - ``probe(target, what)``: ``workbench probe RUN_OR_CHECKPOINT --what gradients|credit|kl``
   on a saved checkpoint; every objective at several batch sizes, written as a table
-  ``probe_<what>.parquet`` in the run folder (through ``workbench.results.store.publish`` when that
+  ``probe_<what>.parquet`` in the run folder (through ``workbench.results.publish`` when that
   module is present) and summarised on stdout.
 
 The objectives compared by ``--what gradients`` (all at the same parameters, the same
@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,8 +41,14 @@ import torch
 
 from ..algorithms.spec import AlgorithmSpec
 from ..config import ConfigError, Resolved, RunConfig, resolve
+from ..core import seeds
 from ..core.kl import ESTIMATORS
 from ..core.stats import cosine, mean_se
+from ..models.policy import build_policy, resolve_device
+from ..registry import ALGORITHMS
+from ..results import publish, results_dir
+from ..runtime.context import Measure
+from ..runtime.rollout import rollout
 from .credit import ExactCredit, compare, kl_in_reward
 from .exact import ExactEvaluator
 from .gradients import (
@@ -82,8 +89,6 @@ def make_objective(res: Resolved, name: str) -> Objective:
 
     PPO's value loss is dropped (``vf_coef = 0``): it trains the critic, not pi.
     """
-    from ..registry import ALGORITHMS
-
     algo, overrides = OBJECTIVES.get(name, (name, {}))
     if algo not in ALGORITHMS:
         allowed = ", ".join([*OBJECTIVES, *sorted(set(ALGORITHMS) - set(OBJECTIVES))])
@@ -94,8 +99,7 @@ def make_objective(res: Resolved, name: str) -> Objective:
     own = algo == res.spec.name
     base = res.algo_cfg.model_dump() if own else {k[5:]: v for k, v in spec.defaults.items() if k.startswith("algo.")}
     cfg = spec.Config(**{**base, **overrides})
-    if hasattr(cfg, "vf_coef"):
-        cfg = cfg.model_copy(update={"vf_coef": 0.0})
+    cfg = spec.policy_loss_only(cfg)
     G = res.run.group_size if own else spec.defaults.get("group_size", RunConfig.model_fields["group_size"].default)
     return Objective(name, spec, cfg, max(G, spec.min_group_size))
 
@@ -128,18 +132,16 @@ class Estimators:
 
     # -- data -------------------------------------------------------------------------------
     def rollouts_for(self, policy, B: int, G: int, K: int) -> list:
-        from ..training.loop import rollout
-
         key = (B, G, K)
         if key not in self.rollouts:
             prompts = self.task.sample_prompts(K * B // G, self.prompt_gen).repeat_interleave(G, 0).to(self.device)
-            roll = rollout(self.res, policy, self.ref, None, prompts, self.sample_gen, G)
+            roll, _ = rollout(self.res, policy, self.ref, None, prompts, self.sample_gen, G)
             self.rollouts[key] = [slice_rollout(roll, k * B, (k + 1) * B) for k in range(K)]
         return self.rollouts[key]
 
     def dataset(self, obj: Objective) -> dict:
         if obj.name not in self.datasets:  # the run's own data stream seed: the same dataset training used
-            gen = torch.Generator().manual_seed(self.res.run.seed + 1_000_003)
+            gen = seeds.data(self.res.run.seed)
             self.datasets[obj.name] = obj.spec.dataset(self.task, obj.cfg, gen)
         return self.datasets[obj.name]
 
@@ -194,7 +196,7 @@ class Estimators:
 # -- during training --------------------------------------------------------------------------
 
 
-class Prober:
+class Prober(Measure):
     """The in-training probe: ``grad/...`` and ``credit/...`` for the run's own estimator.
 
     Uses its own random generators (seeded by the run's seed and the step), reads the
@@ -217,10 +219,13 @@ class Prober:
         if self.credit_file is not None:
             self.credit_file.write_text("")
 
-    def __call__(self, policy, step: int) -> dict:
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.res.run.probe_every == 0 or last
+
+    def __call__(self, policy, step: int, row: dict | None = None) -> dict:
         t0 = time.perf_counter()
         run = self.res.run
-        self.est.reset(run.seed * 1_000_003 + step + 7)
+        self.est.reset(seeds.probe_seed(run.seed, step))
         own = self.own
         B = run.batch_size if own.spec.kind == "online" else own.cfg.batch_size
         out: dict[str, float] = {}
@@ -237,7 +242,7 @@ class Prober:
             out["grad/exact_norm"] = g_rl.norm().item()
             for o in self.others:
                 out[f"grad/cos_{o.name}_rl"] = cosine(self.est.truth(policy, o)[0], g_rl).item()
-        if self.credit is not None and batches is not None and "advantages" in batches[0]:
+        if self.credit is not None and batches is not None and batches[0].advantages is not None:
             summary, rows = self._credit(policy, own, batches, rolls)
             out.update({f"credit/{k}": v for k, v in summary.items()})
             if self.credit_file is not None:
@@ -249,7 +254,7 @@ class Prober:
 
     def _credit(self, policy, obj: Objective, batches: list[dict], rolls: list) -> tuple[dict, list[dict]]:
         adv = self.credit.advantages(policy, kl_in_reward(obj.cfg, self.res.run.beta))
-        method = torch.cat([b["advantages"] for b in batches])
+        method = torch.cat([b.advantages for b in batches])
         mask = torch.cat([r.mask for r in rolls])
         exact = torch.cat([self.credit.at(adv, r.prompts, r.completions) for r in rolls])
         return compare(method, exact, mask, self.credit.decisive)
@@ -274,13 +279,8 @@ def locate(target: str, results: str | None = None) -> tuple[Path, Path]:
     """``(run folder, checkpoint folder)`` for a run folder, its checkpoint, or a run id in the results store."""
     p = Path(target)
     if not p.exists():
-        try:
-            from ..results.store import results_dir
-
-            cand = results_dir(results) / "runs" / target
-        except ImportError:
-            cand = None
-        if cand is None or not cand.exists():
+        cand = results_dir(results) / "runs" / target
+        if not cand.exists():
             raise ConfigError(f"no run folder, checkpoint or run id {target!r}")
         p = cand
     if _run_config(p / "config.json") is not None:
@@ -296,11 +296,14 @@ def locate(target: str, results: str | None = None) -> tuple[Path, Path]:
     return run_dir, ckpt
 
 
-def load(target: str, results: str | None = None, device: str = "cpu"):
-    """``(Resolved, policy, ref, run_dir)``: the run's config, its checkpointed policy and its reference."""
-    from transformers.utils import logging as hf_logging
+def load(target: str, results: str | None = None, device: str = "cpu", sft_phase: Callable | None = None):
+    """``(Resolved, policy, ref, run_dir)``: the run's config, its checkpointed policy and its reference.
 
-    from ..models.policy import build_policy, resolve_device
+    A run with an SFT phase (``sft_warmup_steps``) has that phase's result as its reference:
+    ``sft_phase(res, policy, device)`` replays it (``workbench.training.pipeline.sft_warmup``,
+    which ``workbench probe`` passes; the training layer sits above this one).
+    """
+    from transformers.utils import logging as hf_logging  # heavy; only for a probe of a saved run
 
     run_dir, ckpt = locate(target, results)
     raw = _run_config(run_dir / "config.json")
@@ -312,15 +315,13 @@ def load(target: str, results: str | None = None, device: str = "cpu"):
     if dev.type == "cpu":
         torch.set_num_threads(run.cpu_threads)  # as training: tiny models run fastest on one thread
     hf_logging.disable_progress_bar()
-    value_head = res.spec.value_head and getattr(res.algo_cfg, "use_value_head", True)
+    value_head = res.spec.value_head(res.algo_cfg)
     policy = build_policy(res.task, run.model.model_copy(update={"path": str(ckpt)}), run.seed, value_head, dev)
     start = build_policy(res.task, run.model, run.seed, False, dev)  # the run's starting policy, rebuilt from its seed
-    if (
-        run.sft_warmup_steps
-    ):  # its reference is then the result of its SFT phase (workbench/training/pipeline.py), deterministic
-        from ..training.pipeline import sft_warmup
-
-        sft_warmup(res, start, dev)
+    if run.sft_warmup_steps:  # its reference is the result of its SFT phase, deterministic
+        if sft_phase is None:
+            raise ConfigError(f"{run_dir}: the run's reference is its SFT phase; pass sft_phase to replay it")
+        sft_phase(res, start, dev)
     ref = start.frozen_copy()
     policy.requires_grad_(True)
     return res, policy, ref, run_dir
@@ -343,11 +344,12 @@ def probe(
     device: str = "cpu",
     results: str | None = None,
     write: bool = True,
+    sft_phase: Callable | None = None,
 ) -> ProbeResult:
     """Run one probe on a saved run and write ``probe_<what>.parquet`` into its folder."""
     if what not in WHATS:
         raise ConfigError(f"--what must be one of {', '.join(WHATS)}, got {what!r}")
-    res, policy, ref, run_dir = load(target, results, device)
+    res, policy, ref, run_dir = load(target, results, device, sft_phase)
     torch.manual_seed(seed)
     exact = ExactEvaluator(res.task, ref, res.run.beta) if res.task.enumerable else None
     est = Estimators(res, ref, exact, policy.device, seed)
@@ -410,7 +412,7 @@ def credit_table(policy, res, est: Estimators, batch_sizes, K: int, names: list[
             batches, rolls = _prepared(est, policy, obj, B, K)
             if "advantages" not in batches[0]:
                 raise ConfigError(f"{name!r} uses no per-token advantages")
-            method = torch.cat([b["advantages"] for b in batches])
+            method = torch.cat([b.advantages for b in batches])
             exact = torch.cat([credit.at(adv_cache[kl], r.prompts, r.completions) for r in rolls])
             mask = torch.cat([r.mask for r in rolls])
             summary, per_pos = compare(method, exact, mask, credit.decisive)
@@ -467,11 +469,6 @@ def kl_table(policy, res, est: Estimators, exact: ExactEvaluator | None, batch_s
 
 
 def _write(path: Path, table: pd.DataFrame) -> Path:
-    try:
-        from ..results.store import publish
-    except ImportError:  # the store module is optional here: a plain write then
-        table.to_parquet(path, index=False)
-        return path
     return publish(path, lambda f: table.to_parquet(f, index=False))
 
 

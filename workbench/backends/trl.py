@@ -1,6 +1,6 @@
 """TRL as a second backend: the same run trained by TRL's own trainers.
 
-``backend = "trl"`` in a run config makes ``workbench.training.loop.train`` call ``train_trl``: the
+``backend = "trl"`` in a run config makes ``workbench.training.train`` call ``train_trl``: the
 same task, model (weights of the same seed), tokenizer, prompts, batch, step count,
 learning-rate schedule and KL coefficient, trained by
 
@@ -48,7 +48,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, Resolved
+from ..analysis.evaluate import Evaluation
+from ..config import Backend, ConfigError, Resolved, register_backend
+from ..core import seeds
 from ..models.policy import (
     ModelConfig,
     Policy,
@@ -59,6 +61,8 @@ from ..models.policy import (
     resolve_device,
     word_ids,
 )
+from ..runtime.context import RunContext, diverged, done, setup_device
+from ..runtime.rollout import score
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -232,7 +236,7 @@ def online_dataset(res: Resolved, codec: Codec):
     import datasets
 
     run = res.run
-    data_gen = torch.Generator().manual_seed(run.seed + 1_000_003)
+    data_gen = seeds.data(run.seed)
     n = max(1, run.steps) * (run.batch_size // run.group_size)
     prompts = res.task.sample_prompts(n, data_gen)
     return datasets.Dataset.from_dict(
@@ -244,7 +248,7 @@ def offline_dataset(res: Resolved, codec: Codec):
     """The run's fixed dataset (``spec.dataset`` with the workbench seed), as TRL's dataset format."""
     import datasets
 
-    data_gen = torch.Generator().manual_seed(res.run.seed + 1_000_003)
+    data_gen = seeds.data(res.run.seed)
     data = res.spec.dataset(res.task, res.algo_cfg, data_gen)
     if res.spec.name == "sft":  # tokenised: no EOS appended, loss on the completion only
         rows = [
@@ -275,8 +279,6 @@ class RewardFunction:
         self.gold: list[float] = []  # gold-reward means since the last log
 
     def __call__(self, prompts, completions, completion_ids, prompt_idx, **kwargs) -> list[float]:
-        from ..training.loop import score
-
         p = torch.tensor(prompt_idx, dtype=torch.long)
         c = self.codec.completions(completion_ids)
         with torch.no_grad():
@@ -299,25 +301,21 @@ def _callback_class():
         only measures.
         """
 
-        def __init__(self, res, writer, evaluator, wrap, reward_fn, per_step, completion_len):
-            self.res, self.writer, self.evaluator, self.wrap = res, writer, evaluator, wrap
+        def __init__(self, ctx: RunContext, wrap, reward_fn, per_step, completion_len):
+            self.ctx, self.res, self.wrap = ctx, ctx.res, wrap
             self.reward_fn, self.per_step, self.T = reward_fn, per_step, completion_len
-            self.names = METRIC_NAMES[res.spec.name]
+            self.names = METRIC_NAMES[self.res.spec.name]
             self.row: dict | None = None
-            self.final: dict = {}
-            from ..training.loop import eval_generator
-
-            self.gen = eval_generator(res.run.seed)  # the evaluation's own stream, as in workbench.training.loop
-            self.t0 = time.perf_counter()
             self.diverged: tuple[int, str] | None = None
 
         def _measure(self, model, step: int) -> dict:
-            if step % self.res.run.eval_every and step != self.res.run.steps:
+            last = step == self.res.run.steps
+            if not any(m.due(step, last) for m in self.ctx.measures):
                 return {}
             was_training = model.training
             model.eval()
             try:
-                return self.evaluator(self.wrap(model), step, self.writer, self.gen)
+                return self.ctx.measure(self.wrap(model), step)
             finally:
                 model.train(was_training)
 
@@ -326,13 +324,11 @@ def _callback_class():
                 return
             s = self.row["step"]
             self.row["samples"] = s * self.per_step + (self.per_step if s < self.res.run.steps else 0)
-            self.row["time/elapsed_s"] = time.perf_counter() - self.t0
-            self.writer.log(self.row)
-            self.final.update(self.row)
+            self.ctx.log(self.row)
             self.row = None
 
         def on_train_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
+            self.ctx.t0 = time.perf_counter()
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
             self._flush()
@@ -490,17 +486,11 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
 
 def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     """Run one configuration with TRL. Returns ``{"status", "step", "final": metrics}`` as ``train``."""
-    from ..training.loop import Evaluator, RunWriter
-
     check_config(res)
     run, task, spec = res.run, res.task, res.spec
-    out = Path(out)
-    device = resolve_device(run.device)
-    if device.type == "cpu":
-        torch.set_num_threads(run.cpu_threads)
-    torch.manual_seed(run.seed)
-    writer = RunWriter(out)
-    work = Path(tempfile.mkdtemp(prefix="trl_", dir=out))
+    device = setup_device(run)
+    ctx = RunContext(res, out, device)
+    work = Path(tempfile.mkdtemp(prefix="trl_", dir=ctx.out))
     try:
         rm = None
         if run.reward_model and spec.kind == "online":
@@ -517,30 +507,23 @@ def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
             wrapper.model = m
             return wrapper
 
+        ctx.add(Evaluation(res, ref, device, ctx.writer))
         per_step = run.batch_size if spec.kind == "online" else res.algo_cfg.batch_size
-        cb = _callback_class()(res, writer, Evaluator(res, ref, device), wrap, reward_fn, per_step, task.completion_len)
+        cb = _callback_class()(ctx, wrap, reward_fn, per_step, task.completion_len)
         trainer.add_callback(cb)
-        cfg_dict = res.to_dict()
         summary = describe(wrap(trainer.model)) if ref is not None else {}
-        writer.config(
-            {
-                "config": cfg_dict,
-                "config_hash": res.config_hash,
-                "model": summary,
-                "backend": {"name": "trl", "trainer": TRL_TRAINERS[spec.name], "trl_version": _trl_version()},
-            }
-        )
+        backend = {"name": "trl", "trainer": TRL_TRAINERS[spec.name], "trl_version": _trl_version()}
+        ctx.write_config(summary, backend=backend)
         trainer.train()
-        status = {"status": "done", "step": run.steps}
-        if cb.diverged is not None:
-            status = {"status": "diverged", "step": cb.diverged[0], "reason": cb.diverged[1]}
-        if run.save_checkpoint and status["status"] == "done":
-            trainer.model.save_pretrained(out / "checkpoint")
-            tok.save_pretrained(out / "checkpoint")
-        writer.status(status)
-        return {**status, "final": cb.final}
+        status = done(run.steps) if cb.diverged is None else diverged(*cb.diverged)
+
+        def save(path: Path) -> None:
+            trainer.model.save_pretrained(path)
+            tok.save_pretrained(path)
+
+        return ctx.finish(status, wrap(trainer.model), save=save)
     finally:
-        writer.close()
+        ctx.writer.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -548,3 +531,6 @@ def _trl_version() -> str:
     import trl
 
     return trl.__version__
+
+
+register_backend(Backend("trl", check=check_config, train=train_trl))

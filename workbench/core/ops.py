@@ -8,16 +8,9 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 Aggregation = Literal["token_mean", "sequence_mean", "constant", "sequence_sum"]
-
-
-class AlgoConfig(BaseModel):
-    """Base of every algorithm's typed config; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf or nan parameter is a ConfigError
 
 
 def aggregate(per_token: Tensor, mask: Tensor, how: Aggregation, max_len: int | None = None) -> Tensor:

@@ -10,6 +10,7 @@ that seeds a generator takes its offset from here.
     shuffle       seed + 2_000_003           minibatch order
     evaluation    seed + 1_592_649_633       reward/eval samples, samples.jsonl
     probe         seed * 1_000_003 + step + 7  gradient and credit probes at ``step``
+    pipeline      seed + 3_000_017           SFT demonstrations (x1) and reward-model pairs (x2) of the RLHF phases
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ DATA_OFFSET = 1_000_003
 SHUFFLE_OFFSET = 2_000_003
 EVAL_OFFSET = 1_592_649_633
 PROBE_STRIDE = 1_000_003
+PIPELINE_OFFSET = 3_000_017
 
 
 def sampling(seed: int, device="cpu") -> torch.Generator:

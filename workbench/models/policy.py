@@ -28,7 +28,6 @@ import copy
 import inspect
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..core.types import PolicyOutput
 from ..toy_tasks.base import Task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,13 +164,6 @@ def word_ids(tokenizer, words: list[str]) -> list[int]:
             tid = enc[0]
         out.append(int(tid))
     return out
-
-
-@dataclass
-class PolicyOutput:
-    logp: Tensor  # (B, T) log pi(y_t | s_t) of the given completion
-    logits: Tensor  # (B, T, A) log pi(. | s_t) over the action set
-    values: Tensor | None  # (B, T) V(s_t), or None without a value head
 
 
 class Policy(nn.Module):

@@ -1,1 +1,5 @@
-"""training."""
+"""The training loops (single run, stacked seeds), the RLHF pipeline, and ``train``, the entry point."""
+
+from .run import train
+
+__all__ = ["train"]

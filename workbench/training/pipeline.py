@@ -36,17 +36,18 @@ from ..algorithms import reward_model as rm_algo
 from ..algorithms import sft
 from ..analysis.exact import exact_logprobs
 from ..config import Resolved
+from ..core.seeds import PIPELINE_OFFSET
 from ..models.policy import build_reward_model
-
-SEED_OFFSET = 3_000_017  # the pipeline's own data streams, apart from the run's prompt and sampling streams
+from ..runtime.context import Measure
+from ..runtime.update import make_optimizer, update
 
 
 def wanted(run) -> bool:
     return run.reward_model == "fit" or run.sft_warmup_steps > 0
 
 
-class Pipeline:
-    """Runs phases 1 and 2 on construction; ``ref`` and ``rm`` then serve phase 3; ``measure`` logs."""
+class Pipeline(Measure):
+    """Runs phases 1 and 2 on construction; ``ref`` and ``rm`` then serve phase 3; as a measure, logs proxy vs gold."""
 
     def __init__(self, res: Resolved, policy, device):
         self.res, self.task = res, res.task
@@ -64,6 +65,12 @@ class Pipeline:
                 self.scores, gold = all_scores(self.rm, self.task, device)
                 self.stats.update(rm_quality(self.scores, gold))
         self.start: dict[str, float] = {}
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.res.run.eval_every == 0 or last
+
+    def __call__(self, policy, step: int, row: dict) -> dict:
+        return self.measure(policy, step, row)
 
     @torch.no_grad()
     def measure(self, policy, step: int, row: dict) -> dict:
@@ -91,20 +98,15 @@ def sft_warmup(res: Resolved, policy, device) -> float:
     """Phase 1, in place on ``policy``: SFT on demonstrations. Returns the last loss."""
     run = res.run
     cfg = sft.SFTConfig(batch_size=run.batch_size)
-    gen = torch.Generator().manual_seed(run.seed + SEED_OFFSET)
+    gen = torch.Generator().manual_seed(run.seed + PIPELINE_OFFSET)
     data = sft.dataset(res.task, cfg, gen)
-    opt = torch.optim.AdamW(
-        [p for p in policy.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay
-    )
+    opt = make_optimizer([p for p in policy.parameters() if p.requires_grad], run, fused=False)
     loss = torch.tensor(float("nan"))
     for _ in range(run.sft_warmup_steps):
         idx = torch.randint(0, cfg.n_demos, (cfg.batch_size,), generator=gen)
         batch = {k: v[idx].to(device) for k, v in data.items()}
         loss, _, _ = sft.step(policy, None, batch, cfg, run.beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), run.max_grad_norm)
-        opt.step()
+        update(policy, opt, loss, run.max_grad_norm)
     opt.zero_grad(set_to_none=True)
     return loss.item()
 
@@ -113,20 +115,17 @@ def fit_reward_model(res: Resolved, device):
     """Phase 2: a Bradley-Terry reward model on ``rm_pairs`` sampled-label pairs. Returns ``(frozen rm, last loss)``."""
     run, task = res.run, res.task
     cfg = rm_algo.RewardModelConfig(pairs="random", n_pairs=run.rm_pairs, labels="sampled", bt_temperature=1.0)
-    gen = torch.Generator().manual_seed(run.seed + 2 * SEED_OFFSET)
+    gen = torch.Generator().manual_seed(run.seed + 2 * PIPELINE_OFFSET)
     data = rm_algo.preference_dataset(task, cfg, gen)
     rm = build_reward_model(task, run.model, run.seed).to(device)
-    opt = torch.optim.AdamW([p for p in rm.parameters() if p.requires_grad], lr=run.lr, weight_decay=run.weight_decay)
+    opt = make_optimizer([p for p in rm.parameters() if p.requires_grad], run, fused=False)
     bs = min(cfg.batch_size, run.rm_pairs)
     loss = torch.tensor(float("nan"))
     for _ in range(run.rm_steps):
         idx = torch.randperm(run.rm_pairs, generator=gen)[:bs]
         batch = {k: v[idx].to(device) for k, v in data.items()}
         loss, _, _ = rm_algo.step(rm, None, batch, cfg, run.beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(rm.parameters(), run.max_grad_norm)
-        opt.step()
+        update(rm, opt, loss, run.max_grad_norm)
     return rm.eval().requires_grad_(False), loss.item()
 
 

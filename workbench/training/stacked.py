@@ -23,16 +23,20 @@ train those seeds one by one with ``train``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from ..algorithms.spec import Rollout
+from ..analysis.evaluate import Evaluation
+from ..analysis.probe import Prober
 from ..config import ConfigError, Resolved
+from ..core import seeds
+from ..core.types import PolicyOutput, Rollout
 from ..models.native_gpt2 import NativeGPT2
-from ..models.policy import Policy, PolicyOutput, build_policy, describe, resolve_device
-from .loop import Evaluator, RunWriter, _rollout_stats, eval_generator, lr_factor, score
+from ..models.policy import Policy, build_policy, build_reward_model, describe
+from ..runtime.context import RunContext, diverged, done, setup_device
+from ..runtime.rollout import rollout_stats, score
+from ..runtime.update import make_optimizer, make_schedule
 
 
 def check_batchable(reses: list[Resolved]) -> None:
@@ -58,7 +62,7 @@ def check_batchable(reses: list[Resolved]) -> None:
         problems.append("model.impl 'native' and no model.path")
     if spec.kind != "online" or spec.trains != "policy":
         problems.append("an online policy algorithm")
-    if spec.epochs(acfg) != 1 or spec.minibatches(acfg) != 1 or spec.value_head:
+    if spec.epochs(acfg) != 1 or spec.minibatches(acfg) != 1 or spec.value_head(acfg):
         problems.append("one update per rollout and no value head (not PPO)")
     if problems:
         raise ConfigError(
@@ -75,89 +79,59 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     r0 = reses[0]
     run, task = r0.run, r0.task
     S, outs = len(reses), [Path(o) for o in outs]
-    device = resolve_device(run.device)
-    if device.type == "cpu":
-        torch.set_num_threads(run.cpu_threads)
-    torch.manual_seed(run.seed)
-    seeds = [r.run.seed for r in reses]
-    gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]  # as train(): sampling
-    data_gens = [torch.Generator().manual_seed(s + 1_000_003) for s in seeds]  # the prompt streams
-    eval_gens = [eval_generator(s, device) for s in seeds]  # as train(): the measurements' own streams
+    device = setup_device(run)
+    seed_list = [r.run.seed for r in reses]
+    gens = [seeds.sampling(s, device) for s in seed_list]  # as train(): sampling
+    data_gens = [seeds.data(s) for s in seed_list]  # the prompt streams
 
-    singles = [build_policy(task, run.model, s, False, device) for s in seeds]
+    singles = [build_policy(task, run.model, s, False, device) for s in seed_list]
     refs = [p.frozen_copy() for p in singles]
     tok = singles[0].tokenizer
     policy = Policy(NativeGPT2.stack([p.model for p in singles]), tok, task).to(device)  # (S, ...) parameters
     ref = Policy(NativeGPT2.stack([p.model for p in refs]), tok, task).to(device).requires_grad_(False)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=run.lr, weight_decay=run.weight_decay, fused=device.type in ("cpu", "cuda"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(run.lr_schedule, run.steps))
+    opt = make_optimizer([p for p in policy.parameters() if p.requires_grad], run, device)
+    sched = make_schedule(opt, run)
 
-    writers = [RunWriter(o) for o in outs]
-    for r, w, p in zip(reses, writers, singles, strict=True):
-        w.config({"config": r.to_dict(), "config_hash": r.config_hash, "model": describe(p), "batched_seeds": seeds})
-    evaluators = [Evaluator(r, rf, device) for r, rf in zip(reses, refs, strict=True)]
-    probers = [None] * S
-    if run.probe_every:
-        from ..analysis.probe import Prober
-
-        probers = [
-            Prober(r, rf, ev.exact, device, o) for r, rf, ev, o in zip(reses, refs, evaluators, outs, strict=True)
-        ]
+    ctxs = [RunContext(r, o, device) for r, o in zip(reses, outs, strict=True)]
+    for ctx, p, rf in zip(ctxs, singles, refs, strict=True):
+        ctx.write_config(describe(p), batched_seeds=seed_list)
+        evaluation = Evaluation(ctx.res, rf, device, ctx.writer)
+        prober = Prober(ctx.res, rf, evaluation.exact, device, ctx.out) if run.probe_every else None
+        ctx.add(evaluation, prober)
     rm = None
     if run.reward_model:
-        from ..models.policy import build_reward_model
-
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
     del singles
 
-    status = [{"status": "done", "step": run.steps} for _ in range(S)]
+    status = [done(run.steps) for _ in range(S)]
     alive = list(range(S))
-    final: list[dict] = [{} for _ in range(S)]
-    t0 = time.perf_counter()
     for step in range(run.steps + 1):
         rows = {s: {"step": step} for s in alive}
-        measure = step % run.eval_every == 0 or step == run.steps
-        probe = run.probe_every and (step % run.probe_every == 0 or step == run.steps)
-        if measure or probe:
+        last = step == run.steps
+        if any(m.due(step, last) for m in ctxs[0].measures):
             for s in alive:
-                view = seed_policy(policy, s, task)
-                if measure:
-                    rows[s].update(evaluators[s](view, step, writers[s], eval_gens[s]))
-                if probe:
-                    rows[s].update(probers[s](view, step))
+                rows[s].update(ctxs[s].measure(seed_policy(policy, s, task), step))
         if step < run.steps:
             stats = stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, alive, device)
             lr = sched.get_last_lr()[0]
             sched.step()
             for s in list(alive):
                 if "diverged" in stats[s]:
-                    status[s] = {"status": "diverged", "step": step, "reason": stats[s]["diverged"]}
+                    status[s] = diverged(step, stats[s]["diverged"])
                     alive.remove(s)
                     rows.pop(s)
                 else:
                     rows[s].update(stats[s], lr=lr)
         for s, row in rows.items():
             row["samples"] = min(step + 1, run.steps) * run.batch_size
-            row["time/elapsed_s"] = time.perf_counter() - t0
-            writers[s].log(row)
-            final[s].update(row)
+            ctxs[s].log(row)
         if not alive:
             break
+    results = []
     for s in range(S):
-        if status[s]["status"] == "done":
-            view = seed_policy(policy, s, task)
-            if reses[s].run.save_checkpoint:
-                view.save(outs[s] / "checkpoint")
-            if evaluators[s].exact is not None:
-                from ..analysis.exact import exact_logprobs
-                from ..results.store import publish_policy
-
-                with torch.no_grad():
-                    publish_policy(outs[s], exact_logprobs(view, task, evaluators[s].exact.prompts).cpu().numpy())
-        writers[s].status(status[s])
-        writers[s].close()
-    return [{**st, "final": f} for st, f in zip(status, final, strict=True)]
+        view = seed_policy(policy, s, task) if status[s]["status"] == "done" else None
+        results.append(ctxs[s].finish(status[s], view, save=view.save if view is not None else None))
+    return results
 
 
 def seed_policy(policy: Policy, s: int, task) -> Policy:
@@ -203,7 +177,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, alive, dev
             stats[s] = {"diverged": f"non-finite loss {loss.item()}"}
             continue
         losses.append(loss)
-        stats[s] = {**st, **_rollout_stats(roll, batch)}
+        stats[s] = {**st, **rollout_stats(roll, batch)}
     if not losses:
         return stats
     opt.zero_grad(set_to_none=True)

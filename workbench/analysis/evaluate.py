@@ -1,0 +1,91 @@
+"""The run's own measurement: exact metrics where the task is enumerable, sampled gold reward otherwise.
+
+``Evaluator`` measures a policy at fixed parameters (``reward/exact``, ``kl/exact``,
+``objective/exact``, ... from ``workbench.analysis.exact``; ``reward/eval`` and a few
+rendered samples from the evaluation's own generator). ``Evaluation`` is the hook the
+training loops call every ``eval_every`` steps; at the end of a finished run on an
+enumerable task it publishes the final policy's exact log pi(y|x) (``policy.npy``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Resolved
+from ..core import seeds
+from ..results import publish_policy
+from ..results.run_writer import RunWriter
+from ..runtime.context import Measure
+from .exact import ExactEvaluator, exact_logprobs
+
+
+class Evaluator:
+    """Measures the policy: exact metrics where enumerable, sampled gold reward on eval prompts otherwise."""
+
+    def __init__(self, res: Resolved, ref, device):
+        self.res = res
+        task = res.task
+        self.exact = ExactEvaluator(task, ref, res.run.beta) if (ref is not None and task.enumerable) else None
+        self.prompts = task.eval_prompts().to(device)
+
+    @torch.no_grad()
+    def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:
+        task, run = self.res.task, self.res.run
+        if self.res.spec.trains == "reward_model":
+            return self._reward_model_metrics(model)
+        out = {"model/n_params": sum(p.numel() for p in model.parameters())} if step == 0 else {}  # with a value head
+        if self.exact is not None:
+            out.update(self.exact.measure(model))
+            if step == 0:
+                out.update(self.exact.optimum())
+        comps, _ = model.sample(self.prompts, gen)
+        gold = task.reward(self.prompts, comps)
+        out["reward/eval"] = gold.float().mean().item()
+        n = min(run.n_logged_samples, len(comps))
+        writer.log_samples(
+            [
+                {"step": step, "text": task.render(self.prompts[i].cpu(), comps[i].cpu()), "reward": gold[i].item()}
+                for i in range(n)
+            ]
+        )
+        return out
+
+    def _reward_model_metrics(self, rm) -> dict:
+        task = self.res.task
+        if not task.enumerable:
+            return {}
+        comps = task.all_completions().to(self.prompts.device)
+        P, N = len(self.prompts), len(comps)
+        prompts = self.prompts.repeat_interleave(N, 0)
+        scores = rm(prompts, comps.repeat(P, 1)).cpu()
+        gold = task.reward(prompts.cpu(), comps.repeat(P, 1).cpu())
+        if gold.std() == 0 or scores.std() == 0:
+            return {}
+        corr = torch.corrcoef(torch.stack([scores, gold]))[0, 1].item()
+        return {"rm/gold_correlation": corr}
+
+
+class Evaluation(Measure):
+    """``Evaluator`` every ``eval_every`` steps and at the last, on the evaluation's own random stream."""
+
+    def __init__(self, res: Resolved, ref, device, writer: RunWriter):
+        self.res, self.evaluator, self.writer = res, Evaluator(res, ref, device), writer
+        self.gen = seeds.evaluation(res.run.seed, device)
+
+    @property
+    def exact(self) -> ExactEvaluator | None:
+        return self.evaluator.exact
+
+    def due(self, step: int, last: bool) -> bool:
+        return step % self.res.run.eval_every == 0 or last
+
+    def __call__(self, model, step: int, row: dict) -> dict:
+        return self.evaluator(model, step, self.writer, self.gen)
+
+    def finish(self, model, out: Path) -> None:
+        """The final policy's exact log pi(y|x) for exact distances between runs (``load_policies``)."""
+        if self.exact is not None:
+            with torch.no_grad():
+                publish_policy(out, exact_logprobs(model, self.res.task, self.exact.prompts).cpu().numpy())

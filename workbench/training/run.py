@@ -1,0 +1,46 @@
+"""Training one run: which loop trains it and which measurements it gets.
+
+    train(res, out)   backend "workbench": build the model (and the RLHF phases, workbench.training.pipeline),
+                      a RunContext with its measures (evaluation, pipeline, probes), then the loop;
+                      another backend: the plugin registered under its name (workbench.backends.<name>)
+
+The one place that knows every kind of measurement; the loops know none of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..analysis.evaluate import Evaluation
+from ..analysis.probe import Prober
+from ..config import Resolved, load_backend
+from ..models.policy import build_policy, build_reward_model, describe
+from ..runtime.context import RunContext, setup_device
+from .loop import run_loop
+from .pipeline import Pipeline
+
+
+def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
+    """Run one configuration to completion. Returns ``{"status", "step", "final": metrics}``."""
+    if res.run.backend != "workbench":  # the same run through another trainer (workbench/backends/)
+        return load_backend(res.run.backend).train(res, out, progress)
+    run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
+    device = setup_device(run)
+    if spec.trains == "reward_model":
+        model, ref = build_reward_model(task, run.model, run.seed).to(device), None
+    else:
+        model = build_policy(task, run.model, run.seed, spec.value_head(acfg), device)
+        ref = model.frozen_copy()
+    pipe = None
+    if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first
+        pipe = Pipeline(res, model, device)
+        ref = pipe.ref  # the SFT policy
+    ctx = RunContext(res, out, device)
+    ctx.write_config(describe(model) if ref is not None else {})
+    evaluation = Evaluation(res, ref, device, ctx.writer)
+    prober = Prober(res, ref, evaluation.exact, device, ctx.out) if run.probe_every and ref is not None else None
+    ctx.add(evaluation, pipe, prober)
+    rm = pipe.rm if pipe is not None else None
+    if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
+        rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
+    return run_loop(ctx, model, ref, rm, progress)
