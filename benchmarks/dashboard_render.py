@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/dashboard_render.py [--runs 500] [--steps 2000] [--results DIR] [--keep]
 
-The store is written through ``workbench.results.store`` (the index, ``Store.claim``/``finish``,
+The store is written through ``workbench.results`` (the index, ``Store.claim``/``finish``,
 atomic ``publish`` of ``metrics.parquet`` and ``status.json``), never by training: runs
 of ten algorithms x five betas x ten seeds on an enumerable bandit, with smooth synthetic
 curves, exact metrics every 20 steps, gradient measurements and per-position credit
@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from workbench.results.store import Owner, Store, publish, publish_policy, publish_text  # noqa: E402
+from workbench.results import Owner, Store, publish, publish_policy, publish_text  # noqa: E402
 
 # (algorithm, label, unit, kind, grid of its own): supervised methods have a coverage grid
 ALGOS = [

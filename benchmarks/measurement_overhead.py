@@ -23,7 +23,7 @@ import time
 import torch
 
 from workbench.config import RunConfig, resolve
-from workbench.training.loop import train
+from workbench.training import train
 
 ALGOS = ["sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "online_dpo"]
 

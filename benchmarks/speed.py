@@ -5,7 +5,7 @@
     python benchmarks/speed.py --quick              # 2 repeats, fewer steps (a smoke check)
 
 Each section builds ONE resolved run config and trains it twice per repeat: with the
-workbench loop (``workbench.training.loop.train``, ``model.impl = "native"``) and with TRL's own
+workbench loop (``workbench.training.train``, ``model.impl = "native"``) and with TRL's own
 trainer (built by ``workbench.backends.trl.build_trainer`` for the same config,
 i.e. the same task, weights, tokenizer, prompts, batch, steps, learning rate and KL
 coefficient; TRL runs on a Hugging Face ``GPT2LMHeadModel``, no workbench callback).
@@ -106,7 +106,7 @@ def per_update_rate(stamps: list[tuple[float, float]], warmup: int) -> tuple[flo
 
 
 def time_workbench(res, warmup: int) -> tuple[float, float]:
-    """``workbench.training.loop.train`` on ``res``, stamped at the end of every update (before the row is logged)."""
+    """``workbench.training.train`` on ``res``, stamped at the end of every update (before the row is logged)."""
     from workbench.training import loop as loop
 
     stamps: list[tuple[float, float]] = []
@@ -185,8 +185,7 @@ def _train_seeds(args: tuple) -> float:
     """Worker: train the grpo config for each seed, one ``train`` after another or stacked (``train_seeds``).
     Returns the CPU seconds this process spent."""
     seeds, steps, batched = args
-    from workbench.training.loop import train
-    from workbench.training.stacked import train_seeds
+    from workbench.training import train, train_seeds
 
     torch.set_num_threads(1)
     t = time.process_time()

@@ -1,6 +1,6 @@
 """The workbench dashboard: ``workbench dashboard [--results DIR] [--port P]``.
 
-Reads the results store through ``workbench.results.store``'s loader only (never training code),
+Reads the results store through ``workbench.results``'s loader only (never training code),
 from ``$WORKBENCH_RESULTS`` (set by ``--results``), else ``./results``. Pages:
 
     Studies       every study and run, status and budget, live while running; open a run

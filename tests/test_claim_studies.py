@@ -16,8 +16,8 @@ import pytest
 import tomllib
 
 from workbench.reporting.report import build_report
+from workbench.studies import load_study, run_study
 from workbench.studies.executors import InlineExecutor
-from workbench.studies.study import load_study, run_study
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.toml"))
 CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13)}  # C10, C11 need tasks that do not exist yet

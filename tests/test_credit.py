@@ -210,7 +210,7 @@ def test_methods_advantages_against_exact_on_decisive_task():
         batches = [obj.spec.prepare(r, obj.cfg, res.run.beta) for r in rolls]
     adv = credit.advantages(pol, kl_reward=False)
     exact = torch.cat([credit.at(adv, r.prompts, r.completions) for r in rolls])
-    method = torch.cat([b["advantages"] for b in batches])
+    method = torch.cat([b.advantages for b in batches])
     s, rows = compare(method, exact, torch.ones_like(method), credit.decisive)
     assert s["decisive_share"] == pytest.approx(0.25, abs=1e-6)
     assert rows[3]["exact_abs"] < 1e-9 and s["decisive_share_exact"] > 0.5

@@ -23,11 +23,10 @@ import pandas as pd
 import pytest
 
 from workbench.cli import main
-from workbench.results import store
-from workbench.results.store import LoadWarning, Store, StoreFault, load_metrics, load_runs, publish_text, storage_fault
-from workbench.studies import executors
+from workbench.results import LoadWarning, Store, StoreFault, load_metrics, load_runs, publish_text, storage_fault
+from workbench.results import index as store_index
+from workbench.studies import executors, format_summary, load_study, run_study, summarize
 from workbench.studies.executors import InlineExecutor
-from workbench.studies.study import format_summary, load_study, run_study, summarize
 
 STUDY = """
 name = "faults"
@@ -106,7 +105,7 @@ def one_line_error(err: str, *fragments: str) -> None:
 
 
 def test_status_with_done_diverged_and_failed_runs(tmp_path, capsys, monkeypatch):
-    import workbench.training.loop as train_mod
+    import workbench.training as train_mod
 
     real = train_mod.train
 
@@ -207,9 +206,11 @@ def test_damage_the_check_misses_is_caught_where_it_strikes(tmp_path, capsys, mo
     path, results = write_study(tmp_path), tmp_path / "results"
     run_inline(path, results)
     damage_random(results / "index.sqlite")
-    store._CHECKED.clear()
-    real, calls = store.index_problem, []
-    monkeypatch.setattr(store, "index_problem", lambda p: None if not calls.append(p) and len(calls) == 1 else real(p))
+    store_index._CHECKED.clear()
+    real, calls = store_index.index_problem, []
+    monkeypatch.setattr(
+        store_index, "index_problem", lambda p: None if not calls.append(p) and len(calls) == 1 else real(p)
+    )
     assert main(["status", "faults", "--results", str(results)]) == 0  # the first check sees nothing; the query fails
     cap = capsys.readouterr()
     one_line_error(cap.err, "was damaged", "running again")
@@ -237,14 +238,14 @@ def assert_released(results) -> None:
 
 
 def test_full_disk_in_a_run_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeypatch, baseline, cli_inline):
-    import workbench.studies.study as study_mod
+    import workbench.studies.execute as execute_mod  # execute_run looks publish_metrics up there
 
-    real = study_mod.publish_metrics
+    real = execute_mod.publish_metrics
 
     def full(run_dir):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(Path(run_dir) / ".metrics.parquet.x.tmp"))
 
-    monkeypatch.setattr(study_mod, "publish_metrics", full)
+    monkeypatch.setattr(execute_mod, "publish_metrics", full)
     path, results = write_study(tmp_path), tmp_path / "results"
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 4
     one_line_error(
@@ -256,7 +257,7 @@ def test_full_disk_in_a_run_stops_releases_and_resumes_exactly(tmp_path, capsys,
         f"workbench run {path} --results {results}",
     )
     assert set(statuses(results).values()) == {"queued"}
-    monkeypatch.setattr(study_mod, "publish_metrics", real)  # the space is back
+    monkeypatch.setattr(execute_mod, "publish_metrics", real)  # the space is back
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 0
     assert "trained now: 2" in capsys.readouterr().out
     pd.testing.assert_frame_equal(metrics(results), baseline, check_exact=True)
@@ -286,7 +287,7 @@ def test_full_index_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeyp
 
 
 def test_read_only_run_folder_stops_releases_and_resumes_exactly(tmp_path, capsys, monkeypatch, baseline, cli_inline):
-    import workbench.training.loop as train_mod
+    import workbench.training as train_mod
 
     real = train_mod.train
     denied = []
@@ -307,12 +308,12 @@ def test_read_only_run_folder_stops_releases_and_resumes_exactly(tmp_path, capsy
 
 
 def test_read_only_results_folder_before_anything_runs(tmp_path, capsys, monkeypatch, cli_inline):
-    import workbench.studies.study as study_mod
+    import workbench.studies.execute as execute_mod  # run_study looks publish_text up there
 
     def read_only(path, text):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
 
-    monkeypatch.setattr(study_mod, "publish_text", read_only)
+    monkeypatch.setattr(execute_mod, "publish_text", read_only)
     path, results = write_study(tmp_path), tmp_path / "results"
     assert main(["run", str(path), "--results", str(results), "--quiet"]) == 4
     one_line_error(
@@ -346,17 +347,17 @@ def test_read_only_folder_can_still_be_read(tmp_path, capsys):
     path, results = write_study(tmp_path), tmp_path / "results"
     run_inline(path, results)
     assert not (results / "index.sqlite-shm").exists()
-    real = store._connect
+    real = store_index._connect
 
     def read_only(p):
         raise sqlite3.OperationalError("attempt to write a readonly database")
 
-    store._CHECKED.clear()
+    store_index._CHECKED.clear()
     try:
-        store._connect = read_only
+        store_index._connect = read_only
         assert main(["status", "faults", "--results", str(results)]) == 0
     finally:
-        store._connect = real
+        store_index._connect = real
     out = capsys.readouterr().out
     assert "24 completions" in out and "24 demos" in out and "reward/exact" in out
 

@@ -36,7 +36,7 @@ Z = 4.5
 def setup(task: dict, algo: str = "reinforce", beta: float = 0.2, noise: float = 0.5, seed: int = 0, **sets):
     """A tiny policy moved away from its reference (so the KL term matters), its reference, exact evaluator."""
     res = resolve({"task": task, "algo": {"name": algo}}, {**TINY, "beta": beta, **sets})
-    pol = build_policy(res.task, res.run.model, seed, res.spec.value_head, CPU)
+    pol = build_policy(res.task, res.run.model, seed, res.spec.value_head(res.algo_cfg), CPU)
     ref = pol.frozen_copy()
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_exact_gradient_is_the_mean_of_sampled_policy_gradients(objective):
 def test_vmap_minibatch_gradients_equal_loop(algo):
     task = {"name": "sequence", "vocab_size": 3, "length": 3}
     res, pol, ref, exact = setup(task, algo=algo, group_size=2)
-    if res.spec.value_head:
+    if res.spec.value_head(res.algo_cfg):
         with torch.no_grad():
             pol.value_head.weight.normal_(0, 0.3)  # a critic that is not zero, so values carry gradient
     obj = make_objective(res, algo)

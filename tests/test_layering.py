@@ -3,8 +3,9 @@
 Each module of ``workbench`` (and the dashboard) belongs to one layer; a module may import
 modules of its own layer or of lower layers, never of a higher one, and the module graph has no
 cycle. Imports inside functions count as much as those at the top (hiding an upward import in a
-function is the fault this test exists to catch). The one dynamic import is the plugin loader
-``workbench.config.load_backend``, which imports ``workbench.backends.<name>`` by name.
+function is the fault this test exists to catch). Two imports by name exist, both plugin points
+and both checked here: ``workbench.config.load_backend`` imports ``workbench.backends.<name>``,
+and the CLI's ``--plugin`` imports a user's file that registers an algorithm or task.
 """
 
 from __future__ import annotations
@@ -196,3 +197,20 @@ def test_a_dashboard_import_outside_results_fails(tmp_path):
     (root / "dashboard" / "planted.py").write_text("from workbench.training import train\n")
     found = violations(root)
     assert len(found) == 1 and "dashboard reads" in found[0], found
+
+
+def test_imports_by_name_only_at_the_plugin_points():
+    allowed = {("workbench/config.py", "load_backend"), ("workbench/cli.py", "load_plugins")}
+    found = set()
+    for d in ("workbench", "dashboard"):
+        for path in (ROOT / d).rglob("*.py"):
+            tree = ast.parse(path.read_text())
+            for fn in ast.walk(tree):
+                if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and "import_module" in ast.unparse(node.func):
+                        found.add((str(path.relative_to(ROOT)), fn.name))
+                    if isinstance(node, ast.Call) and ast.unparse(node.func) == "__import__":
+                        found.add((str(path.relative_to(ROOT)), fn.name))
+    assert found == allowed

@@ -7,10 +7,10 @@ import sys
 import pytest
 
 from workbench.config import resolve
-from workbench.registry import ALGORITHMS
-from workbench.training.loop import train
+from workbench.registry import ALGORITHMS, BUILT_IN
+from workbench.training import train
 
-POLICY_ALGOS = [name for name, spec in ALGORITHMS.items() if spec.trains == "policy"]
+POLICY_ALGOS = [spec.name for spec in BUILT_IN if spec.trains == "policy"]  # not the test plugins
 SMALL = {"model.n_layer": 1, "model.n_embd": 32, "batch_size": 32, "lr": 3e-3, "save_checkpoint": False}
 
 

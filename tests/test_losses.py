@@ -14,13 +14,13 @@ import torch
 
 from workbench.algorithms import dpo, grpo, ppo, reinforce, rloo
 from workbench.algorithms.dpo import DPOConfig, OnlineDPOConfig, dpo_loss
-from workbench.algorithms.grpo import GRPOConfig, grpo_advantages, grpo_loss
-from workbench.algorithms.ppo import PPOConfig, ppo_loss
-from workbench.algorithms.reinforce import ReinforceConfig, reinforce_loss, returns_to_go
+from workbench.algorithms.grpo import GRPOBatch, GRPOConfig, grpo_advantages, grpo_loss
+from workbench.algorithms.ppo import PPOBatch, PPOConfig, ppo_loss
+from workbench.algorithms.reinforce import ReinforceBatch, ReinforceConfig, reinforce_loss, returns_to_go
 from workbench.algorithms.reward_model import RewardModelConfig, reward_model_loss
 from workbench.algorithms.rloo import RLOOConfig, rloo_advantages
 from workbench.algorithms.sft import SFTConfig, sft_loss
-from workbench.algorithms.spec import Rollout
+from workbench.algorithms.spec import PolicyOutput, Rollout
 from workbench.core.ops import aggregate, gae, masked_whiten
 
 D = torch.float64
@@ -45,6 +45,11 @@ def assert_close(actual: torch.Tensor, expected, tol: float = 1e-9) -> None:
     expected = torch.as_tensor(expected, dtype=D)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     torch.testing.assert_close(actual.to(D), expected, rtol=tol, atol=tol)
+
+
+def out(logp: torch.Tensor, values: torch.Tensor | None = None) -> PolicyOutput:
+    """The policy's output as a loss reads it: log-probs (and a critic's values)."""
+    return PolicyOutput(logp=logp, logits=None, values=values)
 
 
 def make_rollout(step_rewards, mask=None, old_logp=None, ref_logp=None, group_size=1, old_values=None) -> Rollout:
@@ -205,13 +210,11 @@ def test_online_dpo_picks_winner_and_drops_ties():
     # two prompts x G=2, T=1; prompt 0: second sample wins; prompt 1: a tie (no loss)
     roll = make_rollout([[0.0], [1.0], [2.0], [2.0]], ref_logp=[[-1.0], [-1.0], [-1.0], [-1.0]], group_size=2)
     batch = dpo.prepare_online(roll, OnlineDPOConfig(), beta=1.0)
-    assert_close(batch["first_wins"], [0.0, 0.0])
-    assert_close(batch["weight"], [1.0, 0.0])
+    assert_close(batch.first_wins, [0.0, 0.0])
+    assert_close(batch.weight, [1.0, 0.0])
 
-    class Out:
-        logp = t([[-2.0], [-0.5], [-1.0], [-1.0]])
-
-    loss, per_seq, _ = dpo.loss_online(Out, batch, OnlineDPOConfig(), beta=1.0)
+    logp = t([[-2.0], [-0.5], [-1.0], [-1.0]])
+    loss, per_seq, _ = dpo.online_dpo_loss(out(logp), batch, OnlineDPOConfig(), beta=1.0)
     # chosen = sample 1: lr_c = -0.5 + 1 = 0.5; rejected = sample 0: lr_r = -2 + 1 = -1; h = 1.5
     assert loss.item() == pytest.approx(-logsig(1.5), **TOL)
     assert_close(per_seq, [[-logsig(1.5)], [0.0]])
@@ -223,10 +226,11 @@ RF_LOGP = [[-1.0, -0.5], [-2.0, -0.1]]
 RF_ADV = [[2.0, 1.0], [-1.0, 0.5]]
 RF_MASK = [[1.0, 1.0], [1.0, 0.0]]
 RF_REF = [[-1.5, -0.5], [-1.0, -0.3]]  # ref - logp = [[-0.5, 0.0], [1.0, -0.2]]
+RF_BATCH = ReinforceBatch(advantages=t(RF_ADV), ref_logp=t(RF_REF), mask=t(RF_MASK))
 
 
 def test_reinforce_loss_kl_in_reward():
-    loss, per_token, stats = reinforce_loss(t(RF_LOGP), t(RF_REF), t(RF_ADV), t(RF_MASK), ReinforceConfig(), beta=0.3)
+    loss, per_token, stats = reinforce_loss(out(t(RF_LOGP)), RF_BATCH, ReinforceConfig(), beta=0.3)
     # -A log pi: [[2.0, 0.5], [-2.0, (0.05 masked)]]; sequence_sum: rows 2.5 and -2.0
     assert_close(per_token, [[2.0, 0.5], [-2.0, 0.0]])
     assert loss.item() == pytest.approx((2.5 - 2.0) / 2, **TOL)
@@ -237,7 +241,7 @@ def test_reinforce_loss_kl_in_loss_k3():
     beta = 0.1
     cfg = ReinforceConfig(kl_in="loss", kl_estimator="k3")
     logp = t(RF_LOGP).requires_grad_(True)
-    loss, _, stats = reinforce_loss(logp, t(RF_REF), t(RF_ADV), t(RF_MASK), cfg, beta)
+    loss, _, stats = reinforce_loss(out(logp), RF_BATCH, cfg, beta)
     row0 = 2.0 + 0.5 + beta * (k3s(-0.5) + k3s(0.0))
     row1 = -2.0 + beta * k3s(1.0)  # second token masked
     assert loss.item() == pytest.approx((row0 + row1) / 2, **TOL)
@@ -254,7 +258,7 @@ def test_reinforce_loss_kl_in_loss_k3():
 def test_reinforce_loss_kl_in_loss_k1_token_mean():
     beta = 0.5
     cfg = ReinforceConfig(kl_in="loss", kl_estimator="k1", aggregation="token_mean")
-    loss, _, _ = reinforce_loss(t(RF_LOGP), t(RF_REF), t(RF_ADV), t(RF_MASK), cfg, beta)
+    loss, _, _ = reinforce_loss(out(t(RF_LOGP)), RF_BATCH, cfg, beta)
     # k1 = -(ref - logp) = [[0.5, 0.0], [-1.0, .]]
     expected = (2.0 + beta * 0.5 + 0.5 + beta * 0.0 + -2.0 + beta * -1.0) / 3
     assert loss.item() == pytest.approx(expected, **TOL)
@@ -275,6 +279,12 @@ def grpo_logp() -> torch.Tensor:
     return (t(GRPO_OLD) + t(GRPO_RHO).log()).requires_grad_(True)
 
 
+def grpo_batch(ref_logp=None) -> GRPOBatch:
+    """The hand batch above; the reference is ``old_logp`` unless given."""
+    ref_logp = t(GRPO_OLD) if ref_logp is None else ref_logp
+    return GRPOBatch(advantages=t(GRPO_ADV), old_logp=t(GRPO_OLD), ref_logp=ref_logp, mask=t(GRPO_MASK))
+
+
 @pytest.mark.parametrize(
     "aggregation, expected",
     [
@@ -285,7 +295,7 @@ def grpo_logp() -> torch.Tensor:
 )
 def test_grpo_loss_aggregations(aggregation, expected):
     cfg = GRPOConfig(aggregation=aggregation)
-    loss, per_token, stats = grpo_loss(grpo_logp(), t(GRPO_OLD), t(GRPO_OLD), t(GRPO_ADV), t(GRPO_MASK), cfg, 0.0)
+    loss, per_token, stats = grpo_loss(out(grpo_logp()), grpo_batch(), cfg, 0.0)
     assert loss.item() == pytest.approx(expected, **TOL)
     assert_close(per_token.detach(), [[-1.2, -0.9, -0.7], [2.2, 1.6, 0.0]])
     assert stats["clip/ratio"] == pytest.approx(2 / 5)  # (0,0) high-clipped, (1,1) low-clipped
@@ -294,14 +304,14 @@ def test_grpo_loss_aggregations(aggregation, expected):
 
 def test_grpo_loss_token_mean_value():
     cfg = GRPOConfig(aggregation="token_mean")
-    loss, _, _ = grpo_loss(grpo_logp(), t(GRPO_OLD), t(GRPO_OLD), t(GRPO_ADV), t(GRPO_MASK), cfg, 0.0)
+    loss, _, _ = grpo_loss(out(grpo_logp()), grpo_batch(), cfg, 0.0)
     assert loss.item() == pytest.approx(0.2, **TOL)
 
 
 def test_grpo_clipped_tokens_have_no_gradient():
     cfg = GRPOConfig(aggregation="token_mean")
     logp = grpo_logp()
-    loss, _, _ = grpo_loss(logp, t(GRPO_OLD), t(GRPO_OLD), t(GRPO_ADV), t(GRPO_MASK), cfg, 0.0)
+    loss, _, _ = grpo_loss(out(logp), grpo_batch(), cfg, 0.0)
     (g,) = torch.autograd.grad(loss, logp)
     # d(-rho A)/dlogp = -rho A where unclipped, 0 where the clipped branch is taken or masked; / 5 tokens
     assert_close(g, [[0.0, -0.9 * 1.0 / 5, -0.7 * 1.0 / 5], [-1.1 * -2.0 / 5, 0.0, 0.0]])
@@ -309,7 +319,7 @@ def test_grpo_clipped_tokens_have_no_gradient():
 
 def test_grpo_asymmetric_clip():
     cfg = GRPOConfig(aggregation="token_mean", clip_eps_low=0.2, clip_eps_high=0.6)
-    loss, _, _ = grpo_loss(grpo_logp(), t(GRPO_OLD), t(GRPO_OLD), t(GRPO_ADV), t(GRPO_MASK), cfg, 0.0)
+    loss, _, _ = grpo_loss(out(grpo_logp()), grpo_batch(), cfg, 0.0)
     # now rho = 1.5 < 1.6 is not clipped for A = +1: row 0 = -1.5 -0.9 -0.7
     assert loss.item() == pytest.approx((-1.5 - 0.9 - 0.7 + 2.2 + 1.6) / 5, **TOL)
 
@@ -320,7 +330,7 @@ def test_grpo_loss_k3_penalty():
     logp = grpo_logp()
     ref = logp.detach() + t(lr)
     cfg = GRPOConfig(aggregation="sequence_mean", kl_estimator="k3")
-    loss, _, stats = grpo_loss(logp, t(GRPO_OLD), ref, t(GRPO_ADV), t(GRPO_MASK), cfg, beta)
+    loss, _, stats = grpo_loss(out(logp), grpo_batch(ref), cfg, beta)
     row0 = (-1.2 + beta * k3s(0.1) - 0.9 + beta * k3s(-0.2) - 0.7 + beta * k3s(0.3)) / 3
     row1 = (2.2 + beta * k3s(0.0) + 1.6 + beta * k3s(0.5)) / 2
     assert loss.item() == pytest.approx((row0 + row1) / 2, **TOL)
@@ -349,9 +359,25 @@ PPO = dict(
 )
 
 
+def ppo_inputs(
+    logp, values, old_logp, ref_logp, advantages, old_values, returns, mask
+) -> tuple[PolicyOutput, PPOBatch]:
+    """A ``PPO`` dict as ``ppo_loss``'s ``(out, batch)``; ``raw_advantages``, unread by the loss, = ``advantages``."""
+    batch = PPOBatch(
+        advantages=advantages,
+        raw_advantages=advantages,
+        returns=returns,
+        old_values=old_values,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        mask=mask,
+    )
+    return out(logp, values), batch
+
+
 def test_ppo_loss_clipped_surrogate_and_value():
     cfg = PPOConfig(clip_eps=0.2, clip_value=0.2, vf_coef=0.5, aggregation="token_mean")
-    loss, per_token, stats = ppo_loss(**PPO, cfg=cfg, beta=0.0)
+    loss, per_token, stats = ppo_loss(*ppo_inputs(**PPO), cfg=cfg, beta=0.0)
     expected_tokens = [[-1.2 + 0.5 * 0.18, 0.45 + 0.5 * 0.5], [0.8 + 0.5 * 0.08, 0.0]]
     assert_close(per_token, expected_tokens)
     assert loss.item() == pytest.approx((-1.11 + 0.7 + 0.84) / 3, **TOL)
@@ -362,10 +388,10 @@ def test_ppo_loss_clipped_surrogate_and_value():
 
 def test_ppo_vf_coef_and_no_critic():
     cfg = PPOConfig(vf_coef=2.0, aggregation="token_mean")
-    loss, _, _ = ppo_loss(**PPO, cfg=cfg, beta=0.0)
+    loss, _, _ = ppo_loss(*ppo_inputs(**PPO), cfg=cfg, beta=0.0)
     assert loss.item() == pytest.approx((-1.2 + 2 * 0.18 + 0.45 + 2 * 0.5 + 0.8 + 2 * 0.08) / 3, **TOL)
     args = dict(PPO, values=None)
-    loss, _, stats = ppo_loss(**args, cfg=cfg, beta=0.0)
+    loss, _, stats = ppo_loss(*ppo_inputs(**args), cfg=cfg, beta=0.0)
     assert loss.item() == pytest.approx((-1.2 + 0.45 + 0.8) / 3, **TOL)
     assert "loss/value" not in stats
 
@@ -374,7 +400,7 @@ def test_ppo_kl_in_loss():
     beta = 0.2
     cfg = PPOConfig(vf_coef=0.0, kl_in="loss", kl_estimator="k1", aggregation="sequence_sum")
     args = dict(PPO, ref_logp=PPO["logp"] + t([[0.3, -0.1], [0.2, 5.0]]))  # ref - logp; k1 = -(ref - logp)
-    loss, _, _ = ppo_loss(**args, cfg=cfg, beta=beta)
+    loss, _, _ = ppo_loss(*ppo_inputs(**args), cfg=cfg, beta=beta)
     row0 = -1.2 + beta * -0.3 + 0.45 + beta * 0.1
     row1 = 0.8 + beta * -0.2
     assert loss.item() == pytest.approx((row0 + row1) / 2, **TOL)
@@ -383,7 +409,7 @@ def test_ppo_kl_in_loss():
 def test_ppo_value_gradient_is_zero_when_clipped_branch_wins():
     cfg = PPOConfig(vf_coef=1.0, clip_eps=100.0, aggregation="sequence_sum")
     values = PPO["values"].clone().requires_grad_(True)
-    loss, _, _ = ppo_loss(**dict(PPO, values=values), cfg=cfg, beta=0.0)
+    loss, _, _ = ppo_loss(*ppo_inputs(**dict(PPO, values=values)), cfg=cfg, beta=0.0)
     (g,) = torch.autograd.grad(loss, values)
     # (0,0): clipped branch wins -> 0;  (0,1): tie, both branches give V - R = 1.0 (clip inactive) -> 1.0 / B
     # (1,0): clipped branch wins -> 0;  (1,1): masked
@@ -445,7 +471,7 @@ def test_rloo_prepare_with_kl_in_reward():
     batch = rloo.prepare(roll, RLOOConfig(), beta=0.5)
     R0 = 1.0 - 0.5 * (0.2 - 0.1)  # 0.95
     R1 = 3.0 - 0.5 * (0.0 + 0.4)  # 2.8
-    assert_close(batch["advantages"], [[R0 - R1, R0 - R1], [R1 - R0, R1 - R0]])
+    assert_close(batch.advantages, [[R0 - R1, R0 - R1], [R1 - R0, R1 - R0]])
 
 
 def test_rloo_is_scaled_group_mean_baseline():
@@ -479,7 +505,7 @@ RF_STEP = [[0.0, 1.0], [0.0, 0.0], [0.0, 2.0], [0.0, 4.0]]
 def test_reinforce_prepare_baselines(baseline, expected):
     roll = make_rollout(RF_STEP, group_size=2)
     batch = reinforce.prepare(roll, ReinforceConfig(baseline=baseline), beta=0.0)
-    assert_close(batch["advantages"], expected)
+    assert_close(batch.advantages, expected)
 
 
 def test_reinforce_prepare_kl_in_reward():
@@ -489,13 +515,14 @@ def test_reinforce_prepare_kl_in_reward():
     # r = step - beta k1 = [[-0.1, 1.05], [0.0, -0.1], [0.15, 2.0], [0.0, 3.8]]
     roll = make_rollout(RF_STEP, old_logp=old, ref_logp=ref, group_size=2)
     batch = reinforce.prepare(roll, ReinforceConfig(baseline="none"), beta=0.5)
-    assert_close(batch["advantages"], [[-0.1 + 1.05, 1.05], [-0.1, -0.1], [0.15 + 2.0, 2.0], [3.8, 3.8]])
-    assert_close(batch["kl/k1_reward"], [[0.2, -0.1], [0.0, 0.2], [-0.3, 0.0], [0.0, 0.4]])
+    assert_close(batch.advantages, [[-0.1 + 1.05, 1.05], [-0.1, -0.1], [0.15 + 2.0, 2.0], [3.8, 3.8]])
+    assert batch.kl_metric == "kl/k1_reward"
+    assert_close(batch.kl, [[0.2, -0.1], [0.0, 0.2], [-0.3, 0.0], [0.0, 0.4]])
     # group mean of G: group 0 = [(0.95 - 0.1)/2, (1.05 - 0.1)/2], group 1 = [(2.15 + 3.8)/2, (2.0 + 3.8)/2]
     batch = reinforce.prepare(roll, ReinforceConfig(baseline="group_mean"), beta=0.5)
     b0, b1 = [0.425, 0.475], [2.975, 2.9]
     assert_close(
-        batch["advantages"],
+        batch.advantages,
         [
             [0.95 - b0[0], 1.05 - b0[1]],
             [-0.1 - b0[0], -0.1 - b0[1]],
@@ -505,7 +532,7 @@ def test_reinforce_prepare_kl_in_reward():
     )
     # with the KL in the loss the returns carry no KL
     batch = reinforce.prepare(roll, ReinforceConfig(baseline="none", kl_in="loss"), beta=0.5)
-    assert_close(batch["advantages"], [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [4.0, 4.0]])
+    assert_close(batch.advantages, [[1.0, 1.0], [0.0, 0.0], [2.0, 2.0], [4.0, 4.0]])
 
 
 def test_reinforce_prepare_bad_group_size():
@@ -575,8 +602,8 @@ def test_ppo_prepare_without_critic_is_returns_to_go_of_kl_shaped_reward():
     roll = make_rollout([[0.0, 3.0]], old_logp=[[-1.0, -1.0]], ref_logp=[[-1.2, -0.6]])
     cfg = PPOConfig(use_value_head=False, gamma=1.0, lam=1.0, whiten_advantages=False)
     batch = ppo.prepare(roll, cfg, beta=0.5)
-    assert_close(batch["advantages"], [[3.1, 3.2]])
-    assert_close(batch["returns"], [[3.1, 3.2]])
+    assert_close(batch.advantages, [[3.1, 3.2]])
+    assert_close(batch.returns, [[3.1, 3.2]])
 
 
 @pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant", "sequence_sum"])
@@ -597,17 +624,17 @@ def test_on_policy_grpo_equals_reinforce_group_mean(aggregation):
 
     gcfg = GRPOConfig(scale_rewards="none", aggregation=aggregation)
     gb = grpo.prepare(roll, gcfg, beta=0.0)
-    g_loss, _, _ = grpo_loss(logp, gb["old_logp"], gb["ref_logp"], gb["advantages"], gb["mask"], gcfg, 0.0)
+    g_loss, _, _ = grpo_loss(out(logp), gb, gcfg, 0.0)
     (g_grpo,) = torch.autograd.grad(g_loss, logits)
 
     rcfg = ReinforceConfig(baseline="group_mean", aggregation=aggregation)
     rb = reinforce.prepare(roll, rcfg, beta=0.0)
-    r_loss, _, _ = reinforce_loss(logp_of(logits), rb["ref_logp"], rb["advantages"], rb["mask"], rcfg, 0.0)
+    r_loss, _, _ = reinforce_loss(out(logp_of(logits)), rb, rcfg, 0.0)
     (g_rf,) = torch.autograd.grad(r_loss, logits)
 
     # both advantages are r_i - mean_group(r) on every token: groups (1, 0, 0.5) mean 0.5, (2, -1, 0) mean 1/3
     expected_adv = [[a] * T for a in [0.5, -0.5, 0.0, 2 - 1 / 3, -1 - 1 / 3, 0 - 1 / 3]]
-    assert_close(gb["advantages"], expected_adv)
-    assert_close(rb["advantages"], expected_adv)
+    assert_close(gb.advantages, expected_adv)
+    assert_close(rb.advantages, expected_adv)
     assert g_grpo.abs().max() > 1e-3
     torch.testing.assert_close(g_grpo, g_rf, rtol=1e-10, atol=1e-12)

@@ -15,7 +15,7 @@ from workbench.config import resolve
 from workbench.models.native_gpt2 import NativeGPT2
 from workbench.models.policy import ModelConfig, build_model, build_policy
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
-from workbench.training.loop import train
+from workbench.training import train
 
 CPU = torch.device("cpu")
 TOL = dict(rtol=0, atol=2e-6)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench.config import ConfigError, resolve
-from workbench.training.loop import train
+from workbench.training import train
 from workbench.training.pipeline import rm_quality
 
 TINY = {"n_layer": 1, "n_embd": 16, "n_head": 2}

@@ -12,7 +12,7 @@ import pytest
 from workbench.analysis.probe import OBJECTIVES
 from workbench.cli import main
 from workbench.config import resolve
-from workbench.training.loop import train
+from workbench.training import train
 
 TINY = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2}
 SEQ = {"name": "sequence", "vocab_size": 3, "length": 3, "variant": "decisive", "decisive_position": 1}

@@ -8,8 +8,8 @@ import pytest
 
 from workbench.cli import main
 from workbench.reporting.report import build_report
+from workbench.studies import load_study, run_study
 from workbench.studies.executors import InlineExecutor
-from workbench.studies.study import load_study, run_study
 
 STUDY = """
 name = "tiny_report"
@@ -248,7 +248,7 @@ def test_three_seeds_with_the_default_minimum_are_insufficient(report_dir, tmp_p
 
 def test_verdicts_come_from_the_confirmation_seeds_only(report_dir, tmp_path, monkeypatch):
     """Exploration seeds that disagree (DPO far from pi* there) change the exploration table, not the verdict."""
-    from workbench.results import store
+    import workbench.reporting.report as store  # build_report looks load_final up there
 
     real = store.load_final
 

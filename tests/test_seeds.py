@@ -5,8 +5,7 @@ import json
 import pytest
 
 from workbench.config import ConfigError, resolve
-from workbench.training.loop import train
-from workbench.training.stacked import train_seeds
+from workbench.training import train, train_seeds
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}
 SETS = {

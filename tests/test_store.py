@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from workbench.results.store import (
+from workbench.results import (
     Owner,
     Store,
     is_stale,
@@ -160,3 +160,59 @@ def test_local_process_executor_runs_each_call_in_a_fresh_process():
         died = ex.submit(os._exit, 3).exception(timeout=60)
         assert isinstance(died, WorkerDied) and "exit status 3" in str(died)
         assert ex.submit(abs, -5).result(timeout=60) == 5  # the pool survives a dead worker
+
+
+def test_register_study_writes_its_plan_and_the_index_is_rebuilt_from_it(tmp_path):
+    """The plan manifest holds register_study's arguments; a rebuild reads it, a study file without one needs legacy."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from workbench.results import load_runs, plan_path, rebuild_index
+
+    def with_folder(root, run_id, algo):
+        d = root / "runs" / run_id
+        d.mkdir(parents=True)
+        config = {"task": {"name": "bandit"}, "algo": {"name": algo}, "seed": 0, "steps": 3}
+        (d / "config.json").write_text(json.dumps({"config": config}))
+
+    old = tmp_path / "old"
+    with Store(old) as s:
+        add_run(s, "r1", "s")
+    plan = json.loads(plan_path(old, "s").read_text())
+    assert plan["name"] == "s" and plan["claims"] == ["C1"] and plan["runs"][0]["unit"] == "demos"
+    with_folder(old, "r9", "sft")  # a run folder of no study
+    (old / "studies" / "t.toml").write_text("")  # a study copy from before manifests
+
+    new = tmp_path / "new"
+    shutil.copytree(old / "studies", new / "studies")
+    shutil.copytree(old / "runs", new / "runs")
+    done = rebuild_index(new)
+    assert done["studies"] == 1 and len(done["skipped"]) == 1 and "t.toml: no plan manifest" in done["skipped"][0]
+    runs = load_runs(new).set_index("run_id")
+    assert runs.loc["r1", "study"] == "s" and runs.loc["r1", "unit"] == "demos" and pd.isna(runs.loc["r9", "unit"])
+
+    def legacy(path):
+        if path.name != "t.toml":
+            raise AssertionError(path)
+        return {**plan, "name": "t", "path": str(path), "runs": [{**plan["runs"][0], "run_id": "r9"}]}
+
+    again = tmp_path / "again"
+    shutil.copytree(old / "studies", again / "studies")
+    shutil.copytree(old / "runs", again / "runs")
+    done = rebuild_index(again, legacy=legacy, unit_of=lambda algo: "pairs")
+    assert done["studies"] == 2 and done["skipped"] == []
+    assert plan_path(again, "t").exists()  # registered: its manifest written for the next rebuild
+    runs = load_runs(again).set_index("study")
+    assert runs.loc["t", "run_id"] == "r9" and runs.loc["s", "run_id"] == "r1"
+
+    def refuses(path):
+        raise ValueError("algorithms: required key is missing\n")
+
+    last = tmp_path / "last"
+    shutil.copytree(old / "studies", last / "studies")
+    shutil.copytree(old / "runs", last / "runs")
+    done = rebuild_index(last, legacy=refuses, unit_of=lambda algo: "pairs")
+    assert done["skipped"] == ["t.toml: algorithms: required key is missing"]
+    assert load_runs(last).set_index("run_id").loc["r9", "unit"] == "pairs"  # a run of no study: unit_of

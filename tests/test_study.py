@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.results.store import LoadWarning, load_final, load_metrics, load_runs, query
+from workbench.results import LoadWarning, load_final, load_metrics, load_runs, query
+from workbench.studies import expand, format_summary, load_study, run_study, summarize
 from workbench.studies.executors import InlineExecutor
-from workbench.studies.study import expand, format_summary, load_study, run_study, summarize
 
 HEAD = """
 name = "{name}"
@@ -229,7 +229,7 @@ def test_loader_reports_and_skips_corrupt_files(tmp_path):
 
 def test_loader_reads_a_live_runs_complete_lines(tmp_path):
     """A running run's half-written last line is a write in progress, not corruption."""
-    from workbench.results.store import Owner, Store
+    from workbench.results import Owner, Store
 
     path, results = write_study(tmp_path, TWO_ALGOS), tmp_path / "results"
     run(path, results)

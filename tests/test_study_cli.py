@@ -121,8 +121,8 @@ def test_bad_study_file_from_a_real_process_has_no_traceback(tmp_path):
 
 
 def test_status_and_list_show_what_exists(tmp_path, capsys, monkeypatch):
+    from workbench.studies import load_study, run_study
     from workbench.studies.executors import InlineExecutor
-    from workbench.studies.study import load_study, run_study
 
     results = tmp_path / "results"
     monkeypatch.setenv("WORKBENCH_RESULTS", str(results))

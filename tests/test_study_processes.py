@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from workbench.results.store import load_metrics, load_runs
+from workbench.results import load_metrics, load_runs
 
 STUDY = """
 name = "procs"

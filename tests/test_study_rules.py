@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from workbench.studies.study import StudyError, load_study
+from workbench.studies import StudyError, load_study
 
 STUDY = """
 name = "rules"

@@ -16,7 +16,7 @@ import torch
 from workbench.backends.trl import NoTRLCounterpart
 from workbench.config import ConfigError, _without_new_defaults, config_hash, resolve
 from workbench.models.policy import ModelConfig, build_model, build_policy, build_reward_model
-from workbench.training.loop import train
+from workbench.training import train
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}
 TINY = {"model.n_layer": 1, "model.n_embd": 16, "model.n_head": 2}

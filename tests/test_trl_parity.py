@@ -45,6 +45,7 @@ from trl import (  # noqa: E402
 )
 
 from workbench.algorithms import dpo, grpo, reward_model, sft  # noqa: E402
+from workbench.core.types import PolicyOutput  # noqa: E402
 from workbench.models.policy import ModelConfig, Policy, RewardModel, build_model, build_reward_model, word_ids  # noqa: E402
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig  # noqa: E402
 
@@ -302,7 +303,8 @@ def test_grpo_loss_and_gradient_match_trl(aggregation, loss_type, beta, correcti
         kl_ratio_correction=correction,
     )
     logp = policy(prompts, comp_ids).logp
-    loss, _, stats = grpo.grpo_loss(logp, old_logp, ref_logp, advantages[:, None] * mask, mask, cfg, beta)
+    batch = grpo.GRPOBatch(advantages=advantages[:, None] * mask, old_logp=old_logp, ref_logp=ref_logp, mask=mask)
+    loss, _, stats = grpo.grpo_loss(PolicyOutput(logp=logp, logits=None, values=None), batch, cfg, beta)
     ratio = (logp - old_logp).exp()[mask.bool()]
     assert (ratio < 1 - eps_low).any() and (ratio > 1 + eps_high).any() and stats["clip/ratio"] > 0
 
@@ -311,7 +313,7 @@ def test_grpo_loss_and_gradient_match_trl(aggregation, loss_type, beta, correcti
     # the batch tells the aggregations apart, so the pairing above is really tested
     for other in {"sequence_mean", "token_mean", "constant"} - {aggregation}:
         alt_cfg = cfg.model_copy(update={"aggregation": other})
-        alt, _, _ = grpo.grpo_loss(logp.detach(), old_logp, ref_logp, advantages[:, None] * mask, mask, alt_cfg, beta)
+        alt, _, _ = grpo.grpo_loss(PolicyOutput(logp=logp.detach(), logits=None, values=None), batch, alt_cfg, beta)
         assert not torch.isclose(alt, loss.detach(), rtol=1e-3, atol=1e-5)
 
 

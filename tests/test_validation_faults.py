@@ -13,7 +13,7 @@ import pytest
 from workbench.cli import main
 from workbench.config import ConfigError, resolve
 from workbench.results import metric_names
-from workbench.studies.study import load_study
+from workbench.studies import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2", "--quiet"]
@@ -104,7 +104,7 @@ def test_the_dotted_names_that_are_fine(tmp_path):
 @pytest.mark.parametrize("cmd", ["report", "status"])
 @pytest.mark.parametrize("name", ["..", ".", "a" * 300, "a b"])
 def test_commands_taking_a_study_name_reject_one_no_study_can_have(cmd, name, tmp_path, capsys):
-    from workbench.results.store import Store
+    from workbench.results import Store
 
     results = tmp_path / "results"
     Store(results).close()
@@ -344,7 +344,7 @@ def test_workbench_run_prints_the_metric_warning_and_runs(tmp_path, capsys, monk
 
 def test_report_of_a_study_file_uses_the_name_inside_it(tmp_path, capsys, monkeypatch):
     from workbench.reporting import report
-    from workbench.results.store import Store
+    from workbench.results import Store
 
     results = tmp_path / "results"
     Store(results).close()

@@ -12,6 +12,8 @@ The results folder is ``--results``, else ``$WORKBENCH_RESULTS``, else ``./resul
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +22,8 @@ import sqlite3
 import sys
 import tempfile
 from pathlib import Path
+
+import torch
 
 from .config import ConfigError, parse_value, resolve
 
@@ -34,20 +38,40 @@ def _parse_sets(items: list[str]) -> dict:
     return out
 
 
-def cmd_train(args) -> int:
-    from .registry import ALGORITHMS
+def load_plugins(plugins: list[str]) -> None:
+    """Import each plugin (a ``.py`` file or a module name): it registers algorithms or tasks on import.
 
+    ``workbench.registry.register(SPEC)`` in a file of one's own adds an algorithm without
+    touching the package; ``--plugin that_file.py`` makes the CLI see it.
+    """
+
+    for plugin in plugins:
+        try:
+            if plugin.endswith(".py"):
+                path = Path(plugin)
+                if not path.is_file():
+                    raise OptionError(f"--plugin {plugin}: no such file")
+                spec = importlib.util.spec_from_file_location(f"workbench_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(plugin)
+        except (ImportError, SyntaxError) as e:
+            raise OptionError(f"--plugin {plugin}: cannot import it: {e}") from None
+
+
+def cmd_train(args) -> int:
+    load_plugins(args.plugin or [])
     overrides = _parse_sets(args.set or [])
     raw = {"task": {"name": args.task}, "algo": {"name": args.algo}, "seed": args.seed}
     if args.steps is not None:
         raw["steps"] = args.steps
     if args.device:
         raw["device"] = args.device
-    if args.algo not in ALGORITHMS:
-        pass  # resolve() reports it with the allowed names
     res = resolve(raw, overrides)
     _prepare_out(Path(args.out), args.overwrite)
-    from .training.loop import train
+    from .training import train  # per command: importing every layer doubles start-up
 
     result = train(res, args.out, progress=not args.quiet)
     final = {k: v for k, v in result["final"].items() if k.split("/")[0] in ("reward", "kl", "objective", "entropy")}
@@ -98,18 +122,21 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def cmd_run(args) -> int:
-    from .results.store import StoreFault, results_dir, storage_fault
-    from .studies.executors import LocalProcessExecutor
-    from .studies.study import WORKER_PRELOAD, format_summary, load_study, run_study, summarize
+    from .results import StoreFault, results_dir, storage_fault  # per command: importing every layer doubles start-up
+    from .studies import (
+        WORKER_PRELOAD,
+        format_summary,
+        load_study,
+        run_study,
+        summarize,
+    )  # per command: importing every layer doubles start-up
+    from .studies.executors import LocalProcessExecutor  # per command: importing every layer doubles start-up
 
     study = load_study(args.study)
     for w in study.warnings:  # allowed but likely wrong: a verdict metric no run logs
         print(f"workbench run: warning: {study.path}: {w}", file=sys.stderr)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     results = results_dir(args.results)
@@ -174,7 +201,7 @@ def _study_name(arg: str) -> str:
 
     Raises ``ConfigError`` for a name no study can have (``..``, a path, 300 characters).
     """
-    from .studies.study import load_study, study_name_problem
+    from .studies import load_study, study_name_problem  # per command: importing every layer doubles start-up
 
     if arg.endswith(".toml") or os.sep in arg or (os.altsep and os.altsep in arg):
         return load_study(arg).name
@@ -185,8 +212,8 @@ def _study_name(arg: str) -> str:
 
 
 def cmd_status(args) -> int:
-    from .results.store import load_runs, load_studies, results_dir
-    from .studies.study import format_summary, summarize, text_table
+    from .results import load_runs, load_studies, results_dir  # per command: importing every layer doubles start-up
+    from .studies import format_summary, summarize, text_table  # per command: importing every layer doubles start-up
 
     results = results_dir(args.results)
     try:
@@ -244,8 +271,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .results.store import load_runs, load_studies, results_dir
-    from .studies.study import text_table
+    from .results import load_runs, load_studies, results_dir  # per command: importing every layer doubles start-up
+    from .studies import text_table  # per command: importing every layer doubles start-up
 
     results = results_dir(args.results)
     try:
@@ -282,11 +309,13 @@ def cmd_list(args) -> int:
 
 
 def cmd_probe(args) -> int:
-    from .analysis.probe import probe
+    from .analysis.probe import probe  # per command: importing every layer doubles start-up
+    from .training.pipeline import sft_warmup  # per command: importing every layer doubles start-up
 
     result = probe(
         args.target,
         args.what,
+        sft_phase=sft_warmup,
         batch_sizes=args.batch_sizes,
         minibatches=args.minibatches,
         objectives=args.objectives,
@@ -300,7 +329,7 @@ def cmd_probe(args) -> int:
 
 def cmd_dashboard(args) -> int:
     """``streamlit run dashboard/app.py`` on 127.0.0.1 only, usage statistics off; this process becomes the server."""
-    from .results.store import results_dir
+    from .results import results_dir  # per command: importing every layer doubles start-up
 
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     if not app.exists():
@@ -351,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--overwrite", action="store_true", help="--out may be an existing run folder: it is emptied first")
+    t.add_argument(
+        "--plugin",
+        action="append",
+        metavar="FILE_OR_MODULE",
+        help="import it first: a file that registers an algorithm or task (workbench.registry.register); repeatable",
+    )
     t.set_defaults(func=cmd_train)
 
     results_help = "results folder (default: $WORKBENCH_RESULTS, else ./results)"
@@ -426,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_report(args) -> int:
-    from .reporting.report import build_report
-    from .results.store import results_dir
+    from .reporting.report import build_report  # per command: importing every layer doubles start-up
+    from .results import results_dir  # per command: importing every layer doubles start-up
 
     study = _study_name(args.study)  # a study file: its `name`, not its file name
     root = results_dir(args.results)
@@ -467,11 +502,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, retried: bool = False) -> int:
-    from .results.store import StoreFault, _is_corrupt, ensure_index, repair_index, results_dir, storage_fault
+    from .results import (
+        StoreFault,
+        ensure_index,
+        repair_index,
+        results_dir,
+        storage_fault,
+    )  # per command: importing every layer doubles start-up
+    from .results.index import _is_corrupt  # per command: importing every layer doubles start-up
 
     try:
         if args.cmd in INDEX_COMMANDS:  # a damaged index is set aside and rebuilt before anything reads it
-            notice = ensure_index(results_dir(args.results))
+            from .studies import legacy_plan, unit_of  # (results from before plan manifests)
+
+            notice = ensure_index(results_dir(args.results), legacy=legacy_plan, unit_of=unit_of)
             if notice:
                 print(f"workbench {args.cmd}: {notice}", file=sys.stderr)
         return args.func(args)
@@ -485,7 +529,9 @@ def _dispatch(args, retried: bool = False) -> int:
     except (OSError, sqlite3.Error, RuntimeError, StoreFault) as e:
         if args.cmd in INDEX_COMMANDS and _is_corrupt(e) and not retried:  # damaged where the check did not look
             try:
-                notice = repair_index(results_dir(args.results), str(e))
+                from .studies import legacy_plan, unit_of  # per command: importing every layer doubles start-up
+
+                notice = repair_index(results_dir(args.results), str(e), legacy=legacy_plan, unit_of=unit_of)
             except Exception as repair_error:  # noqa: BLE001  (a read-only folder: said below)
                 e = repair_error
             else:

@@ -216,7 +216,7 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
 
     # defaults: algorithm's, then task's, unless the user set the key
     layered: dict = {}
-    for k, v in {**spec.defaults, **getattr(task_cls, "run_defaults", {})}.items():
+    for k, v in {**spec.defaults, **task_cls.run_defaults}.items():
         set_dotted(layered, k, v)
     merged = _merge(layered, raw)
 

@@ -1,6 +1,6 @@
 """The registries: plain dicts filled by explicit imports, and ``register`` for algorithms and tasks defined elsewhere.
 
-A new algorithm is one file in ``workbench/algorithms/`` plus one line in ``_BUILT_IN`` here (or,
+A new algorithm is one file in ``workbench/algorithms/`` plus one line in ``BUILT_IN`` here (or,
 outside the package, one ``register(SPEC)`` call); a new task is one file in
 ``workbench/toy_tasks/`` plus one line in ``TASKS`` (or ``register_task(cls)``).
 """
@@ -11,7 +11,7 @@ from .algorithms import dpo, grpo, ppo, reinforce, reward_model, rloo, sft
 from .algorithms.spec import AlgorithmSpec
 from .toy_tasks import Arithmetic, Bandit, Sequence, Task
 
-_BUILT_IN = [
+BUILT_IN = [
     sft.SPEC,
     reward_model.SPEC,
     reinforce.SPEC,
@@ -22,7 +22,7 @@ _BUILT_IN = [
     dpo.IPO_SPEC,
     dpo.ONLINE_SPEC,
 ]
-ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in _BUILT_IN}
+ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in BUILT_IN}
 TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic]}
 
 

@@ -1,4 +1,4 @@
-"""The dashboard's reads: ``workbench.results.store``'s loader, cached.
+"""The dashboard's reads: the loader of ``workbench.results``, cached.
 
 Every function takes the results folder and a *signature* of the index (the size and
 modification time of ``index.sqlite`` and its WAL): Streamlit's cache keys on it, so a
@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from workbench.results import store
+import workbench.results as store
+from workbench.results import loader
 
 ONLINE_UNIT = "completions"  # a run that counts sampled completions learns online (RL); demos / pairs: offline
 
@@ -77,7 +78,7 @@ def grid_label(grid: dict) -> str:
 
 @st.cache_data(show_spinner=False, max_entries=64)
 def metric_names(root: Path, study: str | None, sig: tuple) -> list[str]:
-    return store.metric_names(root, study)
+    return loader.metric_names(root, study)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 from board import charts, data, ui
 
-from workbench.results.store import STATUSES
+from workbench.results import STATUSES
 
 LIVE_S = 2.0  # refresh period of a study with runs queued or running
 

@@ -113,5 +113,6 @@ SPEC = AlgorithmSpec(
     epochs=lambda cfg: cfg.epochs,
     minibatches=lambda cfg: cfg.minibatches,
     defaults={"group_size": 1},
+    kl_in_reward=lambda cfg: cfg.kl_in == "reward",
     regulariser=kl_penalty,
 )

@@ -104,5 +104,6 @@ SPEC = AlgorithmSpec(
     prepare=prepare,
     loss=reinforce_loss,
     defaults={"group_size": 1},
+    kl_in_reward=lambda cfg: cfg.kl_in == "reward",
     regulariser=kl_penalty,
 )

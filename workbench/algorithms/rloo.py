@@ -56,5 +56,6 @@ SPEC = AlgorithmSpec(
     prepare=prepare,
     loss=reinforce_loss,
     min_group_size=2,
+    kl_in_reward=lambda cfg: cfg.kl_in == "reward",
     regulariser=kl_penalty,
 )

@@ -67,6 +67,7 @@ class AlgorithmSpec:
     value_head: Callable[[Any], bool] = _never  # does this config train a critic (a value head on the policy)
     epochs: Callable[[Any], int] = _one  # passes over each rollout
     minibatches: Callable[[Any], int] = _one  # minibatches per pass
+    kl_in_reward: Callable[[Any], bool] = _never  # does the KL penalty act in the reward (so in the advantages)
     keeps_pairs: bool = False  # the loss pairs adjacent rows: every minibatch is the whole rollout
     # the config whose loss is the policy's alone (PPO: no value loss), for gradient probes of pi
     policy_loss_only: Callable[[Any], Any] = lambda cfg: cfg

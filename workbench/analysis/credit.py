@@ -207,6 +207,6 @@ class ExactCredit:
         return adv[rows, cols]  # (B, T)
 
 
-def kl_in_reward(cfg, beta: float) -> bool:
-    """Whether a method's advantages carry the KL penalty (``kl_in="reward"`` with beta > 0)."""
-    return beta > 0 and getattr(cfg, "kl_in", None) == "reward"
+def kl_in_reward(spec, cfg, beta: float) -> bool:
+    """Whether a method's advantages carry the KL penalty (declared by its spec: ``kl_in="reward"``, beta > 0)."""
+    return beta > 0 and spec.kl_in_reward(cfg)

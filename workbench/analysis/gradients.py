@@ -45,9 +45,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.func import functional_call, grad, vmap
 
-from ..core.types import Batch, Rollout
 from ..core.stats import cosine, trace_cov
+from ..core.types import Batch, Rollout
 from ..models.policy import PolicyOutput
 from .exact import exact_logprobs
 
@@ -264,7 +265,6 @@ def _rows_per_loss(policy, f: LossFn) -> tuple[int, int]:
 
 
 def _vmapped_gradients(policy, params: dict[str, Tensor], entries: list, key: tuple) -> Tensor:
-    from torch.func import functional_call, grad, vmap
 
     # stack each call's inputs and cotangents over the minibatches: a pytree of (K, ...) tensors
     stacked = []

@@ -253,7 +253,7 @@ class Prober(Measure):
         return out
 
     def _credit(self, policy, obj: Objective, batches: list[dict], rolls: list) -> tuple[dict, list[dict]]:
-        adv = self.credit.advantages(policy, kl_in_reward(obj.cfg, self.res.run.beta))
+        adv = self.credit.advantages(policy, kl_in_reward(obj.spec, obj.cfg, self.res.run.beta))
         method = torch.cat([b.advantages for b in batches])
         mask = torch.cat([r.mask for r in rolls])
         exact = torch.cat([self.credit.at(adv, r.prompts, r.completions) for r in rolls])
@@ -403,14 +403,14 @@ def credit_table(policy, res, est: Estimators, batch_sizes, K: int, names: list[
         obj = make_objective(res, name)
         if obj.spec.kind != "online":
             raise ConfigError(f"credit compares online methods' advantages; {name!r} is offline")
-        kl = kl_in_reward(obj.cfg, res.run.beta)
+        kl = kl_in_reward(obj.spec, obj.cfg, res.run.beta)
         if kl not in adv_cache:
             adv_cache[kl] = credit.advantages(policy, kl)
         for B in batch_sizes:
             if _group(B, obj) is None:
                 continue
             batches, rolls = _prepared(est, policy, obj, B, K)
-            if "advantages" not in batches[0]:
+            if batches[0].advantages is None:
                 raise ConfigError(f"{name!r} uses no per-token advantages")
             method = torch.cat([b.advantages for b in batches])
             exact = torch.cat([credit.at(adv_cache[kl], r.prompts, r.completions) for r in rolls])

@@ -233,7 +233,7 @@ class Codec:
 
 def online_dataset(res: Resolved, codec: Codec):
     """The prompt stream of the run (same generator seed as the workbench loop), as a ``datasets.Dataset``."""
-    import datasets
+    import datasets  # heavy optional: datasets loads only when a TRL run starts
 
     run = res.run
     data_gen = seeds.data(run.seed)
@@ -246,7 +246,7 @@ def online_dataset(res: Resolved, codec: Codec):
 
 def offline_dataset(res: Resolved, codec: Codec):
     """The run's fixed dataset (``spec.dataset`` with the workbench seed), as TRL's dataset format."""
-    import datasets
+    import datasets  # heavy optional: datasets loads only when a TRL run starts
 
     data_gen = seeds.data(res.run.seed)
     data = res.spec.dataset(res.task, res.algo_cfg, data_gen)
@@ -291,7 +291,7 @@ class RewardFunction:
 
 
 def _callback_class():
-    from transformers import TrainerCallback
+    from transformers import TrainerCallback  # heavy: transformers loads only when a model is built or converted
 
     class WorkbenchCallback(TrainerCallback):
         """Writes TRL's logs as workbench metric rows and measures the model every ``eval_every`` updates.
@@ -386,9 +386,11 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
     ``work`` holds TRL's output_dir and, for GRPO/RLOO, the initial model saved as a local
     directory (TRL rebuilds the reference model from the path when beta > 0).
     """
-    import datasets
-    import trl
-    from transformers.utils import logging as hf_logging
+    import datasets  # heavy optional: datasets loads only when a TRL run starts
+    import trl  # heavy optional: TRL loads only when a TRL run starts
+    from transformers.utils import (
+        logging as hf_logging,  # heavy: transformers loads only when a model is built or converted
+    )
 
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -478,7 +480,7 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
         )
     else:  # pragma: no cover - check_config refuses it first
         raise ConfigError(f"backend 'trl' has no trainer for {name!r}")
-    from transformers import PrinterCallback
+    from transformers import PrinterCallback  # heavy: transformers loads only when a model is built or converted
 
     trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log dict
     return trainer, tok, codec, reward_fn
@@ -528,7 +530,7 @@ def train_trl(res: Resolved, out: str | Path, progress: bool = True) -> dict:
 
 
 def _trl_version() -> str:
-    import trl
+    import trl  # heavy optional: TRL loads only when a TRL run starts
 
     return trl.__version__
 

@@ -28,9 +28,11 @@ exact value reads as "within z standard errors" (tests use z = 4 to 5):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+from scipy.stats import bootstrap, t
 
 if TYPE_CHECKING:  # the interval functions need no torch (the dashboard imports this module)
     from torch import Tensor
@@ -63,7 +65,7 @@ def is_non_negative(metric: str) -> bool:
 
 def t_half_width(std, n, level: float = LEVEL):
     """``t_{(1+level)/2, n-1} * std / sqrt(n)``, elementwise; NaN where n < 2. The band of a mean over n seeds."""
-    from scipy.special import stdtrit
+    from scipy.special import stdtrit  # scipy loads on first use: the dashboard imports this module
 
     n = np.asarray(n, dtype=float)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -116,7 +118,6 @@ def difference_interval(
     if se == 0:
         return (est, est, est)
     nu = (va + vb) ** 2 / (va**2 / (len(xa) - 1) + vb**2 / (len(xb) - 1))  # Welch-Satterthwaite
-    from scipy.stats import t
 
     h = float(t.ppf(0.5 + level / 2, nu)) * se
     return (est, est - h, est + h)
@@ -125,9 +126,6 @@ def difference_interval(
 def _bca(data: tuple, stat, est: float, level: float, seed: int) -> tuple[float, float]:
     if all(np.ptp(d) == 0 for d in data):
         return (est, est)  # no spread to resample
-    import warnings
-
-    from scipy.stats import bootstrap
 
     with warnings.catch_warnings():  # degenerate resamples: scipy warns and returns NaN, which we report as such
         warnings.simplefilter("ignore")

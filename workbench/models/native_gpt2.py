@@ -299,7 +299,7 @@ class NativeGPT2(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None) -> NativeGPT2:
         """Read a GPT-2 checkpoint directory written by Hugging Face or by ``save_pretrained``."""
-        from transformers import GPT2Config
+        from transformers import GPT2Config  # heavy: transformers loads only when a model is built or converted
 
         path = Path(path)
         config = GPT2Config.from_pretrained(path, local_files_only=True)
@@ -323,7 +323,7 @@ class NativeGPT2(nn.Module):
 
     def to_hf(self):
         """A ``GPT2LMHeadModel`` with a copy of these weights (for TRL and other Hugging Face tools)."""
-        from transformers import GPT2LMHeadModel
+        from transformers import GPT2LMHeadModel  # heavy: transformers loads only when a model is built or converted
 
         model = GPT2LMHeadModel(self.config).to(next(self.parameters()).dtype)
         model.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})

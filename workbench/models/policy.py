@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from ..core.types import PolicyOutput
 from ..toy_tasks.base import Task
+from .native_gpt2 import NativeGPT2, is_native_checkpoint_compatible
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -76,8 +77,10 @@ def resolve_device(device: str) -> torch.device:
 
 def build_tokenizer(task: Task):
     """A word-level ``PreTrainedTokenizerFast`` over the specials and the task's words."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers  # heavy: tokenizers loads only when a tokenizer is built
+    from transformers import (
+        PreTrainedTokenizerFast,  # heavy: transformers loads only when a model is built or converted
+    )
 
     words = list(SPECIALS.values()) + task.vocab
     tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=SPECIALS["unk_token"]))
@@ -94,7 +97,7 @@ def build_model(task: Task, cfg: ModelConfig, seed: int):
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
-    )
+    )  # heavy: transformers loads only when a model is built or converted
 
     dtype = getattr(torch, cfg.dtype)
     if cfg.impl == "native" and cfg.arch != "gpt2":
@@ -102,8 +105,6 @@ def build_model(task: Task, cfg: ModelConfig, seed: int):
     if cfg.path:
         tokenizer = AutoTokenizer.from_pretrained(cfg.path, local_files_only=True)
         if cfg.impl == "native":
-            from .native_gpt2 import NativeGPT2, is_native_checkpoint_compatible
-
             if not is_native_checkpoint_compatible(cfg.path):
                 raise ValueError(f"model.impl 'native' reads GPT-2 checkpoints only; {cfg.path} is not one")
             return NativeGPT2.from_pretrained(cfg.path, dtype=dtype).eval(), tokenizer
@@ -145,8 +146,6 @@ def build_model(task: Task, cfg: ModelConfig, seed: int):
         torch.manual_seed(seed)
         model = cls(config).to(dtype)
     if cfg.impl == "native":  # the same initial weights as the Hugging Face model of this seed
-        from .native_gpt2 import NativeGPT2
-
         model = NativeGPT2.from_hf(model)
     return model.eval(), tokenizer
 
@@ -313,7 +312,9 @@ class Policy(nn.Module):
 
     def save(self, path: str | Path) -> None:
         """Write a Hugging Face checkpoint directory (+ ``value_head.safetensors``)."""
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import (
+            logging as hf_logging,  # heavy: transformers loads only when a model is built or converted
+        )
 
         hf_logging.disable_progress_bar()
         path = Path(path)
@@ -357,7 +358,9 @@ class RewardModel(nn.Module):
         return self.model(input_ids=ids).logits[:, -1].float()  # (B,)
 
     def save(self, path: str | Path) -> None:
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import (
+            logging as hf_logging,  # heavy: transformers loads only when a model is built or converted
+        )
 
         hf_logging.disable_progress_bar()
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -367,7 +370,10 @@ class RewardModel(nn.Module):
 
 def build_reward_model(task: Task, cfg: ModelConfig, seed: int, path: str | None = None) -> RewardModel:
     """A sequence-classification model with one output, tiny or loaded from ``path``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import (  # heavy: transformers loads only when a model is built or converted
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
 
     if path:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)

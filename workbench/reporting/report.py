@@ -20,10 +20,13 @@ same files (seeded bootstraps, PNG/SVG without dates).
 from __future__ import annotations
 
 import base64
+import datetime
 import hashlib
 import html
 import json
+import logging
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -35,6 +38,8 @@ import pandas as pd
 
 from .. import __version__
 from ..core.stats import difference_interval, is_non_negative, t_half_width
+from ..results import load_final, load_metrics, load_studies, results_dir
+from ..studies import load_study
 from .verdicts import (
     FAILED,
     Statistics,
@@ -119,10 +124,10 @@ def _slug(s: str) -> str:
 
 
 def _matplotlib():
-    import matplotlib
+    import matplotlib  # heavy optional: matplotlib loads only to draw a report's figures
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy optional: matplotlib loads only to draw a report's figures
 
     plt.rcParams["svg.hashsalt"] = "workbench"  # stable SVG ids
     plt.rcParams["figure.dpi"] = 100
@@ -259,7 +264,7 @@ def provenance(runs: pd.DataFrame, study_row: dict, command: list[str] | None) -
             "platform": platform.platform(),
             "machine": platform.machine(),
             "processor": platform.processor(),
-            "cpu_count": __import__("os").cpu_count(),
+            "cpu_count": os.cpu_count(),
             "run_devices": devices,
         },
         "command": " ".join(command if command is not None else sys.argv),
@@ -320,8 +325,6 @@ def _rule_text(r: dict) -> str:
 
 def build_report(study: str, results=None, out: str | Path | None = None, command: list[str] | None = None) -> Path:
     """Write the report of ``study``; returns the output folder."""
-    from ..results.store import load_final, load_metrics, load_studies, results_dir
-    from ..studies.study import load_study
 
     root = results_dir(results)
     studies = load_studies(root)
@@ -506,7 +509,6 @@ def _aggregates(finished: pd.DataFrame, metric_names: list[str], stats: Statisti
 
 
 def _year(final: pd.DataFrame) -> int:
-    import datetime
 
     t = (
         pd.to_numeric(final.get("finished_at"), errors="coerce").dropna()
@@ -769,9 +771,8 @@ def _img(path: Path) -> str:
 
 
 def _pdf(page: str, path: Path) -> None:
-    import logging
 
-    from weasyprint import HTML
+    from weasyprint import HTML  # heavy optional: WeasyPrint loads only to write the PDF
 
     logging.getLogger("weasyprint").setLevel(logging.ERROR)
     logging.getLogger("fontTools").setLevel(logging.ERROR)

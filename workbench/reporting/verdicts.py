@@ -1,7 +1,8 @@
 """Verdicts on claims, computed from a study's final metrics over seeds.
 
 A study states, as data, what would support each claim it tests (``[[verdicts]]`` in its
-TOML). A rule compares a metric's final value across seeds:
+TOML; the rules and ``[statistics]`` are declared by ``VerdictRule`` and ``Statistics`` in
+``workbench.studies.schema``). A rule compares a metric's final value across seeds:
 
     below / above     mean_a < threshold (> threshold)
     greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups have the same seeds
@@ -45,13 +46,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.stats import trim_mean, ttest_ind, ttest_rel
 
 from ..core.stats import LEVEL, difference_interval
+from ..studies.schema import Statistics, VerdictRule
 
 SEED = 0  # bootstraps are seeded: the same results give the same report
 AGGREGATE_RESAMPLES = 2000
@@ -59,93 +60,6 @@ VERDICTS = ("supported", "contradicted", "inconclusive", "unstable", "insufficie
 CLAIM_VERDICTS = ("supported", "contradicted", "inconclusive", "unstable", "incomplete", "not measured")
 FAILED = ("diverged", "failed")
 MAX_FAILED_SHARE = 0.2  # more failed runs than this on a side: the rule is unstable
-
-
-class Statistics(BaseModel):
-    """How a study's verdicts are decided (``[statistics]`` in a study file)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    min_seeds: int = Field(
-        5, ge=3, description="usable values a rule needs on each side, else 'insufficient seeds' (never below 3)"
-    )
-    interval: Literal["t", "bca"] = Field(
-        "t", description="t: Student / paired t / Welch intervals; bca: a seeded BCa bootstrap"
-    )
-    level: float = Field(LEVEL, gt=0.5, lt=1, description="confidence level of every interval")
-
-    @model_validator(mode="after")
-    def _bca_needs_seeds(self) -> Statistics:
-        if self.interval == "bca" and self.min_seeds < 20:
-            raise ValueError(
-                "interval = 'bca' needs min_seeds >= 20: a nominal 95% BCa interval covered the mean 75-89% "
-                "of the time at 3-10 seeds in a simulation (normal data); use 't' below that"
-            )
-        return self
-
-
-class VerdictRule(BaseModel):
-    """One test of a claim on a study's final metrics."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    claim: str = Field(description="claim id from docs/claims.md, e.g. 'C6'")
-    metric: str = Field(description="metric name (docs/metrics.md), final value per run")
-    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(
-        description="what supports the claim"
-    )
-    a: str = Field(description="group label: an algorithm label of the study")
-    b: str | None = Field(None, description="second group label, for greater/less/equivalent/noninferior")
-    where: dict[str, object] = Field(
-        default_factory=dict, description="grid values or task label both groups must have"
-    )
-    a_where: dict[str, object] = Field(
-        default_factory=dict, description="more filters for group a only, merged over 'where'"
-    )
-    b_where: dict[str, object] = Field(
-        default_factory=dict, description="more filters for group b only, merged over 'where'"
-    )
-    step: int | None = Field(None, ge=0, description="read the metric at this update step instead of its final value")
-    threshold: float | None = Field(None, description="for below/above")
-    margin: float | None = Field(
-        None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less"
-    )
-    statement: str = Field("", description="what the rule checks, in words, for the report")
-    failures: Literal["exclude", "worst"] = Field(
-        "exclude",
-        description="failed/diverged runs: 'exclude' (counted; over a fifth of a side -> unstable) or "
-        "'worst' (each takes the value 'worst', for stability claims)",
-    )
-    worst: float | None = Field(None, description="failures = 'worst': the value a failed or diverged run takes")
-    confounded: str | None = Field(
-        None,
-        description="why a raw reward/KL comparison between methods that regularise differently is still made; "
-        "printed under the verdict",
-    )
-
-    @model_validator(mode="after")
-    def _needs(self) -> VerdictRule:
-        if self.kind in ("below", "above") and self.threshold is None:
-            raise ValueError(f"a '{self.kind}' rule needs 'threshold'")
-        if self.kind in ("greater", "less", "equivalent", "noninferior") and self.b is None:
-            raise ValueError(f"a '{self.kind}' rule needs 'b'")
-        if self.kind in ("equivalent", "noninferior") and self.margin is None:
-            raise ValueError(f"an '{self.kind}' rule needs 'margin'")
-        if self.b is None and self.b_where:
-            raise ValueError("'b_where' needs 'b'")
-        if (self.failures == "worst") != (self.worst is not None):
-            raise ValueError("failures = 'worst' and a 'worst' value go together")
-        if self.b is not None and self.a == self.b and self.where_a == self.where_b:
-            raise ValueError(f"groups a and b are the same runs ({self.a!r}); tell them apart with a_where / b_where")
-        return self
-
-    @property
-    def where_a(self) -> dict:
-        return {**self.where, **self.a_where}
-
-    @property
-    def where_b(self) -> dict:
-        return {**self.where, **self.b_where}
 
 
 def summarise(final: pd.DataFrame, metrics: list[str], by: list[str], stats: Statistics | None = None) -> pd.DataFrame:
@@ -207,7 +121,6 @@ def pairwise(
     Paired t when the two groups hold the same seeds, Welch otherwise. Two groups without
     spread get no p-value (``note`` says why) rather than a fake 0. Only finite values.
     """
-    from scipy.stats import ttest_ind, ttest_rel
 
     within = [c for c in within if c in final]
     rows = []
@@ -276,7 +189,6 @@ def aggregate(
     Seeds are resampled within each condition (stratified bootstrap, Agarwal et al. 2021).
     Returns ``(iqm, improvement)`` frames; only groups and pairs present in at least two conditions.
     """
-    from scipy.stats import trim_mean
 
     df = final[[group, condition, metric]].copy()
     df = df[np.isfinite(df[metric].to_numpy(float))]
@@ -365,7 +277,7 @@ def rule_groups(final: pd.DataFrame, rule: VerdictRule | dict) -> list[tuple[str
 def at_step(runs: pd.DataFrame, metrics: pd.DataFrame, step: int) -> pd.DataFrame:
     """``runs`` (one row per run, with its labels) whose metric columns hold the values logged at ``step``.
 
-    ``metrics`` is the long frame of ``store.load_metrics``; a metric a run did not log at
+    ``metrics`` is the long frame of ``workbench.results.load_metrics``; a metric a run did not log at
     that step is NaN (so a rule on it is 'not measured', never decided by another step).
     """
     if "step" not in metrics.columns:  # nothing logged (every run failed before logging, or none ran): keep the runs

@@ -8,7 +8,7 @@
 ``fn`` and its arguments must pickle (by reference for ``fn``): a distributed engine (Ray,
 Dask, submitit) slots in by implementing these four names. The study runner keeps all
 bookkeeping (claims, the index) on its side and only asks the executor to run
-``workbench.studies.study.execute_run(task)``.
+``workbench.studies.execute.execute_run(task)``.
 
 - ``LocalProcessExecutor``: a pool of fresh processes, one process per run (nothing leaks
   from one run to the next: RNG state, thread settings, memory). Workers start from a
@@ -218,7 +218,7 @@ def _die_with_parent(alive) -> None:
     while any worker lives.) PR_SET_PDEATHSIG adds an immediate kill on Linux.
     """
     try:
-        import ctypes
+        import ctypes  # Linux only (prctl)
 
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

@@ -4,7 +4,8 @@
                       a RunContext with its measures (evaluation, pipeline, probes), then the loop;
                       another backend: the plugin registered under its name (workbench.backends.<name>)
 
-The one place that knows every kind of measurement; the loops know none of them.
+The one place that knows every kind of measurement (``measures``); the loops, single and stacked
+(``train_seeds``), know none of them.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from ..analysis.evaluate import Evaluation
 from ..analysis.probe import Prober
 from ..config import Resolved, load_backend
 from ..models.policy import build_policy, build_reward_model, describe
-from ..runtime.context import RunContext, setup_device
+from ..runtime.context import Measure, RunContext, setup_device
 from .loop import run_loop
 from .pipeline import Pipeline
+from .stacked import train_stacked
 
 
 def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
@@ -37,10 +39,21 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         ref = pipe.ref  # the SFT policy
     ctx = RunContext(res, out, device)
     ctx.write_config(describe(model) if ref is not None else {})
-    evaluation = Evaluation(res, ref, device, ctx.writer)
-    prober = Prober(res, ref, evaluation.exact, device, ctx.out) if run.probe_every and ref is not None else None
-    ctx.add(evaluation, pipe, prober)
+    ctx.add(*measures(ctx, ref, pipe))
     rm = pipe.rm if pipe is not None else None
     if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
     return run_loop(ctx, model, ref, rm, progress)
+
+
+def measures(ctx: RunContext, ref, pipe: Pipeline | None = None) -> list[Measure | None]:
+    """A run's measurement hooks, in the order they fill a row: evaluation, the RLHF pipeline's, probes."""
+    res = ctx.res
+    evaluation = Evaluation(res, ref, ctx.device, ctx.writer)
+    probe = res.run.probe_every and ref is not None
+    return [evaluation, pipe, Prober(res, ref, evaluation.exact, ctx.device, ctx.out) if probe else None]
+
+
+def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = False) -> list[dict]:
+    """Seeds as a batch dimension (``workbench.training.stacked``), with the measures ``train`` gives a run."""
+    return train_stacked(reses, outs, measures, progress)

@@ -23,18 +23,18 @@ train those seeds one by one with ``train``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..analysis.evaluate import Evaluation
-from ..analysis.probe import Prober
 from ..config import ConfigError, Resolved
 from ..core import seeds
 from ..core.types import PolicyOutput, Rollout
 from ..models.native_gpt2 import NativeGPT2
 from ..models.policy import Policy, build_policy, build_reward_model, describe
-from ..runtime.context import RunContext, diverged, done, setup_device
+from ..runtime.context import Measure, RunContext, diverged, done, setup_device
 from ..runtime.rollout import rollout_stats, score
 from ..runtime.update import make_optimizer, make_schedule
 
@@ -70,10 +70,16 @@ def check_batchable(reses: list[Resolved]) -> None:
         )
 
 
-def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = False) -> list[dict]:
+def train_stacked(
+    reses: list[Resolved],
+    outs: list[str | Path],
+    measures: Callable[[RunContext, Any], list[Measure | None]] = lambda ctx, ref: [],
+    progress: bool = False,
+) -> list[dict]:
     """Train every run in ``reses`` (same config, different seeds) together; run i writes ``outs[i]``.
 
-    Returns one ``{"status", "step", "final"}`` per run, as ``train`` does.
+    ``measures(ctx, ref)`` gives each seed's measurement hooks (``workbench.training.run`` passes the
+    evaluation and the probes). Returns one ``{"status", "step", "final"}`` per run, as ``train`` does.
     """
     check_batchable(reses)
     r0 = reses[0]
@@ -95,9 +101,7 @@ def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = 
     ctxs = [RunContext(r, o, device) for r, o in zip(reses, outs, strict=True)]
     for ctx, p, rf in zip(ctxs, singles, refs, strict=True):
         ctx.write_config(describe(p), batched_seeds=seed_list)
-        evaluation = Evaluation(ctx.res, rf, device, ctx.writer)
-        prober = Prober(ctx.res, rf, evaluation.exact, device, ctx.out) if run.probe_every else None
-        ctx.add(evaluation, prober)
+        ctx.add(*measures(ctx, rf))
     rm = None
     if run.reward_model:
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)

@@ -1,0 +1,296 @@
+"""Running a study: claiming its runs, executing them and recording how each ended.
+
+``run_study`` registers the study's runs in the results index, claims the runs it will execute
+atomically there (a lease held by this process's owner record, kept alive by a heartbeat; a
+run left 'running' by a dead owner is stale and reclaimed), executes them through an executor
+(``workbench.studies.executors``), publishes ``metrics.parquet`` and marks them done /
+diverged / failed; killed and restarted, it picks up where it stopped. ``execute_run`` is what a
+worker runs for one run; ``WORKER_PRELOAD`` is what a worker process imports before its first run.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import threading
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm import tqdm as plain_tqdm
+from tqdm.auto import tqdm as auto_tqdm
+
+from .. import training
+from ..config import resolve
+from ..results import (
+    Heartbeat,
+    Owner,
+    Store,
+    StoreFault,
+    is_stale,
+    publish_metrics,
+    publish_text,
+    read_progress,
+    spec_hash,
+    storage_fault,
+)
+from .plan import PlannedRun, Study, expand
+
+# what a LocalProcessExecutor's fork server imports once, so that each run's process starts warm
+WORKER_PRELOAD = (
+    "workbench.studies.execute",
+    "workbench.training",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.gpt2.modeling_gpt2",
+    "transformers.models.llama.modeling_llama",
+    "transformers.tokenization_utils_fast",
+)
+
+
+# -- executing one run (in a worker) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunTask:
+    """What an executor needs to run one run: picklable, self-contained."""
+
+    run_id: str
+    config: dict
+    run_dir: str
+
+
+def execute_run(task: RunTask) -> dict:
+    """Train one run into its (emptied) folder and publish its metrics. Returns the outcome."""
+    plain_tqdm.set_lock(
+        threading.RLock()
+    )  # not tqdm's default multiprocessing lock: a killed worker would leak its semaphore
+    from transformers.utils import logging as hf_logging  # heavy: loaded by a worker, not by `workbench status`
+
+    hf_logging.disable_progress_bar()
+    res = resolve(task.config)
+    if res.config_hash != task.run_id:
+        raise RuntimeError(f"config resolves to {res.config_hash}, not run {task.run_id}")
+    out = Path(task.run_dir)
+    root = out.parent.parent  # the results folder
+    try:
+        if out.exists():  # a previous, interrupted attempt
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        # looked up at each run (training.train), so a replaced train is the one that runs; it sets torch's
+        # CPU threads from the config (cpu_threads), whatever --workers is
+        result = training.train(res, out, progress=False)
+        publish_metrics(out)
+    except Exception as e:
+        fault = storage_fault(e, out, root)
+        if fault is not None:  # the storage's fault, not the run's: the runner stops, releases it and says so
+            return {"status": "fault", "path": fault.path, "reason": fault.reason}
+        _write_error(out, traceback.format_exc())
+        raise
+    except BaseException:
+        _write_error(out, traceback.format_exc())
+        raise
+    return {
+        "status": result["status"],
+        "step": result["step"],
+        "samples": result["final"].get("samples"),
+        "reason": result.get("reason"),
+    }
+
+
+def _write_error(out: Path, text: str) -> None:
+    """``error.txt``, if the folder takes it (the error that brought us here matters more)."""
+    try:
+        if out.is_dir():
+            (out / "error.txt").write_text(text)
+    except OSError:
+        pass
+
+
+# -- running a study -------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyOutcome:
+    study: str
+    n_runs: int
+    executed: list[str] = field(default_factory=list)  # run ids this call trained
+    already: list[str] = field(default_factory=list)  # finished before (by an earlier call or another process)
+    statuses: dict[str, str] = field(default_factory=dict)  # run id -> final status
+
+    def count(self, status: str) -> int:
+        return sum(s == status for s in self.statuses.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0
+
+
+SeedSet = Literal["all", "explore", "confirm"]
+
+
+def run_study(
+    study: Study,
+    results,
+    executor,
+    *,
+    device: str = "auto",
+    progress: bool = True,
+    quiet: bool = False,
+    poll_s: float = 0.5,
+    seeds: SeedSet = "all",
+) -> StudyOutcome:
+    """Run every run of ``study`` that has not finished, ``executor.max_workers`` at a time.
+
+    Safe to run again (finished runs are skipped), after a kill (runs left 'running' by a
+    dead owner are reclaimed), and from several processes at once (claims are atomic).
+    Failed runs from earlier calls are retried once per call. ``seeds``: run only the
+    exploration (``seeds``) or the confirmation seeds (``confirm_seeds``); every run of the
+    study is registered either way, the others stay queued.
+    """
+    plan = expand(study, device)
+    store = Store(results)
+    try:
+        return _run(study, plan, store, executor, progress, quiet, poll_s, seeds)
+    finally:
+        store.close()
+
+
+def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet = "all") -> StudyOutcome:
+    cfg = study.config
+    records = [p.record() for p in plan]
+    store.register_study(
+        study.name, str(study.path), cfg.description, list(cfg.claims), spec_hash(p.run_id for p in plan), records
+    )
+    publish_text(store.root / "studies" / f"{study.name}.toml", study.text)
+    keep = {"all": set(cfg.all_seeds), "explore": set(cfg.seeds), "confirm": set(cfg.confirm_seeds)}[seeds]
+    plan = [p for p in plan if p.seed in keep]
+    outcome = StudyOutcome(study.name, len(plan))
+    attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
+    todo = {p.run_id: p for p in plan}
+    in_flight: dict[Future, PlannedRun] = {}
+    owner = Owner.current()
+    bars = _Bars(study.name, len(plan), executor.max_workers, progress, quiet)
+    try:
+        with Heartbeat(store.root, owner):
+            while todo or in_flight:
+                states = store.states(todo)
+                for rid, p in list(todo.items()):
+                    if len(in_flight) >= executor.max_workers:
+                        break
+                    row = states[rid]
+                    if row["status"] == "running" and not is_stale(row):
+                        continue  # someone else's; look again later
+                    got = store.claim(rid, owner, expected_attempts=attempts.get(rid))
+                    if got == "busy":
+                        continue
+                    del todo[rid]
+                    if got == "claimed":
+                        task = RunTask(rid, p.res.to_dict(), str(store.run_dir(rid)))
+                        bars.started(p)
+                        in_flight[executor.submit(execute_run, task)] = p
+                    else:  # finished / recovered / failed by another attempt
+                        st = store.states([rid])[rid]
+                        outcome.already.append(rid)
+                        outcome.statuses[rid] = st["status"]
+                        bars.finished(p, st["status"], "already " + st["status"])
+                if in_flight:
+                    done, _ = wait(list(in_flight), timeout=poll_s, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        _finish(store, owner, in_flight[fut], fut, outcome, bars)
+                        del in_flight[fut]  # (after: a run whose end could not be recorded is released below)
+                    bars.poll(store, in_flight.values())
+                elif todo:
+                    time.sleep(poll_s)  # the rest is running elsewhere
+    except BaseException as e:
+        executor.shutdown(wait=True, cancel_futures=True, kill=True)
+        left = store.release_all([p.run_id for p in in_flight.values()], owner)
+        fault = storage_fault(e, store.root / "index.sqlite") if isinstance(e, Exception) else None
+        if fault is not None:  # a full disk, a read-only folder: one line for the person, after the releases
+            fault.released, fault.unreleased = len(in_flight) - len(left), left
+            raise fault from e
+        raise
+    finally:
+        bars.close()
+    return outcome
+
+
+def _finish(store: Store, owner: Owner, p: PlannedRun, fut: Future, outcome: StudyOutcome, bars) -> None:
+    try:
+        r = fut.result()
+        if r["status"] == "fault":  # the worker could not write its folder: stop (the run is released by _run)
+            raise StoreFault(r["path"], r["reason"])
+        status, step, samples, reason = r["status"], r["step"], r["samples"], r.get("reason")
+    except StoreFault:
+        raise
+    except Exception as e:  # the run raised, or its process died
+        status, step, samples, reason = "failed", None, None, str(e).split("\n\n")[0][:500]
+        err = store.run_dir(p.run_id) / "error.txt"
+        if err.parent.exists() and not err.exists():
+            try:
+                err.write_text(str(e))
+            except OSError as write_error:
+                raise (storage_fault(write_error, err) or write_error) from e
+    store.finish(p.run_id, owner, status, step, samples, reason)
+    outcome.executed.append(p.run_id)
+    outcome.statuses[p.run_id] = status
+    detail = {"done": "", "diverged": f" at step {step}: {reason}", "failed": f": {reason}"}[status]
+    bars.finished(p, status, status + detail)
+
+
+class _Bars:
+    """The study's progress: one bar over its runs, one per run in flight (step, reward, ETA)."""
+
+    def __init__(self, name: str, total: int, workers: int, progress: bool, quiet: bool):
+        self.tqdm, self.quiet, self.total, self.n = auto_tqdm, quiet, total, 0
+        self.disable = None if progress and not quiet else True  # None: bars only on a terminal
+        self.outer = auto_tqdm(
+            total=total, desc=f"study {name}", unit="run", position=0, disable=self.disable, dynamic_ncols=True
+        )
+        self.free = list(range(1, workers + 1))
+        self.slots: dict[str, tuple[Any, int]] = {}
+
+    SHOWN = {"reward/mean": "reward", "reward/exact": "exact_reward", "kl/exact": "exact_kl"}
+
+    def started(self, p: PlannedRun) -> None:
+        pos = self.free.pop(0) if self.free else len(self.slots) + 1
+        bar = self.tqdm(
+            total=p.res.run.steps,
+            desc=p.name,
+            unit="step",
+            position=pos,
+            leave=False,
+            disable=self.disable,
+            dynamic_ncols=True,
+        )
+        bar.shown = {}  # the last value of each shown metric (exact ones come every eval_every steps)
+        self.slots[p.run_id] = (bar, pos)
+
+    def poll(self, store: Store, running) -> None:
+        for p in running:
+            bar, _ = self.slots.get(p.run_id, (None, 0))
+            row = read_progress(store.run_dir(p.run_id)) if bar is not None and not bar.disable else None
+            if row:
+                bar.n = min(row.get("step", 0), bar.total)
+                bar.shown.update(
+                    {name: f"{row[k]:.3f}" for k, name in self.SHOWN.items() if isinstance(row.get(k), (int, float))}
+                )
+                bar.set_postfix(bar.shown, refresh=False)
+                bar.refresh()
+
+    def finished(self, p: PlannedRun, status: str, message: str) -> None:
+        bar, pos = self.slots.pop(p.run_id, (None, 0))
+        if bar is not None:
+            bar.close()
+            self.free = sorted(self.free + [pos])
+        self.n += 1
+        self.outer.update(1)
+        if not self.quiet:
+            self.tqdm.write(f"[{self.n}/{self.total}] {p.name} ({p.run_id}): {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        for bar, _ in self.slots.values():
+            bar.close()
+        self.outer.close()
