@@ -100,6 +100,47 @@ def execute_run(task: RunTask) -> dict:
     }
 
 
+def execute_unit(tasks: list[RunTask]) -> list[dict]:
+    """Train a work unit: one run, or runs that differ only in their seed as one stacked computation.
+
+    Each run of a stack keeps its own generators, loss, clipping, divergence check, run folder
+    and metrics (``workbench.training.stacked``); a run that diverges is marked diverged while the
+    others go on. Returns one outcome per task, in order, as ``execute_run`` does.
+    """
+    if len(tasks) == 1:
+        return [execute_run(tasks[0])]
+    plain_tqdm.set_lock(threading.RLock())  # as execute_run
+    reses = [resolve(t.config) for t in tasks]
+    for t, res in zip(tasks, reses, strict=True):
+        if res.config_hash != t.run_id:
+            raise RuntimeError(f"config resolves to {res.config_hash}, not run {t.run_id}")
+    outs = [Path(t.run_dir) for t in tasks]
+    root = outs[0].parent.parent  # the results folder
+    try:
+        for out in outs:
+            if out.exists():  # a previous, interrupted attempt
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+        results = training.train_seeds(reses, outs)  # looked up at each unit, as train in execute_run
+        for out in outs:
+            publish_metrics(out)
+    except Exception as e:
+        fault = storage_fault(e, outs[0], root)
+        if fault is not None:
+            return [{"status": "fault", "path": fault.path, "reason": fault.reason} for _ in tasks]
+        for out in outs:
+            _write_error(out, traceback.format_exc())
+        raise
+    except BaseException:
+        for out in outs:
+            _write_error(out, traceback.format_exc())
+        raise
+    return [
+        {"status": r["status"], "step": r["step"], "samples": r["final"].get("samples"), "reason": r.get("reason")}
+        for r in results
+    ]
+
+
 def _write_error(out: Path, text: str) -> None:
     """``error.txt``, if the folder takes it (the error that brought us here matters more)."""
     try:
@@ -141,6 +182,7 @@ def run_study(
     quiet: bool = False,
     poll_s: float = 0.5,
     seeds: SeedSet = "all",
+    stack: int = 16,
 ) -> StudyOutcome:
     """Run every run of ``study`` that has not finished, ``executor.max_workers`` at a time.
 
@@ -148,17 +190,21 @@ def run_study(
     dead owner are reclaimed), and from several processes at once (claims are atomic).
     Failed runs from earlier calls are retried once per call. ``seeds``: run only the
     exploration (``seeds``) or the confirmation seeds (``confirm_seeds``); every run of the
-    study is registered either way, the others stay queued.
+    study is registered either way, the others stay queued. ``stack``: runs that differ only in
+    their seed (and can be stacked: ``workbench.training.stack_key``) train as one work unit of
+    at most this many runs; 1 (``--no-stack``) trains every run alone.
     """
     plan = expand(study, device)
     store = Store(results)
     try:
-        return _run(study, plan, store, executor, progress, quiet, poll_s, seeds)
+        return _run(study, plan, store, executor, progress, quiet, poll_s, seeds, stack)
     finally:
         store.close()
 
 
-def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet = "all") -> StudyOutcome:
+def _run(
+    study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet = "all", stack: int = 16
+) -> StudyOutcome:
     cfg = study.config
     records = [p.record() for p in plan]
     store.register_study(
@@ -170,16 +216,20 @@ def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet =
     outcome = StudyOutcome(study.name, len(plan))
     attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
     todo = {p.run_id: p for p in plan}
-    in_flight: dict[Future, PlannedRun] = {}
+    in_flight: dict[Future, list[PlannedRun]] = {}
+    keys = {p.run_id: (training.stack_key(p.res) if stack > 1 else None) for p in plan}
     owner = Owner.current()
     bars = _Bars(study.name, len(plan), executor.max_workers, progress, quiet)
     try:
         with Heartbeat(store.root, owner):
             while todo or in_flight:
                 states = store.states(todo)
+                unit: list[PlannedRun] = []  # claimed runs of one stack key, submitted together
                 for rid, p in list(todo.items()):
                     if len(in_flight) >= executor.max_workers:
                         break
+                    if unit and (keys[rid] is None or keys[rid] != keys[unit[0].run_id]):
+                        continue  # another unit's run: next round
                     row = states[rid]
                     if row["status"] == "running" and not is_stale(row):
                         continue  # someone else's; look again later
@@ -188,33 +238,63 @@ def _run(study, plan, store, executor, progress, quiet, poll_s, seeds: SeedSet =
                         continue
                     del todo[rid]
                     if got == "claimed":
-                        task = RunTask(rid, p.res.to_dict(), str(store.run_dir(rid)))
                         bars.started(p)
-                        in_flight[executor.submit(execute_run, task)] = p
+                        unit.append(p)
+                        if keys[rid] is None or len(unit) >= stack:
+                            _submit(executor, store, unit, in_flight)
+                            unit = []
                     else:  # finished / recovered / failed by another attempt
                         st = store.states([rid])[rid]
                         outcome.already.append(rid)
                         outcome.statuses[rid] = st["status"]
                         bars.finished(p, st["status"], "already " + st["status"])
+                if unit:
+                    _submit(executor, store, unit, in_flight)
                 if in_flight:
                     done, _ = wait(list(in_flight), timeout=poll_s, return_when=FIRST_COMPLETED)
                     for fut in done:
-                        _finish(store, owner, in_flight[fut], fut, outcome, bars)
+                        _finish_unit(store, owner, in_flight[fut], fut, outcome, bars)
                         del in_flight[fut]  # (after: a run whose end could not be recorded is released below)
-                    bars.poll(store, in_flight.values())
+                    bars.poll(store, [p for u in in_flight.values() for p in u])
                 elif todo:
                     time.sleep(poll_s)  # the rest is running elsewhere
     except BaseException as e:
         executor.shutdown(wait=True, cancel_futures=True, kill=True)
-        left = store.release_all([p.run_id for p in in_flight.values()], owner)
+        left = store.release_all([p.run_id for u in in_flight.values() for p in u], owner)
         fault = storage_fault(e, store.root / "index.sqlite") if isinstance(e, Exception) else None
         if fault is not None:  # a full disk, a read-only folder: one line for the person, after the releases
-            fault.released, fault.unreleased = len(in_flight) - len(left), left
+            fault.released, fault.unreleased = sum(map(len, in_flight.values())) - len(left), left
             raise fault from e
         raise
     finally:
         bars.close()
     return outcome
+
+
+def _submit(executor, store: Store, unit: list[PlannedRun], in_flight: dict) -> None:
+    tasks = [RunTask(p.run_id, p.res.to_dict(), str(store.run_dir(p.run_id))) for p in unit]
+    if len(tasks) == 1:  # the unit of one run: execute_run, as before stacking
+        in_flight[executor.submit(execute_run, tasks[0])] = unit
+    else:
+        in_flight[executor.submit(execute_unit, tasks)] = unit
+
+
+def _finish_unit(store: Store, owner: Owner, unit: list[PlannedRun], fut: Future, outcome: StudyOutcome, bars) -> None:
+    """Record how each run of a finished unit ended (a unit that raised fails every run in it)."""
+    if len(unit) == 1:
+        _finish(store, owner, unit[0], fut, outcome, bars)
+        return
+    try:
+        results = fut.result()
+    except Exception as e:
+        results = e
+    for i, p in enumerate(unit):
+        one: Future = Future()
+        if isinstance(results, Exception):
+            one.set_exception(results)
+        else:
+            one.set_result(results[i])
+        _finish(store, owner, p, one, outcome, bars)
 
 
 def _finish(store: Store, owner: Owner, p: PlannedRun, fut: Future, outcome: StudyOutcome, bars) -> None:

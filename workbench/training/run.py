@@ -19,7 +19,9 @@ from ..models.policy import build_policy, build_reward_model, describe
 from ..runtime.context import Measure, RunContext, setup_device
 from .loop import run_loop
 from .pipeline import Pipeline
-from .stacked import train_stacked
+from .stacked import stack_key, train_stacked
+
+__all__ = ["measures", "stack_key", "train", "train_seeds"]
 
 
 def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:

@@ -23,6 +23,7 @@ train those seeds one by one with ``train``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,17 @@ from ..models.policy import Policy, build_policy, build_reward_model, describe
 from ..runtime.context import Measure, RunContext, diverged, done, setup_device
 from ..runtime.rollout import rollout_stats, score
 from ..runtime.update import make_optimizer, make_schedule
+
+
+def stack_key(res: Resolved) -> str | None:
+    """Runs with the same key can train as one stack (``train_stacked``); None: this run trains alone."""
+    try:
+        check_batchable([res])
+    except ConfigError:
+        return None
+    d = res.to_dict()
+    d.pop("seed")
+    return json.dumps(d, sort_keys=True)
 
 
 def check_batchable(reses: list[Resolved]) -> None:
