@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/stacking.py                      # the built-in seeds study below
     .venv/bin/python benchmarks/stacking.py --study studies/quickstart.toml --seeds confirm
+    .venv/bin/python benchmarks/stacking.py --in-process --eval-every 20 --probe-every 30
+
+``--in-process``: 8 GRPO seeds trained one after another with ``train`` and then as one stack with
+``train_seeds``, in this process (no pool, no index): the stack's gain on training and measurements alone.
 
 Each variant runs ``workbench run`` in a fresh results folder (process pool, ``--workers``);
 the printed ratio is no-stack / stacked wall time, measured in one invocation. Only runs that
@@ -62,13 +66,40 @@ def timed_run(study: Path, results: Path, workers: int, extra: list[str]) -> flo
     return wall
 
 
+def in_process(steps: int, eval_every: int, probe_every: int, n_seeds: int = 8) -> None:
+    import torch
+
+    from workbench.config import resolve
+    from workbench.training import train, train_seeds
+
+    torch.set_num_threads(1)
+    raw = {"task": {"name": "bandit", "n_arms": 16, "n_contexts": 8}, "algo": {"name": "grpo"}}
+    sets = {"model.impl": "native", "steps": steps, "batch_size": 64, "group_size": 8, "save_checkpoint": False}
+    sets.update(eval_every=eval_every, probe_every=probe_every)
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        for s in range(n_seeds):
+            train(resolve(raw, {**sets, "seed": s}), f"{d}/alone{s}", progress=False)
+        alone = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train_seeds([resolve(raw, {**sets, "seed": s}) for s in range(n_seeds)], [f"{d}/s{s}" for s in range(n_seeds)])
+        stacked = time.perf_counter() - t0
+    print(f"{n_seeds} GRPO seeds, {steps} steps, eval_every {eval_every}, probe_every {probe_every} (0 = off)")
+    print(f"alone {alone:.1f} s, stacked {stacked:.1f} s, ratio {alone / stacked:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--study", help="a study file (default: the built-in seeds study)")
     p.add_argument("--steps", type=int, default=200, help="steps per run of the built-in study")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", choices=("all", "explore", "confirm"), default="all")
+    p.add_argument("--in-process", action="store_true", help="train and train_seeds in this process (see above)")
+    p.add_argument("--eval-every", type=int, default=1000, help="--in-process: exact evaluation period")
+    p.add_argument("--probe-every", type=int, default=0, help="--in-process: probe period (0: off)")
     args = p.parse_args()
+    if args.in_process:
+        return in_process(60 if args.steps == 200 else args.steps, args.eval_every, args.probe_every)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if args.study:
