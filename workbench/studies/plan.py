@@ -3,9 +3,12 @@
 ``load_study`` parses a study file against its schema (``workbench.studies.schema``) and checks
 what pydantic cannot see: registry names, task and algorithm parameters, grid keys, labels, and
 verdict rules that pool several conditions or compare raw reward / KL between methods that
-regularise differently. ``expand`` turns a study into its runs (``PlannedRun``): tasks x
-algorithms x study grid x algorithm grid x seeds. ``legacy_plan`` and ``unit_of`` serve the results
-index's rebuild (``workbench.results.index.rebuild_index``) for results written before plan manifests.
+regularise differently; every size the file declares (``[sizes.<size>]``) is checked merged over
+the file, and the study is returned at the size asked for (``apply_size``), named
+``<study>@<size>`` at any size but the default. ``expand`` turns a study into its runs
+(``PlannedRun``): tasks x algorithms x study grid x algorithm grid x seeds. ``legacy_plan`` and
+``unit_of`` serve the results index's rebuild (``workbench.results.index.rebuild_index``) for
+results written before plan manifests.
 
 Identical conditions: for a given seed every algorithm gets the same initial weights and
 reference model (the model settings are study-wide), the same prompt stream (seeded by the
@@ -36,7 +39,11 @@ from ..models.policy import ModelConfig
 from ..registry import ALGORITHMS, TASKS
 from ..results import metric_names, spec_hash
 from .schema import (
+    DEFAULT_SIZE,
+    MAX_SIZE_NAME,
     MAX_STUDY_NAME,
+    SIZE_NAME_PATTERN,
+    SIZE_SEPARATOR,
     STUDY_NAME_PATTERN,
     AlgorithmEntry,
     AlgorithmSettings,
@@ -50,8 +57,18 @@ class StudyError(ConfigError):
 
 
 def study_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a study's name (for a message), or None when it can."""
+    """Why ``name`` cannot be a study's name (for a message), or None when it can.
 
+    A study run at a size other than its default is named ``<study>@<size>`` (``sized_name``).
+    """
+
+    base, at, size = name.partition(SIZE_SEPARATOR)
+    if at:
+        return _plain_name_problem(base) or size_name_problem(size)
+    return _plain_name_problem(name)
+
+
+def _plain_name_problem(name: str) -> str | None:
     if not name:
         return "a study name cannot be empty"
     if len(name) > MAX_STUDY_NAME:
@@ -61,23 +78,61 @@ def study_name_problem(name: str) -> str | None:
     return None
 
 
+def size_name_problem(size: str) -> str | None:
+    """Why ``size`` cannot name a study size (``--size``, ``[sizes.<size>]``, ``<study>@<size>``), or None."""
+
+    if len(size) > MAX_SIZE_NAME:
+        return f"a size name has at most {MAX_SIZE_NAME} characters (got {len(size)})"
+    if not re.fullmatch(SIZE_NAME_PATTERN, size):
+        return f"a size name is letters, digits, '_' and '-', starting with a letter, digit or '_' (got {_short(size)})"
+    return None
+
+
+def sized_name(base: str, size: str) -> str:
+    """The name study ``base`` runs under at ``size``: ``base`` at the default size, else ``base@size``."""
+    return base if size == DEFAULT_SIZE else f"{base}{SIZE_SEPARATOR}{size}"
+
+
+def split_study_name(name: str) -> tuple[str, str]:
+    """``quickstart@gpu`` -> ``("quickstart", "gpu")``; ``quickstart`` -> ``("quickstart", "default")``."""
+    base, at, size = name.partition(SIZE_SEPARATOR)
+    return (base, size) if at else (name, DEFAULT_SIZE)
+
+
 @dataclass
 class Study:
-    config: StudyConfig
+    config: StudyConfig  # at ``size``: the file with [sizes.<size>] merged over it
     path: Path
     text: str
     warnings: list[str] = field(default_factory=list)  # what is allowed but likely wrong (verdict metrics no run logs)
+    size: str = DEFAULT_SIZE
+
+    @property
+    def base_name(self) -> str:
+        """The study's name at its default size: ``name`` in the file, else the file name (less any ``@<size>``)."""
+        return self.config.name or split_study_name(self.path.stem)[0]
 
     @property
     def name(self) -> str:
-        return self.config.name or self.path.stem
+        """What the results index calls it: ``base_name``, or ``<base_name>@<size>`` at another size."""
+        return sized_name(self.base_name, self.size)
+
+    @property
+    def sizes(self) -> list[str]:
+        """The sizes the file declares: ``default`` (the file as written), then each ``[sizes.<size>]``."""
+        return [DEFAULT_SIZE, *self.config.sizes]
 
 
 # -- loading and validating ---------------------------------------------------------------------
 
 
-def load_study(path: str | os.PathLike) -> Study:
-    """Parse and validate a study file. Raises ``StudyError`` with a message for a person."""
+def load_study(path: str | os.PathLike, size: str | None = None) -> Study:
+    """Parse and validate a study file, at ``size``. Raises ``StudyError`` with a message for a person.
+
+    ``size``: ``default`` (the file as written) or a size the file declares in ``[sizes.<size>]``;
+    None: the size a file named ``<study>@<size>.toml`` names (the copy ``workbench run`` keeps in
+    the results folder), else the default. Every declared size is validated whichever is asked for.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -95,14 +150,32 @@ def load_study(path: str | os.PathLike) -> Study:
         cfg = StudyConfig(**raw)
     except ValidationError as e:
         raise StudyError(_report(path, _pydantic_lines(e, "", StudyConfig))) from None
-    problems = _check(cfg)
+    problems = _check(cfg) + _size_lines(cfg)
     if cfg.name is None and (why := study_name_problem(path.stem)):
         problems.insert(
             0, f'name: the file name {_short(path.stem)} cannot name the study ({why}); set name = "..." in the file'
         )
+    if not problems:
+        problems += _sized_lines(raw, cfg)
     if problems:
         raise StudyError(_report(path, problems))
-    return Study(cfg, path, text, seed_warnings(cfg) + metric_warnings(cfg))
+    if size is None and SIZE_SEPARATOR in path.stem:  # <study>@<size>.toml: the copy of a study run at a size
+        size = split_study_name(path.stem)[1]
+        asked = f"the file name {_short(path.name)} asks for size {_short(size)}"
+    else:
+        asked = f"--size {_short(size)}"
+    if size is None or size == DEFAULT_SIZE:
+        return Study(cfg, path, text, seed_warnings(cfg) + metric_warnings(cfg))
+    declared = ", ".join([DEFAULT_SIZE, *cfg.sizes])
+    if why := size_name_problem(size):
+        raise StudyError(f"{path}: {asked}: {why}; sizes of this study: {declared}")
+    if size not in cfg.sizes:
+        raise StudyError(
+            f"{path}: {asked}, which the study does not declare; sizes of this study: {declared} "
+            f"(a size is a [sizes.<size>] table in the file)"
+        )
+    cfg = StudyConfig(**apply_size(raw, size))  # valid: checked above
+    return Study(cfg, path, text, seed_warnings(cfg) + metric_warnings(cfg), size)
 
 
 def _report(path: Path, lines: list[str], limit: int = 15) -> str:
@@ -121,7 +194,10 @@ def _pydantic_lines(err: ValidationError, prefix: str, root: type[BaseModel]) ->
     lines = []
     for e in err.errors():
         key = _path(((prefix,) if prefix else ()) + tuple(e["loc"]))
-        if e["type"] == "extra_forbidden":
+        if e["loc"] and e["loc"][-1] == "[key]":  # a bad key of a table of names (a size name)
+            key = _path(((prefix,) if prefix else ()) + tuple(e["loc"][:-1]))
+            lines.append(f"{key}: {size_name_problem(str(e['input'])) or e['msg']}")
+        elif e["type"] == "extra_forbidden":
             model = _model_at(root, e["loc"])
             allowed = f"; allowed here: {', '.join(sorted(model.model_fields))}" if model else ""
             lines.append(f"{key}: unknown key{allowed}")
@@ -144,13 +220,16 @@ def _short(value, limit: int = 60) -> str:
 
 def _model_at(model, loc) -> type[BaseModel] | None:
     """The pydantic model that holds the last key of ``loc`` (to list the keys allowed there)."""
-    cur = model
+    cur, keyed = model, False
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:  # a list index, or the key of a table of names (sizes.<size>)
+            keyed = False
             continue
         if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
             return None
-        cur = _unwrap(cur.model_fields[part].annotation)
+        annotation = cur.model_fields[part].annotation
+        keyed = typing.get_origin(annotation) is dict
+        cur = _unwrap(annotation)
     return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
 
 
@@ -158,6 +237,8 @@ def _unwrap(tp):
     args = typing.get_args(tp)
     if typing.get_origin(tp) in (list, tuple) and args:
         return _unwrap(args[0])
+    if typing.get_origin(tp) is dict and len(args) == 2:
+        return _unwrap(args[1])
     models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
     return models[0] if models else tp
 
@@ -224,6 +305,105 @@ def _check(cfg: StudyConfig) -> list[str]:
     if not problems:
         problems += _span_lines(cfg) or _confound_lines(cfg)
     return problems
+
+
+# -- sizes: [sizes.<size>] tables merged over the file -------------------------------------------------
+
+
+def _size_lines(cfg: StudyConfig) -> list[str]:
+    """What pydantic cannot see in ``[sizes.<size>]``: the labels it names, their task and algorithm parameters."""
+
+    problems: list[str] = []
+    tasks = {t.label or t.name: t for t in cfg.tasks}
+    algos = {a.label or a.name: a for a in cfg.algorithms}
+    for name, size in cfg.sizes.items():
+        where = f"sizes.{name}"
+        if name == DEFAULT_SIZE:
+            problems.append(f"{where}: '{DEFAULT_SIZE}' is the file as written; give the size another name")
+        for label, params in size.tasks.items():
+            at = f"{where}.tasks.{label}"
+            if label not in tasks:
+                problems.append(f"{at}: no task labelled {label!r}; task labels: {', '.join(tasks)}")
+                continue
+            if tasks[label].name not in TASKS:  # reported by _check
+                continue
+            cls = TASKS[tasks[label].name].Config
+            try:
+                cls(**{**(tasks[label].model_extra or {}), **params})
+            except ValidationError as e:
+                problems += _extra_lines(e, at, cls, set())
+        for label, override in size.algorithms.items():
+            at = f"{where}.algorithms.{label}"
+            if label not in algos:
+                problems.append(f"{at}: no algorithm labelled {label!r}; algorithm labels: {', '.join(algos)}")
+                continue
+            if algos[label].name not in ALGORITHMS:  # reported by _check
+                continue
+            spec = ALGORITHMS[algos[label].name]
+            params = dict(override.model_extra or {})
+            if "batch_size" in params:
+                problems.append(f"{at}.batch_size: set by budget.batch_size (the same budget for every algorithm)")
+                params.pop("batch_size")
+            try:
+                spec.Config(**{**(algos[label].model_extra or {}), **params})
+            except ValidationError as e:
+                problems += _extra_lines(e, at, spec.Config, {"settings", "grid"})
+            algo_keys = {f"algo.{k}" for k in spec.Config.model_fields if k != "batch_size"}
+            problems += _grid_lines(f"{at}.grid", override.grid, set(AlgorithmSettings.model_fields) | algo_keys)
+    return problems
+
+
+def _sized_lines(raw: dict, cfg: StudyConfig) -> list[str]:
+    """Each declared size checked as a whole: the file with ``[sizes.<size>]`` merged over it."""
+
+    problems: list[str] = []
+    for name in cfg.sizes:
+        merged = apply_size(raw, name)
+        try:
+            lines = _check(StudyConfig(**merged))
+        except ValidationError as e:
+            lines = _pydantic_lines(e, "", StudyConfig)
+        problems += [f"at size {name} (sizes.{name} merged over the file): {line}" for line in lines]
+    return problems
+
+
+def apply_size(raw: dict, size: str) -> dict:
+    """The study file's table ``raw`` with its ``[sizes.<size>]`` merged over it (a new dict).
+
+    Lists are replaced (``seeds``, ``confirm_seeds``, a grid key's values); tables are merged key by
+    key (``budget``, ``settings`` and its ``model``, ``grid``, a task's parameters by task label, an
+    algorithm's parameters, ``settings`` and ``grid`` by algorithm label). ``note`` changes nothing.
+    """
+
+    out = copy.deepcopy(raw)
+    over = copy.deepcopy(raw["sizes"][size])
+    for key in ("seeds", "confirm_seeds"):
+        if key in over:
+            out[key] = over[key]
+    if "budget" in over:
+        out["budget"] = {**out.get("budget", {}), **over["budget"]}
+    if "settings" in over:
+        out["settings"] = _merge_settings(out.get("settings", {}), over["settings"])
+    if "grid" in over:
+        out["grid"] = {**out.get("grid", {}), **over["grid"]}
+    for label, params in over.get("tasks", {}).items():
+        entry = next(t for t in out["tasks"] if (t.get("label") or t["name"]) == label)
+        entry.update(params)
+    for label, params in over.get("algorithms", {}).items():
+        entry = next(a for a in out["algorithms"] if (a.get("label") or a["name"]) == label)
+        if "settings" in params:
+            entry["settings"] = {**entry.get("settings", {}), **params.pop("settings")}
+        if "grid" in params:
+            entry["grid"] = {**entry.get("grid", {}), **params.pop("grid")}
+        entry.update(params)
+    return out
+
+
+def _merge_settings(base: dict, over: dict) -> dict:
+    out = {**base, **over}
+    if isinstance(base.get("model"), dict) and isinstance(over.get("model"), dict):
+        out["model"] = {**base["model"], **over["model"]}  # a wider model keeps the file's other model fields
+    return out
 
 
 def seed_warnings(cfg: StudyConfig) -> list[str]:

@@ -23,10 +23,19 @@ A study file (``studies/*.toml``, format in ``docs/studies.md``)::
     settings = { lr = 3e-4 }        # optional per-algorithm run settings (not model, not budget)
     grid = { "algo.clip_eps" = [0.1, 0.2] }   # optional grids (also a study-level [grid])
 
+    [sizes.gpu]                     # optional: the same study at another size (workbench run FILE --size gpu)
+    confirm_seeds = [100, 101, 102, 103, 104, 105, 106, 107, 108, 109]
+    budget = { steps = 1000 }
+    settings = { model = { n_layer = 4, n_embd = 128 } }
+    tasks = { bandit = { n_arms = 64 } }      # by task label: parameters merged over that task's
+    algorithms = { ppo = { clip_eps = 0.1 } } # by algorithm label: parameters, settings, grid
+
 ``StudyConfig`` is the whole file. ``VerdictRule`` (one ``[[verdicts]]`` table) and ``Statistics``
 (``[statistics]``) declare how the study's claims are decided; ``workbench.reporting.verdicts``
-evaluates them. What pydantic cannot check (registry names, task and algorithm parameters, grid
-keys, rule labels) is checked when the file is loaded (``workbench.studies.plan``).
+evaluates them. ``Size`` (one ``[sizes.<name>]`` table) overrides seeds, budget, settings, grid,
+task and algorithm parameters; ``workbench.studies.plan.apply_size`` merges it over the file.
+What pydantic cannot check (registry names, task and algorithm parameters, grid keys, rule
+labels, size labels) is checked when the file is loaded (``workbench.studies.plan``).
 """
 
 from __future__ import annotations
@@ -46,6 +55,13 @@ _NOT_SETTINGS = {"task", "algo", "seed", "steps", "batch_size", "device"}
 # a study's name names files and folders (studies/<name>.toml, reports/<name>/) and is typed on command lines
 MAX_STUDY_NAME = 100
 STUDY_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"  # not '.', '..' or '.hidden', not '-option', no '/'
+
+# a study runs at its default size (the file as written) or at a size it declares in [sizes.<size>], under the
+# name <study>@<size>; '@' is in no study name, so the two parts are never ambiguous
+DEFAULT_SIZE = "default"
+SIZE_SEPARATOR = "@"
+MAX_SIZE_NAME = 30
+SIZE_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]*$"
 
 
 def _settings_model(name: str, exclude: set[str], doc: str) -> type[BaseModel]:
@@ -205,6 +221,61 @@ class ReportOptions(BaseModel):
     )
 
 
+class BudgetOverride(BaseModel):
+    """``[sizes.<size>.budget]``: the budget at that size, key by key over ``[budget]``."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="gradient-update rounds of every run")
+    batch_size: int | None = Field(
+        None, ge=1, le=MAX_COUNT, description="per round: completions (online) or demonstrations / preference pairs"
+    )
+
+
+class AlgorithmOverride(BaseModel):
+    """``[sizes.<size>.algorithms.<label>]``: the algorithm's parameters (checked against its config), its
+    ``settings`` and ``grid``, each merged key by key over that algorithm table's own."""
+
+    model_config = ConfigDict(extra="allow")
+
+    settings: AlgorithmSettings = Field(default_factory=AlgorithmSettings)  # type: ignore[valid-type]
+    grid: dict[str, GridValues] = Field(
+        default_factory=dict, description="dotted key -> values: algo.<param> or a run setting"
+    )
+
+
+Seeds = list[Annotated[int, Field(ge=0, le=MAX_SEED)]]
+
+
+class Size(BaseModel):
+    """One ``[sizes.<size>]`` table: what changes when the study runs at that size (``--size <size>``).
+
+    Everything is optional and merged over the file as written: lists (seeds, a grid key's values)
+    are replaced, tables (budget, settings, settings.model, a task's or algorithm's parameters) are
+    merged key by key. The claims, tasks, algorithms, labels and verdict rules stay the file's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    note: str = Field("", description="what the size is for, and whether it was measured")
+    seeds: Seeds | None = Field(None, min_length=1, description="exploration seeds at this size (replaced)")
+    confirm_seeds: Seeds | None = Field(None, description="confirmation seeds at this size (replaced)")
+    budget: BudgetOverride = Field(default_factory=BudgetOverride)
+    settings: Settings = Field(default_factory=Settings)  # type: ignore[valid-type]
+    grid: dict[str, GridValues] = Field(
+        default_factory=dict, description="dotted key -> values, replacing (or adding) that key of [grid]"
+    )
+    tasks: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="task label -> parameters merged over that [[tasks]] table's"
+    )
+    algorithms: dict[str, AlgorithmOverride] = Field(
+        default_factory=dict, description="algorithm label -> parameters, settings, grid merged over that table's"
+    )
+
+
+SizeName = Annotated[str, Field(pattern=SIZE_NAME_PATTERN, max_length=MAX_SIZE_NAME)]
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -236,6 +307,11 @@ class StudyConfig(BaseModel):
         default_factory=Statistics, description="how verdicts are decided: min_seeds, interval, level"
     )
     deviations: list[Deviation] = Field(default_factory=list, description="settings changed after seeing results")
+    sizes: dict[SizeName, Size] = Field(
+        default_factory=dict,
+        description="other sizes of the same study ([sizes.gpu], ...): overrides applied by `workbench run "
+        "--size <size>`, which runs the study under the name <study>@<size>",
+    )
 
     @property
     def all_seeds(self) -> list[int]:
