@@ -132,24 +132,45 @@ def cmd_run(args) -> int:
     )  # per command: importing every layer doubles start-up
     from .studies.executors import LocalProcessExecutor  # per command: importing every layer doubles start-up
 
-    study = load_study(args.study)
+    study = load_study(args.study, size=args.size)  # a size other than the default: named <study>@<size>
     for w in study.warnings:  # allowed but likely wrong: a verdict metric no run logs
         print(f"workbench run: warning: {study.path}: {w}", file=sys.stderr)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and args.executor == "process" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    if args.address and args.executor != "ray":
+        raise OptionError("--address is the Ray cluster's: use it with --executor ray")
     if args.workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
+    if args.stack < 1:
+        raise ConfigError(f"--stack must be at least 1, got {args.stack}")
     results = results_dir(args.results)
-    executor = LocalProcessExecutor(args.workers, preload=WORKER_PRELOAD)
+    if args.executor == "ray":
+        from .studies.ray_executor import RayExecutor, ray_available  # the optional `ray` extra, per command
+
+        if (why := ray_available()) is not None:
+            raise OptionError(f"--executor ray: {why}")
+        try:
+            executor = RayExecutor(args.workers, args.address)
+        except (ConnectionError, RuntimeError, ValueError) as e:  # no cluster at --address, a bad address
+            raise OptionError(f"--executor ray: cannot start or reach Ray: {e}") from None
+    else:
+        executor = LocalProcessExecutor(args.workers, preload=WORKER_PRELOAD)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM as Ctrl-C: release the runs in flight, then exit
     try:
         out = run_study(
-            study, results, executor, device=args.device, progress=not args.quiet, quiet=args.quiet, seeds=args.seeds
+            study,
+            results,
+            executor,
+            device=args.device,
+            progress=not args.quiet,
+            quiet=args.quiet,
+            seeds=args.seeds,
+            stack=1 if args.no_stack else args.stack,
         )
     except KeyboardInterrupt:
         print(
             f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
-            f"workbench run {args.study} --results {results}",
+            f"workbench run {args.study}{_size_option(args)} --results {results}",
             file=sys.stderr,
         )
         return 130
@@ -163,7 +184,7 @@ def cmd_run(args) -> int:
         )
         print(
             f"workbench run: {e}; stopped ({held}). Free space or restore write permission, then run again to resume: "
-            f"workbench run {args.study} --results {results}",
+            f"workbench run {args.study}{_size_option(args)} --results {results}",
             file=sys.stderr,
         )
         return 4
@@ -185,6 +206,11 @@ def cmd_run(args) -> int:
             file=sys.stderr,
         )
     return 0 if out.ok else 1
+
+
+def _size_option(args) -> str:
+    """``--size SIZE`` for a resume hint, when the study runs at a size other than its default."""
+    return f" --size {args.size}" if args.size not in (None, "default") else ""
 
 
 def _interrupt(signum, frame):
@@ -404,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="device of every run (part of each run's config)",
     )
     r.add_argument("--results", default=None, help=results_help)
+    r.add_argument(
+        "--size",
+        default=None,
+        metavar="SIZE",
+        help="run the study at a size its file declares ([sizes.SIZE], e.g. gpu), under the name STUDY@SIZE; "
+        "default: the file as written",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars, no per-run lines")
     r.add_argument(
         "--seeds",
@@ -411,6 +444,29 @@ def build_parser() -> argparse.ArgumentParser:
         default="all",
         help="run only the exploration seeds (while designing the study) or the confirmation seeds "
         "(to decide its verdicts); default: all",
+    )
+    r.add_argument(
+        "--stack",
+        type=int,
+        default=16,
+        metavar="N",
+        help="runs that differ only in their seed train as one stacked computation of at most N runs "
+        "(native GPT-2, online, one update per rollout; docs/speed.md); default 16",
+    )
+    r.add_argument("--no-stack", action="store_true", help="train every run alone (the same as --stack 1)")
+    r.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="process: a pool of local processes (default); ray: each work unit a Ray task, the run folders sent "
+        "back to this process, which alone writes the results (the `ray` extra; docs/studies.md)",
+    )
+    r.add_argument(
+        "--address",
+        default=None,
+        metavar="ADDR",
+        help="with --executor ray: a running Ray cluster (HOST:PORT or auto); default: a local instance "
+        "on 127.0.0.1 with --workers CPUs",
     )
     r.set_defaults(func=cmd_run)
 
