@@ -22,13 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from study_timing import timed_run  # benchmarks/study_timing.py, beside this file
+
 STUDY = """
 name = "ray_bench"
 claims = ["C6"]
@@ -62,19 +60,6 @@ name = "sft"
 [[algorithms]]
 name = "dpo"
 """
-
-
-def timed_run(study: Path, results: Path, workers: int, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "workbench.cli", "run", str(study), "--results", str(results), "--quiet"]
-    cmd += ["--workers", str(workers), *extra]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return wall
 
 
 def main() -> None:

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from study_timing import timed_run  # benchmarks/study_timing.py, beside this file
+
 SEEDS_STUDY = """
 name = "stacking_bench"
 claims = ["C2"]
@@ -52,18 +51,6 @@ settings = {{ group_size = 8 }}
 name = "rloo"
 settings = {{ group_size = 8 }}
 """
-
-
-def timed_run(study: Path, results: Path, workers: int, extra: list[str]) -> float:
-    cmd = [sys.executable, "-m", "workbench.cli", "run", str(study), "--results", str(results), "--quiet"]
-    cmd += ["--workers", str(workers), *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return wall
 
 
 def in_process(steps: int, eval_every: int, probe_every: int, n_seeds: int = 8) -> None:
