@@ -1,10 +1,12 @@
-"""Stacked runs in the study runner: runs that differ only in their seed train as one computation.
+"""Stacked runs in the study runner: runs that differ only in per-run scalars train as one computation.
 
 The same study run twice, stacked (the default) and with ``stack=1`` (``--no-stack``): every run's
 final metrics agree up to float rounding (rel 1e-4, abs 1e-5, as ``tests/test_seeds.py`` for
 ``train_seeds``; a stacked forward pass sums in another order), the run ids and statuses are
-the same, and runs that cannot stack (an offline algorithm) train alone either way. A run that
-diverges inside a stack is marked diverged at the same step as alone, and the others finish.
+the same. Seeds and grid points that change only scalars (``lr`` here) share a stack; online
+(GRPO, PPO with its critic and minibatches) and offline (SFT) algorithms stack; a run that
+cannot (one that fits its reward model first) trains alone either way. A run that diverges inside a stack is marked
+diverged at the same step as alone, and the others finish.
 """
 
 from __future__ import annotations
@@ -46,23 +48,31 @@ model = { n_layer = 1, n_embd = 16, n_head = 2, impl = "native" }
 [[algorithms]]
 name = "grpo"
 settings = { group_size = 4 }
+grid = { lr = [0.01, 0.003] }
 
 [[algorithms]]
-name = "rloo"
-settings = { group_size = 4 }
+name = "ppo"
+settings = { group_size = 1 }
+epochs = 2
+minibatches = 2
 
 [[algorithms]]
 name = "sft"
+
+[[algorithms]]
+name = "rloo"
+label = "rloo_rlhf"
+settings = { group_size = 4, reward_model = "fit", rm_steps = 5, rm_pairs = 64 }
 """
 SKIP = ("time/",)
 
 
-def run(tmp_path: Path, name: str, stack: int) -> Path:
+def run(tmp_path: Path, name: str, stack: int, study: str = STUDY, n_runs: int = 15) -> Path:
     path = tmp_path / "stacking.toml"
-    path.write_text(STUDY)
+    path.write_text(study)
     results = tmp_path / name
     out = run_study(load_study(path), results, InlineExecutor(), progress=False, quiet=True, stack=stack)
-    assert out.ok and len(out.executed) == 9
+    assert out.ok and len(out.executed) == n_runs
     return results
 
 
@@ -96,10 +106,12 @@ def test_a_stacked_study_equals_the_unstacked_one(tmp_path):
     assert_close(a, b)
     assert set(a["status"]) == {"done"}
     for rid, algo in a["algo"].items():
-        if algo in ("grpo", "rloo"):  # trained as one stack of three seeds, not alone
+        if algo == "grpo":  # two learning rates x three seeds: one stack
+            assert sorted(batched(stacked, rid)) == [0, 0, 1, 1, 2, 2] and batched(alone, rid) is None
+        elif algo in ("ppo", "sft"):  # one stack of three seeds each
             assert batched(stacked, rid) == [0, 1, 2] and batched(alone, rid) is None
-        else:  # sft is offline: it trains alone either way
-            assert batched(stacked, rid) is None
+        else:  # a run with in-run RLHF phases does not stack: it trains alone either way
+            assert algo == "rloo" and batched(stacked, rid) is None
 
 
 def test_a_run_that_diverges_in_a_stack_is_marked_and_the_others_go_on(tmp_path, monkeypatch):
@@ -125,7 +137,8 @@ def test_a_run_that_diverges_in_a_stack_is_marked_and_the_others_go_on(tmp_path,
 
     monkeypatch.setattr(rollout_mod, "score", alone)
     monkeypatch.setattr(stacked_mod, "score", stack)
-    stacked, single = run(tmp_path, "stacked", 16), run(tmp_path, "alone", 1)
+    study = STUDY.replace("grid = { lr = [0.01, 0.003] }\n", "")  # the GRPO stack: seeds 0, 1, 2 in order
+    stacked, single = run(tmp_path, "stacked", 16, study, 12), run(tmp_path, "alone", 1, study, 12)
     a, b = finals(stacked), finals(single)
     assert_close(a, b)
     grpo = a[a["algo"] == "grpo"]

@@ -98,13 +98,19 @@ def preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator)
     return {"prompts": data.prompts, "chosen": data.chosen, "rejected": data.rejected, "p_chosen": data.p_chosen}
 
 
-def step(policy, ref, batch, cfg: DPOConfig, beta: float):
-    B = batch["prompts"].shape[0]
-    prompts = torch.cat([batch["prompts"], batch["prompts"]])
-    comps = torch.cat([batch["chosen"], batch["rejected"]])
-    logp = policy(prompts, comps, values=False).logp  # one pass for chosen and rejected
+def forward(policy, ref, batch) -> dict:
+    """One policy pass and one reference pass over chosen and rejected together: ``(..., 2B, T)``."""
+    prompts = torch.cat([batch["prompts"], batch["prompts"]], dim=-2)
+    comps = torch.cat([batch["chosen"], batch["rejected"]], dim=-2)
+    logp = policy(prompts, comps, values=False).logp
     with torch.no_grad():
         ref_logp = ref(prompts, comps).logp
+    return {"logp": logp, "ref_logp": ref_logp}
+
+
+def loss(outputs: dict, batch, cfg: DPOConfig, beta: float):
+    logp, ref_logp = outputs["logp"], outputs["ref_logp"]
+    B = batch["prompts"].shape[0]
     ones = torch.ones_like(logp[:B])
     return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], ones, ones, batch["p_chosen"], cfg, beta)
 
@@ -171,7 +177,8 @@ SPEC = AlgorithmSpec(
     unit="pairs",
     summary="DPO/IPO on a fixed preference set",
     dataset=preference_dataset,
-    step=step,
+    forward=forward,
+    loss=loss,
     regulariser=offline_regulariser,
 )
 
@@ -182,7 +189,8 @@ IPO_SPEC = AlgorithmSpec(
     unit="pairs",
     summary="IPO on a fixed preference set",
     dataset=preference_dataset,
-    step=step,
+    forward=forward,
+    loss=loss,
     defaults={"algo.loss_type": "ipo"},
     regulariser=offline_regulariser,
 )

@@ -34,9 +34,12 @@ def dataset(task, cfg: SFTConfig, generator: torch.Generator):
     return {"prompts": prompts, "completions": task.demonstrations(prompts)}
 
 
-def step(policy, ref, batch, cfg: SFTConfig, beta: float):
-    out = policy(batch["prompts"], batch["completions"], values=False)
-    return sft_loss(out.logp, torch.ones_like(out.logp), cfg)
+def forward(policy, ref, batch) -> dict:
+    return {"logp": policy(batch["prompts"], batch["completions"], values=False).logp}
+
+
+def loss(outputs: dict, batch, cfg: SFTConfig, beta: float):
+    return sft_loss(outputs["logp"], torch.ones_like(outputs["logp"]), cfg)
 
 
 SPEC = AlgorithmSpec(
@@ -46,6 +49,7 @@ SPEC = AlgorithmSpec(
     unit="demos",
     summary="masked NLL on demonstrations",
     dataset=dataset,
-    step=step,
+    forward=forward,
+    loss=loss,
     regulariser=lambda cfg, beta: "SFT: cross-entropy on demonstrations, no KL",
 )

@@ -9,7 +9,13 @@ An online algorithm gives
                                                 ``PolicyOutput`` on that minibatch
 
 and an offline algorithm gives ``dataset(task, cfg, generator)`` and
-``step(model, ref, batch, cfg, beta)``. What a loop must know about an algorithm (does it
+
+    forward(model, ref, batch) -> outputs       the model passes (a dict of tensors), no loss
+    loss(outputs, batch, cfg, beta) -> (loss, per_row_loss, stats)
+
+or a single ``step(model, ref, batch, cfg, beta)``; given forward and loss, ``step`` is their
+composition. Split in two, a stack of runs (``workbench.training.stacked``) shares one forward
+pass (tensors with a leading run dimension) and takes each run's loss on its own slice. What a loop must know about an algorithm (does it
 need a value head, how many passes over a rollout, must pairs stay whole, what a unit of
 ``samples`` is) is declared on its ``AlgorithmSpec``, never discovered from its config's
 attributes or its batch's contents. Adding an algorithm: one file here with its Config,
@@ -58,8 +64,9 @@ class AlgorithmSpec:
     # online
     prepare: Callable[[Rollout, Any, float], Batch] | None = None
     loss: Callable[[PolicyOutput, Any, Any, float], tuple[Any, Any, dict]] | None = None
-    # offline
+    # offline (``loss`` above takes the outputs of ``forward`` and the batch dict)
     dataset: Callable[..., dict] | None = None
+    forward: Callable[..., dict] | None = None
     step: Callable[..., tuple[Any, Any, dict]] | None = None
     # capabilities, declared
     min_group_size: int = 1
@@ -77,6 +84,11 @@ class AlgorithmSpec:
     regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"
 
     def __post_init__(self) -> None:
+        if self.kind == "offline" and self.step is None and self.forward is not None and self.loss is not None:
+            forward, loss = self.forward, self.loss
+            object.__setattr__(
+                self, "step", lambda model, ref, batch, cfg, beta: loss(forward(model, ref, batch), batch, cfg, beta)
+            )
         need = ("prepare", "loss") if self.kind == "online" else ("dataset", "step")
         missing = [n for n in need if getattr(self, n) is None]
         if missing:

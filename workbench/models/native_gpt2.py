@@ -333,6 +333,27 @@ class NativeGPT2(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+class StackedLinear(nn.Module):
+    """S ``nn.Linear`` layers of one shape as one: ``weight (S, out, in)``, ``bias (S, out)``; input
+    ``(S, ..., in)`` row block s goes through layer s (a stacked policy's value heads)."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]))
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        S = x.shape[0]  # x (S, ..., L, in)
+        w = self.weight.view(S, *([1] * (x.dim() - 3)), *self.weight.shape[1:]).transpose(-1, -2)  # (S, 1.., in, out)
+        return x @ w + self.bias.view(S, *([1] * (x.dim() - 2)), -1)
+
+    def unstack(self, i: int) -> nn.Linear:
+        out, n_in = self.weight.shape[1:]
+        layer = nn.Linear(n_in, out).to(self.weight)
+        layer.load_state_dict({"weight": self.weight[i].detach().clone(), "bias": self.bias[i].detach().clone()})
+        return layer
+
+
 def is_native_checkpoint_compatible(path: str | Path) -> bool:
     """Whether the checkpoint at ``path`` is a GPT-2 the native model can load."""
     f = Path(path) / "config.json"

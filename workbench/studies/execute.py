@@ -101,7 +101,7 @@ def execute_run(task: RunTask) -> dict:
 
 
 def execute_unit(tasks: list[RunTask]) -> list[dict]:
-    """Train a work unit: one run, or runs that differ only in their seed as one stacked computation.
+    """Train a work unit: one run, or runs that differ only in per-run scalars as one stacked computation.
 
     Each run of a stack keeps its own generators, loss, clipping, divergence check, run folder
     and metrics (``workbench.training.stacked``); a run that diverges is marked diverged while the
@@ -191,8 +191,8 @@ def run_study(
     Failed runs from earlier calls are retried once per call. ``seeds``: run only the
     exploration (``seeds``) or the confirmation seeds (``confirm_seeds``); every run of the
     study is registered either way, the others stay queued. ``stack``: runs that differ only in
-    their seed (and can be stacked: ``workbench.training.stack_key``) train as one work unit of
-    at most this many runs; 1 (``--no-stack``) trains every run alone.
+    per-run scalars (seed, lr, beta, ...: ``workbench.training.stack_key``) train as one work unit
+    of at most this many runs; 1 (``--no-stack``) trains every run alone.
     """
     plan = expand(study, device)
     store = Store(results)

@@ -105,7 +105,7 @@ def sft_warmup(res: Resolved, policy, device) -> float:
     for _ in range(run.sft_warmup_steps):
         idx = torch.randint(0, cfg.n_demos, (cfg.batch_size,), generator=gen)
         batch = {k: v[idx].to(device) for k, v in data.items()}
-        loss, _, _ = sft.step(policy, None, batch, cfg, run.beta)
+        loss, _, _ = sft.SPEC.step(policy, None, batch, cfg, run.beta)
         update(policy, opt, loss, run.max_grad_norm)
     opt.zero_grad(set_to_none=True)
     return loss.item()

@@ -57,5 +57,5 @@ def measures(ctx: RunContext, ref, pipe: Pipeline | None = None) -> list[Measure
 
 
 def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = False) -> list[dict]:
-    """Seeds as a batch dimension (``workbench.training.stacked``), with the measures ``train`` gives a run."""
+    """Runs as a batch dimension (``workbench.training.stacked``), with the measures ``train`` gives a run."""
     return train_stacked(reses, outs, measures, progress)
