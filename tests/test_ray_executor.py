@@ -66,7 +66,7 @@ settings = { group_size = 4 }
 [[algorithms]]
 name = "sft"
 """
-N_RUNS = 6  # grpo's 3 seeds train as one stacked unit; sft's 3 runs alone
+N_RUNS = 6  # grpo's 3 seeds train as one stacked unit, sft's 3 as another
 SKIP = ("time/",)  # wall time: the only part of a run that differs between two trainings on CPU
 
 

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from workbench.config import ConfigError, resolve
 from workbench import training
+from workbench.config import ConfigError, resolve
 from workbench.training import train, train_seeds
 
 TASK = {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2}

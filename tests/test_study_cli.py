@@ -152,3 +152,24 @@ def test_two_tables_that_make_the_same_run_are_an_error(tmp_path, capsys):
     assert main(["run", str(path), "--results", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "algorithms[1] 'again', seed 0 is the same run as" in err and "algorithms[0] 'grpo'" in err
+
+
+def test_interrupted_run_prints_the_command_that_resumes_it_with_the_same_options(tmp_path, capsys, monkeypatch):
+    import workbench.studies as studies
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(studies, "run_study", interrupted)
+    path, results = tmp_path / "good.toml", tmp_path / "results"
+    path.write_text(GOOD + "\n[sizes.small]\nbudget = { steps = 1 }\n")
+    assert main(["run", str(path), "--results", str(results), "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"Run again to resume: workbench run {path} --results {results}")
+    given = ["--size", "small", "--device", "cpu", "--seeds", "explore", "--workers", "9", "--no-stack"]
+    assert main(["run", str(path), "--results", str(results), "--quiet", *given]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        f"workbench run {path} --size small --results {results} --device cpu --seeds explore --workers 9 --no-stack"
+    ), err
+    assert main(["run", str(path), "--results", str(results), "--stack", "4"]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"--results {results} --stack 4")

@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -170,7 +171,7 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print(
             f"\nworkbench run: interrupted; unfinished runs were released. Run again to resume: "
-            f"workbench run {args.study}{_size_option(args)} --results {results}",
+            f"{_rerun_command(args, results)}",
             file=sys.stderr,
         )
         return 130
@@ -184,7 +185,7 @@ def cmd_run(args) -> int:
         )
         print(
             f"workbench run: {e}; stopped ({held}). Free space or restore write permission, then run again to resume: "
-            f"workbench run {args.study}{_size_option(args)} --results {results}",
+            f"{_rerun_command(args, results)}",
             file=sys.stderr,
         )
         return 4
@@ -208,9 +209,29 @@ def cmd_run(args) -> int:
     return 0 if out.ok else 1
 
 
-def _size_option(args) -> str:
-    """``--size SIZE`` for a resume hint, when the study runs at a size other than its default."""
-    return f" --size {args.size}" if args.size not in (None, "default") else ""
+def _rerun_command(args, results: Path) -> str:
+    """The ``workbench run`` command that resumes this one: the study, the results folder and every option the
+    user gave a value other than its default (the executor and its address, the device, which is part of each
+    run's config, the size, the seeds, the workers and the stacking), so the hint is the command to run."""
+    parts = ["workbench run", shlex.quote(args.study)]
+    if args.size not in (None, "default"):
+        parts.append(f"--size {shlex.quote(args.size)}")
+    parts.append(f"--results {shlex.quote(str(results))}")
+    if args.executor != "process":
+        parts.append(f"--executor {args.executor}")
+    if args.address:
+        parts.append(f"--address {shlex.quote(args.address)}")
+    if args.device != "auto":
+        parts.append(f"--device {args.device}")
+    if args.seeds != "all":
+        parts.append(f"--seeds {args.seeds}")
+    if args.workers != DEFAULT_WORKERS:
+        parts.append(f"--workers {args.workers}")
+    if args.no_stack:
+        parts.append("--no-stack")
+    elif args.stack != DEFAULT_STACK:
+        parts.append(f"--stack {args.stack}")
+    return " ".join(parts)
 
 
 def _interrupt(signum, frame):
@@ -384,6 +405,10 @@ def cmd_dashboard(args) -> int:
     os.execve(sys.executable, cmd, {**os.environ, "WORKBENCH_RESULTS": str(results)})
 
 
+DEFAULT_WORKERS = min(os.cpu_count() or 1, 8)  # workbench run --workers
+DEFAULT_STACK = 16  # workbench run --stack
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="workbench", description="RL vs supervised objectives on toy LM tasks with exact truth"
@@ -420,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--workers",
         type=int,
-        default=min(os.cpu_count() or 1, 8),
+        default=DEFAULT_WORKERS,
         help="runs at once, one process each (default: CPU count, at most 8)",
     )
     r.add_argument(
@@ -448,10 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--stack",
         type=int,
-        default=16,
+        default=DEFAULT_STACK,
         metavar="N",
-        help="runs that differ only in their seed train as one stacked computation of at most N runs "
-        "(native GPT-2, online, one update per rollout; docs/speed.md); default 16",
+        help="runs that differ only in seed, lr, beta and other per-run scalars train as one stacked computation "
+        "of at most N runs (docs/studies.md, 'Runs'); default 16",
     )
     r.add_argument("--no-stack", action="store_true", help="train every run alone (the same as --stack 1)")
     r.add_argument(

@@ -108,6 +108,12 @@ class RunConfig(BaseModel):
     )
     n_logged_samples: int = Field(4, ge=0, le=100_000, description="completions written to samples.jsonl per eval")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present, else CPU")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: the policy's forward passes and sampling under torch.autocast(bfloat16); parameters, "
+        "optimizer state and the log-probs the losses read stay float32, exact metrics are always float32 "
+        "(workbench/models/precision.py)",
+    )
     cpu_threads: int = Field(
         1, ge=1, le=4096, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)"
     )
@@ -146,6 +152,7 @@ _HASH_EXEMPT_DEFAULTS = {
     ("sft_warmup_steps",): 0,
     ("probe_every",): 100,
     ("probe_minibatches",): 16,
+    ("precision",): "fp32",
 }
 
 
@@ -253,6 +260,11 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         raise ConfigError(
             f"reward_model='fit' and sft_warmup_steps (workbench/training/pipeline.py) need an online algorithm on the "
             f"workbench backend; got {algo_name!r} on {run.backend!r}"
+        )
+    if run.precision != "fp32" and run.backend != "workbench":
+        raise ConfigError(
+            f"precision {run.precision!r} is the workbench backend's (workbench/models/precision.py); "
+            f"the {run.backend!r} backend trains in float32"
         )
     if run.backend != "workbench":
         load_backend(run.backend).check(Resolved(run=run, task=task, spec=spec, algo_cfg=algo_cfg))

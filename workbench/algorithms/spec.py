@@ -15,11 +15,13 @@ and an offline algorithm gives ``dataset(task, cfg, generator)`` and
 
 or a single ``step(model, ref, batch, cfg, beta)``; given forward and loss, ``step`` is their
 composition. Split in two, a stack of runs (``workbench.training.stacked``) shares one forward
-pass (tensors with a leading run dimension) and takes each run's loss on its own slice. What a loop must know about an algorithm (does it
-need a value head, how many passes over a rollout, must pairs stay whole, what a unit of
-``samples`` is) is declared on its ``AlgorithmSpec``, never discovered from its config's
-attributes or its batch's contents. Adding an algorithm: one file here with its Config,
-functions and ``SPEC``, one line in ``workbench/registry.py`` (or ``registry.register``), its tests.
+pass (tensors with a leading run dimension) and takes each run's loss on its own slice.
+
+What a loop must know about an algorithm (does it need a value head, how many passes over a
+rollout, must pairs stay whole, what a unit of ``samples`` is) is declared on its
+``AlgorithmSpec``, never discovered from its config's attributes or its batch's contents. Adding
+an algorithm: one file here with its Config, functions and ``SPEC``, one line in
+``workbench/registry.py`` (or ``registry.register``), its tests.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@
 rendered samples from the evaluation's own generator). ``Evaluation`` is the hook the
 training loops call every ``eval_every`` steps; at the end of a finished run on an
 enumerable task it publishes the final policy's exact log pi(y|x) (``policy.npy``).
+
+Measurement is float32 whatever the run's ``precision``: the evaluation, sampled metrics
+included, runs inside ``full_precision`` (autocast off; ``workbench.models.precision``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from ..config import Resolved
 from ..core import seeds
+from ..models.precision import full_precision
 from ..results import publish_policy
 from ..results.run_writer import RunWriter
 from ..runtime.context import Measure
@@ -29,9 +33,14 @@ class Evaluator:
         task = res.task
         self.exact = ExactEvaluator(task, ref, res.run.beta) if (ref is not None and task.enumerable) else None
         self.prompts = task.eval_prompts().to(device)
+        self.device = device
 
     @torch.no_grad()
     def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:
+        with full_precision(self.device):  # a bf16 run is measured in float32, as its fp32 twin would be
+            return self._measure(model, step, writer, gen)
+
+    def _measure(self, model, step: int, writer: RunWriter, gen) -> dict:
         task, run = self.res.task, self.res.run
         if self.res.spec.trains == "reward_model":
             return self._reward_model_metrics(model)

@@ -13,6 +13,9 @@ For an enumerable task (A ** T completions per prompt, prompts ``x`` from
 The log-probabilities of all completions come from A ** (T-1) prefixes in one batched
 teacher-forced pass each: the last position's distribution scores all A continuations. A
 policy with a native GPT-2 walks a KV-cached prefix tree instead (``Policy.completion_logprobs``).
+
+Always in float32: ``exact_logprobs`` turns autocast off (``full_precision``), so a run with
+``precision = "bf16"`` is measured exactly as its fp32 twin with the same weights would be.
 """
 
 from __future__ import annotations
@@ -20,10 +23,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..models.precision import full_precision
+
 
 def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 4096) -> Tensor:
-    """``(P, A ** T)`` log pi(y | x) for every eval prompt and every completion (lexicographic order)."""
-    prompts = task.eval_prompts() if prompts is None else prompts
+    """``(P, A ** T)`` log pi(y | x) for every eval prompt and every completion (lexicographic order), in float32
+    whatever the run's precision."""
+    with full_precision(policy.device):  # exact truth is never autocast (workbench.models.precision)
+        return _exact_logprobs(policy, task, task.eval_prompts() if prompts is None else prompts, chunk)
+
+
+def _exact_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
     if getattr(policy, "has_prefix_tree", False):  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
         return policy.completion_logprobs(prompts.to(policy.device), chunk)
     A, _T = task.n_actions, task.completion_len

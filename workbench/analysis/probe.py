@@ -45,6 +45,7 @@ from ..core import seeds
 from ..core.kl import ESTIMATORS
 from ..core.stats import cosine, mean_se
 from ..models.policy import build_policy, resolve_device
+from ..models.precision import full_precision
 from ..registry import ALGORITHMS
 from ..results import publish, results_dir
 from ..runtime.context import Measure
@@ -223,6 +224,10 @@ class Prober(Measure):
         return step % self.res.run.probe_every == 0 or last
 
     def __call__(self, policy, step: int, row: dict | None = None) -> dict:
+        with full_precision(policy.device):  # probes and their exact truths are float32 whatever the run's precision
+            return self._probe(policy, step)
+
+    def _probe(self, policy, step: int) -> dict:
         t0 = time.perf_counter()
         run = self.res.run
         self.est.reset(seeds.probe_seed(run.seed, step))
@@ -316,8 +321,10 @@ def load(target: str, results: str | None = None, device: str = "cpu", sft_phase
         torch.set_num_threads(run.cpu_threads)  # as training: tiny models run fastest on one thread
     hf_logging.disable_progress_bar()
     value_head = res.spec.value_head(res.algo_cfg)
-    policy = build_policy(res.task, run.model.model_copy(update={"path": str(ckpt)}), run.seed, value_head, dev)
-    start = build_policy(res.task, run.model, run.seed, False, dev)  # the run's starting policy, rebuilt from its seed
+    ckpt_cfg = run.model.model_copy(update={"path": str(ckpt)})
+    policy = build_policy(res.task, ckpt_cfg, run.seed, value_head, dev, run.precision)
+    # the run's starting policy, rebuilt from its seed; its SFT phase replays in the run's precision
+    start = build_policy(res.task, run.model, run.seed, False, dev, run.precision)
     if run.sft_warmup_steps:  # its reference is the result of its SFT phase, deterministic
         if sft_phase is None:
             raise ConfigError(f"{run_dir}: the run's reference is its SFT phase; pass sft_phase to replay it")
@@ -351,15 +358,16 @@ def probe(
         raise ConfigError(f"--what must be one of {', '.join(WHATS)}, got {what!r}")
     res, policy, ref, run_dir = load(target, results, device, sft_phase)
     torch.manual_seed(seed)
-    exact = ExactEvaluator(res.task, ref, res.run.beta) if res.task.enumerable else None
-    est = Estimators(res, ref, exact, policy.device, seed)
-    batch_sizes = batch_sizes or [8, 32, 128]
-    if what == "gradients":
-        table = gradients_table(policy, res, est, batch_sizes, minibatches, objectives or list(OBJECTIVES))
-    elif what == "credit":
-        table = credit_table(policy, res, est, batch_sizes, minibatches, objectives or CREDIT_METHODS)
-    else:
-        table = kl_table(policy, res, est, exact, batch_sizes, minibatches)
+    with full_precision(policy.device):  # measurements are float32 whatever the run's precision
+        exact = ExactEvaluator(res.task, ref, res.run.beta) if res.task.enumerable else None
+        est = Estimators(res, ref, exact, policy.device, seed)
+        batch_sizes = batch_sizes or [8, 32, 128]
+        if what == "gradients":
+            table = gradients_table(policy, res, est, batch_sizes, minibatches, objectives or list(OBJECTIVES))
+        elif what == "credit":
+            table = credit_table(policy, res, est, batch_sizes, minibatches, objectives or CREDIT_METHODS)
+        else:
+            table = kl_table(policy, res, est, exact, batch_sizes, minibatches)
     path = _write(run_dir / f"probe_{what}.parquet", table) if write else None
     return ProbeResult(table, path, summarize(what, table, res, path))
 

@@ -20,6 +20,9 @@ task with a word-level ``PreTrainedTokenizerFast``, or any local checkpoint dire
 downloaded. ``model.impl = "native"`` swaps the GPT-2 for ``workbench.models.native_gpt2``: the same
 parameters and checkpoints in plain PyTorch, which also computes the action tokens'
 logits only (``head_ids``); the interface is the same.
+
+A run's ``precision = "bf16"`` runs the policy's passes under autocast (``Policy.autocast``,
+``workbench.models.precision``); parameters and the log-probabilities returned stay float32.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import Tensor, nn
 from ..core.types import PolicyOutput
 from ..toy_tasks.base import Task
 from .native_gpt2 import NativeGPT2, is_native_checkpoint_compatible
+from .precision import autocast_dtype, full_precision, policy_autocast
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -168,9 +172,11 @@ def word_ids(tokenizer, words: list[str]) -> list[int]:
 class Policy(nn.Module):
     """A causal LM restricted to the task's action tokens, with an optional scalar value head."""
 
-    def __init__(self, model, tokenizer, task: Task, value_head: bool = False):
+    def __init__(self, model, tokenizer, task: Task, value_head: bool = False, precision: str = "fp32"):
         super().__init__()
         self.model = model
+        # the run's precision: "bf16" runs forward passes and sampling under autocast (workbench.models.precision)
+        self.autocast_dtype = autocast_dtype(precision)
         self.tokenizer = tokenizer
         self.completion_len = task.completion_len
         bos = tokenizer.bos_token_id
@@ -205,16 +211,22 @@ class Policy(nn.Module):
         # BOS, prompt, y_<T: the last token y_T predicts nothing scored, and causal attention means
         # no earlier position sees it, so it is not fed. The last T positions then predict y_1..y_T.
         ids = self.input_ids(prompts, completions)[..., :-1]
-        out = self.model(
-            input_ids=ids, output_hidden_states=want_values, use_cache=False, logits_to_keep=T, **self._head()
-        )
-        logits = F.log_softmax(self._action_logits(out.logits[..., -T:, :]), dim=-1)  # (B, T, A)
+        with self.autocast():
+            out = self.model(
+                input_ids=ids, output_hidden_states=want_values, use_cache=False, logits_to_keep=T, **self._head()
+            )
+            v = None
+            if want_values:
+                h = out.hidden_states[-1][..., -T:, :]  # the last token of s_t = prompt + y_<t
+                v = self.value_head(h).squeeze(-1).float()  # (B, T)
+        logits = F.log_softmax(self._action_logits(out.logits[..., -T:, :]), dim=-1)  # (B, T, A) float32
         logp = logits.gather(-1, completions.unsqueeze(-1)).squeeze(-1)  # (B, T)
-        v = None
-        if want_values:
-            h = out.hidden_states[-1][..., -T:, :]  # the last token of s_t = prompt + y_<t
-            v = self.value_head(h).squeeze(-1).float()  # (B, T)
         return PolicyOutput(logp=logp, logits=logits, values=v)
+
+    def autocast(self):
+        """The region of this policy's model calls: autocast to its precision's dtype (none for fp32, and none
+        inside ``workbench.models.precision.full_precision``, where exact metrics are computed)."""
+        return policy_autocast(self.device, self.autocast_dtype)
 
     def sample(
         self, prompts: Tensor, generator: torch.Generator | list[torch.Generator], temperature: float = 1.0
@@ -225,7 +237,9 @@ class Policy(nn.Module):
         ``temperature`` was used to draw the tokens. A stacked model (seeds as a batch
         dimension) takes prompts ``(S, B, Tp)`` and one generator per seed.
         """
-        with torch.inference_mode():  # lighter than no_grad per operation; the results are cloned out of it
+        # inference mode: lighter than no_grad per operation, the results are cloned out of it; autocast: the
+        # model calls of the run's precision (the log-softmax and the Gumbel-max draw are float32)
+        with torch.inference_mode(), self.autocast():
             comps, logp = self._sample(prompts, generator, temperature)
         return comps.clone(), logp.clone()
 
@@ -268,10 +282,13 @@ class Policy(nn.Module):
         """
         P, A, T = prompts.shape[0], len(self.action_ids), self.completion_len
         ids = self.input_ids(prompts)  # (P, 1 + Tp)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, max_length=ids.shape[1] + T, **self._head())
-        cache = out.cache
-        lp = F.log_softmax(self._action_logits(out.logits[:, -1]), dim=-1)  # (P, A) log pi(y_1 | x)
-        return self._expand(cache, torch.zeros(P, device=ids.device), lp, 1, chunk).view(P, A**T)
+        with self.autocast():  # as every pass of the policy; exact metrics call it inside full_precision
+            out = self.model(
+                input_ids=ids, use_cache=True, logits_to_keep=1, max_length=ids.shape[1] + T, **self._head()
+            )
+            cache = out.cache
+            lp = F.log_softmax(self._action_logits(out.logits[:, -1]), dim=-1)  # (P, A) log pi(y_1 | x)
+            return self._expand(cache, torch.zeros(P, device=ids.device), lp, 1, chunk).view(P, A**T)
 
     def _expand(self, cache, head: Tensor, lp: Tensor, t: int, chunk: int) -> Tensor:
         """Nodes: N prefixes of length t - 1 (fed, in ``cache``), log pi of each ``head (N,)`` and of the
@@ -388,9 +405,12 @@ def build_reward_model(task: Task, cfg: ModelConfig, seed: int, path: str | None
     return RewardModel(model.eval(), tok, task)
 
 
-def build_policy(task: Task, cfg: ModelConfig, seed: int, value_head: bool, device: torch.device) -> Policy:
+def build_policy(
+    task: Task, cfg: ModelConfig, seed: int, value_head: bool, device: torch.device, precision: str = "fp32"
+) -> Policy:
+    """The run's policy; ``precision`` is the run's (``RunConfig.precision``): "bf16" autocasts its passes."""
     model, tok = build_model(task, cfg, seed)
-    policy = Policy(model, tok, task, value_head=value_head).to(device)
+    policy = Policy(model, tok, task, value_head=value_head, precision=precision).to(device)
     if cfg.path:
         policy.load_value_head(cfg.path)
     elif task.reference_prior() is not None:
@@ -410,12 +430,13 @@ def fit_prior(policy: Policy, task: Task, seed: int, steps: int = 300, lr: float
     first = torch.zeros(len(prompts), 1, dtype=torch.long, device=policy.device)
     params = [p for n, p in policy.named_parameters() if not n.startswith("value_head")]
     opt = torch.optim.Adam(params, lr=lr)
-    for _ in range(steps):
-        logq = policy(prompts, first, values=False).logits[:, 0]  # (P, A)
-        loss = (prior.exp() * (prior - logq)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with full_precision(policy.device):  # the initial weights: the same whatever the run's precision
+        for _ in range(steps):
+            logq = policy(prompts, first, values=False).logits[:, 0]  # (P, A)
+            loss = (prior.exp() * (prior - logq)).sum(-1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     return loss.item()
 
 

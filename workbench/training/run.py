@@ -33,7 +33,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     if spec.trains == "reward_model":
         model, ref = build_reward_model(task, run.model, run.seed).to(device), None
     else:
-        model = build_policy(task, run.model, run.seed, spec.value_head(acfg), device)
+        model = build_policy(task, run.model, run.seed, spec.value_head(acfg), device, run.precision)
         ref = model.frozen_copy()
     pipe = None
     if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first

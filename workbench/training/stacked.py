@@ -122,10 +122,13 @@ def train_stacked(
     singles = [build_policy(task, native, s, value_head, device) for s in seed_list]
     refs = [p.frozen_copy() for p in singles]
     tok = singles[0].tokenizer
-    policy = Policy(NativeGPT2.stack([p.model for p in singles]), tok, task).to(device)  # (S, ...) parameters
+    policy = Policy(NativeGPT2.stack([p.model for p in singles]), tok, task, precision=run.precision).to(
+        device
+    )  # (S, ...) parameters
     if value_head:
         policy.value_head = StackedLinear([p.value_head for p in singles]).to(device)
-    ref = Policy(NativeGPT2.stack([p.model for p in refs]), tok, task).to(device).requires_grad_(False)
+    ref = Policy(NativeGPT2.stack([p.model for p in refs]), tok, task, precision=run.precision)
+    ref = ref.to(device).requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
     if len({(r.run.lr, r.run.weight_decay) for r in reses}) == 1:
         opt = make_optimizer(params, run, device)
