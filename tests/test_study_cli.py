@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from workbench.cli import main
 
@@ -173,3 +174,11 @@ def test_interrupted_run_prints_the_command_that_resumes_it_with_the_same_option
     ), err
     assert main(["run", str(path), "--results", str(results), "--stack", "4"]) == 130
     assert capsys.readouterr().err.strip().endswith(f"--results {results} --stack 4")
+
+
+def test_the_default_stack_is_wider_on_cuda():
+    from workbench.cli import DEFAULT_STACK, DEFAULT_STACK_CUDA, build_parser, default_stack
+
+    assert (default_stack("cpu"), default_stack("cuda")) == (DEFAULT_STACK, DEFAULT_STACK_CUDA) == (16, 64)
+    assert default_stack("auto") == (64 if torch.cuda.is_available() else 16)
+    assert build_parser().parse_args(["run", "s.toml"]).stack is None  # None: the device's default
