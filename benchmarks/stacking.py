@@ -8,10 +8,10 @@
 ``train_seeds``, in this process (no pool, no index): the stack's gain on training and measurements alone.
 
 Each variant runs ``workbench run`` in a fresh results folder (process pool, ``--workers``);
-the printed ratio is no-stack / stacked wall time, measured in one invocation. Only runs that
-differ in their seed alone and can stack (native GPT-2, an online algorithm with one update per
-rollout: GRPO, RLOO, REINFORCE, online DPO) train as one computation; the others train alone
-either way, so a study of them shows a ratio near 1.
+the printed ratio is no-stack / stacked wall time, measured in one invocation. Runs that differ
+only in per-run scalars (seed, lr, beta, ...) and can stack (docs/studies.md, "Runs": every online
+algorithm, SFT, DPO, IPO; a GPT-2 built for the task) train as one computation; the others train
+alone either way, so a study of them shows a ratio near 1.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="steps per run of the built-in study")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", choices=("all", "explore", "confirm"), default="all")
+    p.add_argument(
+        "--keep", help="keep the two results folders under this directory (alone/, stacked/), to compare reports"
+    )
     p.add_argument("--in-process", action="store_true", help="train and train_seeds in this process (see above)")
     p.add_argument("--eval-every", type=int, default=1000, help="--in-process: exact evaluation period")
     p.add_argument("--probe-every", type=int, default=0, help="--in-process: probe period (0: off)")
@@ -88,7 +91,7 @@ def main() -> None:
     if args.in_process:
         return in_process(60 if args.steps == 200 else args.steps, args.eval_every, args.probe_every)
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+        tmp = Path(args.keep) if args.keep else Path(tmp)
         if args.study:
             study = Path(args.study).resolve()
         else:
@@ -100,7 +103,7 @@ def main() -> None:
         print(f"--no-stack  {alone:8.1f} s")
         stacked = timed_run(study, tmp / "stacked", args.workers, seeds)
         print(f"stacked     {stacked:8.1f} s")
-        print(f"ratio no-stack / stacked: {alone / stacked:.2f}x")
+        print(f"ratio no-stack / stacked: {alone / stacked:.2f}x (load average now {os.getloadavg()[0]:.2f})")
 
 
 if __name__ == "__main__":
