@@ -29,7 +29,7 @@ TASKS = {
     "bandit": {"name": "bandit", "n_arms": 6, "n_contexts": 2},
     "sequence": {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2},
 }
-ALGOS = ["sft", "rm", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo"]
+ALGOS = ["sft", "rm", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft"]
 SMALL = {
     "model.n_layer": 1,
     "model.n_embd": 16,

@@ -31,7 +31,7 @@ def run(tmp_path, algo, steps=30, task=None, **overrides):
 
 
 def test_every_policy_algorithm_is_tested():
-    assert set(POLICY_ALGOS) == {"sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo"}
+    assert set(POLICY_ALGOS) == {"sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft"}
 
 
 @pytest.mark.slow

@@ -63,6 +63,7 @@ ALGOS = {
     "ppo": {"group_size": 1, "algo.epochs": 2, "algo.minibatches": 2},
     "sft": {},
     "dpo": {},
+    "rft": {"algo.epochs": 2, "algo.minibatches": 2},  # weighted NLL on minibatches of the kept samples
 }
 
 

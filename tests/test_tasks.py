@@ -1,6 +1,7 @@
 """Generic tests every registered task must pass, plus each task's own facts."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -11,7 +12,13 @@ from workbench.toy_tasks.bandit import Bandit, BanditConfig
 from workbench.toy_tasks.sequence import Sequence, SequenceConfig
 
 VARIANTS = {
-    "bandit": [{}, {"reward_shape": "far_peak", "n_contexts": 3}, {"reward_shape": "peak"}, {"reward_shape": "linear"}],
+    "bandit": [
+        {},
+        {"reward_shape": "far_peak", "n_contexts": 3},
+        {"reward_shape": "peak"},
+        {"reward_shape": "linear"},
+        {"reward_shape": "gaussian", "peak_centre": 6.5, "peak_width": 2.0, "prior": "gaussian", "n_contexts": 2},
+    ],
     "sequence": [{}, {"variant": "process"}, {"variant": "decisive", "decisive_position": 2}, {"threshold": 3}],
     "arithmetic": [{}, {"n_digits": 1}],
 }
@@ -101,6 +108,20 @@ def test_bandit_shapes():
     lin = Bandit(BanditConfig(n_arms=5, reward_shape="linear"))
     assert lin.table[0].tolist() == pytest.approx([0, 0.25, 0.5, 0.75, 1.0])
     assert Bandit(BanditConfig(seed=3)).table.tolist() == Bandit(BanditConfig(seed=3)).table.tolist()
+
+
+def test_bandit_gaussian_reward_and_prior_have_explicit_centre_and_width():
+    """R[i, k] = exp(-((k - c) / w)^2) and pi_ref(k) ∝ exp(-((k - c_ref) / s)^2), the same in every context."""
+    cfg = BanditConfig(n_arms=6, n_contexts=3, reward_shape="gaussian", peak_centre=4.0, peak_width=2.0)
+    task = Bandit(cfg.model_copy(update={"prior": "gaussian", "prior_centre": 1.0, "prior_spread": 0.5}))
+    want = [math.exp(-(((k - 4.0) / 2.0) ** 2)) for k in range(6)]
+    assert task.table.shape == (3, 6) and all(row == pytest.approx(want) for row in task.table.tolist())
+    logits = torch.tensor([-(((k - 1.0) / 0.5) ** 2) for k in range(6)])
+    assert torch.allclose(task.reference_prior(), torch.log_softmax(logits, -1).expand(3, 6))
+    middle = Bandit(BanditConfig(n_arms=5, reward_shape="gaussian", prior="gaussian"))  # c = c_ref = (K - 1) / 2
+    assert middle.table[0].argmax().item() == 2 and middle.table[0, 1].item() == pytest.approx(math.exp(-1))
+    assert middle.reference_prior()[0].argmax().item() == 2
+    assert Bandit(BanditConfig(prior="low_arms")).reference_prior()[0].argmax().item() == 0  # unchanged
 
 
 def test_sequence_rewards_by_hand():

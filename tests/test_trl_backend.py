@@ -115,3 +115,43 @@ def test_default_backend_and_impl_leave_the_config_hash_unchanged():
     )  # run ids stored before these fields existed still match
     assert resolve({"task": TASK, "algo": {"name": "grpo"}}, {"backend": "trl"}).config_hash != res.config_hash
     assert resolve({"task": TASK, "algo": {"name": "grpo"}}, {"model.impl": "native"}).config_hash != res.config_hash
+
+
+EOS_TASK = {**TASK, "eos": True}
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo", "sft", "dpo"])
+def test_trl_backend_with_eos_pads_as_trl_does(algo, tmp_path):
+    """``task.eos = true``: TRL's EOS token is the task's EOS action, so its online trainers stop each completion
+    there and mask what follows; SFT demonstrations and DPO pairs reach TRL cut after their EOS (the losses on
+    such padded batches are pinned against ours in ``tests/test_trl_parity.py``)."""
+    res = resolve({"task": EOS_TASK, "algo": {"name": algo}}, {**SMALL, **OVERRIDES[algo], "backend": "trl"})
+    result = train(res, tmp_path / algo, progress=False)
+    assert result["status"] == "done"
+    rows = [json.loads(line) for line in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and rows[-1]["kl/exact"] > 1e-4
+    if algo in ("grpo", "rloo"):  # completions of different lengths, none longer than completion_len
+        logged = [r for r in rows if "trl/completions/min_length" in r]
+        assert logged and max(r["trl/completions/max_length"] for r in logged) <= res.task.completion_len
+        assert min(r["trl/completions/min_length"] for r in logged) < max(
+            r["trl/completions/max_length"] for r in logged
+        )
+
+
+def test_trl_codec_pads_completions_with_the_eos_action():
+    from workbench.backends.trl import Codec
+
+    res = resolve({"task": EOS_TASK, "algo": {"name": "grpo"}}, {**TINY, "backend": "trl"})
+    task = res.task
+    tok = build_model(task, res.run.model, 0)[1]
+    codec = Codec(task, tok)
+    eos, ids = task.eos_action, codec.action_ids
+    comps = torch.tensor([[0, eos, eos, eos], [1, 2, 0, 1], [eos, eos, eos, eos]])
+    assert codec.completions([ids[c].tolist() for c in ([0, eos], [1, 2, 0, 1], [eos])]).tolist() == comps.tolist()
+    assert [codec.counted(c) for c in comps] == [[0, eos], [1, 2, 0, 1], [eos]]
+    assert codec.completion_text(comps[0]) == " s0 <end>"
+
+
+def test_trl_reward_model_with_eos_is_a_config_error():
+    with pytest.raises(ConfigError, match="task.eos = false"):
+        resolve({"task": EOS_TASK, "algo": {"name": "rm"}}, {"backend": "trl", **PREFS})

@@ -153,6 +153,11 @@ _HASH_EXEMPT_DEFAULTS = {
     ("probe_every",): 100,
     ("probe_minibatches",): 16,
     ("precision",): "fp32",
+    ("task", "peak_centre"): None,  # the bandit's explicit gaussian reward and reference prior (issue 16)
+    ("task", "prior_centre"): None,
+    ("task", "prior_spread"): 1.0,
+    ("algo", "pairs_from"): None,  # preference pairs sampled from a checkpoint's policy (issue 16)
+    ("task", "eos"): False,  # the end-of-sequence action of sequence and arithmetic (issue 14)
 }
 
 
@@ -251,6 +256,7 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         for m in (
             checkpoint_problem("model.path", run.model.path),
             checkpoint_problem("reward_model", None if run.reward_model == "fit" else run.reward_model),
+            checkpoint_problem("algo.pairs_from", spec.data_policy(algo_cfg)),
         )
         if m
     ]

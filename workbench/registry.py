@@ -7,7 +7,7 @@ outside the package, one ``register(SPEC)`` call); a new task is one file in
 
 from __future__ import annotations
 
-from .algorithms import dpo, grpo, ppo, reinforce, reward_model, rloo, sft
+from .algorithms import dpo, grpo, ppo, reinforce, reward_model, rft, rloo, sft
 from .algorithms.spec import AlgorithmSpec
 from .toy_tasks import Arithmetic, Bandit, Sequence, Task
 
@@ -21,6 +21,7 @@ BUILT_IN = [
     dpo.SPEC,
     dpo.IPO_SPEC,
     dpo.ONLINE_SPEC,
+    rft.SPEC,
 ]
 ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in BUILT_IN}
 TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic]}

@@ -13,6 +13,14 @@ DPO loss is exactly pi* = pi_ref exp(r / beta) / Z: the RLHF optimum (claim C6).
 
 Online DPO samples G = 2 completions per prompt from the current policy, ranks them by
 the reward (gold or a reward model) and applies the same loss; ties carry no loss.
+
+The offline preference set (``PreferenceOptions``) pairs every completion (``pairs='all'``),
+draws uniform pairs (``'random'``, optionally restricted by ``coverage``) or draws both
+completions of a pair from pi_ref, the run's initial policy (``'reference'``, ``n_pairs``
+pairs: the on-policy data of the DPO paper, so pairs (a, b) occur with probability
+pi_ref(a|x) pi_ref(b|x)), or from the policy of a checkpoint (``pairs_from``: e.g. an SFT run's,
+while pi_ref stays the run's initial policy); labels come from the gold reward through the
+Bradley-Terry model.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from torch import Tensor
 
 from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout
@@ -31,17 +39,34 @@ from .spec import AlgoConfig, AlgorithmSpec, Batch, PolicyOutput, Rollout
 class PreferenceOptions(BaseModel):
     """How the fixed preference set is built from the task's Bradley-Terry labeller."""
 
-    pairs: Literal["auto", "all", "random"] = Field(
+    pairs: Literal["auto", "all", "random", "reference"] = Field(
         "auto",
         description="'all': every pair of completions (enumerable tasks); 'random': n_pairs uniform pairs; "
+        "'reference': n_pairs pairs of two completions sampled from pi_ref (the run's initial policy); "
         "'auto': all if at most 20,000 pairs",
     )
-    n_pairs: int = Field(2048, ge=1, le=100_000_000, description="pairs drawn when pairs='random'")
+    n_pairs: int = Field(2048, ge=1, le=100_000_000, description="pairs drawn when pairs='random' or 'reference'")
     labels: Literal["soft", "sampled"] = Field(
         "soft", description="'soft': store P(chosen wins); 'sampled': draw a winner"
     )
     bt_temperature: float = Field(1.0, ge=0, description="label noise: P = sigmoid(dr / temperature); 0 = noiseless")
     coverage: float = Field(1.0, gt=0, le=1, description="fraction of the action set that appears in the pairs")
+    pairs_from: str | None = Field(
+        None, description="pairs='reference': a checkpoint folder whose policy samples the pairs instead of pi_ref"
+    )
+
+    @model_validator(mode="after")
+    def _reference_pairs_cover_all(self):
+        if self.pairs == "reference" and self.coverage < 1:
+            raise ValueError("coverage < 1 restricts uniform pairs; pairs='reference' draws from pi_ref's support")
+        if self.pairs_from is not None and self.pairs != "reference":
+            raise ValueError("pairs_from names the policy that samples the pairs: set pairs = 'reference'")
+        return self
+
+
+def pair_policy(cfg: PreferenceOptions) -> str | None:
+    """The checkpoint the preference pairs are sampled from (``AlgorithmSpec.data_policy``); None: pi_ref."""
+    return cfg.pairs_from
 
 
 class DPOConfig(AlgoConfig, PreferenceOptions):
@@ -87,8 +112,24 @@ def dpo_loss(
     return loss, per_seq[:, None], stats
 
 
-def preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator):
+def preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator, ref=None):
+    """The fixed preference set. ``pairs='reference'`` draws ``n_pairs`` prompts, then two completions
+    of each from ``ref`` (pi_ref, the run's initial policy, or the ``pairs_from`` checkpoint's policy:
+    ``workbench.runtime.data.offline_dataset`` passes it) with its own sampler, under a generator
+    seeded by one draw from ``generator`` (the run's data stream; on ``ref``'s device); every
+    other option never touches ``ref``. Labels as for uniform pairs (``Task.label_pairs``).
+    """
     pairs = cfg.pairs
+    if pairs == "reference":
+        if ref is None:
+            raise ValueError("pairs='reference' samples from the reference policy, and this run has none")
+        prompts = task.sample_prompts(cfg.n_pairs, generator)  # (N, Tp)
+        seed = int(torch.randint(0, 2**62, (), generator=generator))
+        sample_gen = torch.Generator(device=ref.device).manual_seed(seed)
+        comps, _ = ref.sample(torch.cat([prompts, prompts]).to(ref.device), sample_gen)  # (2N, T) y ~ pi_ref
+        a, b = comps.cpu().chunk(2)
+        data = task.label_pairs(prompts, a, b, generator, cfg.labels, cfg.bt_temperature)
+        return {"prompts": data.prompts, "chosen": data.chosen, "rejected": data.rejected, "p_chosen": data.p_chosen}
     if pairs == "auto":
         n_all = (
             len(task.eval_prompts()) * task.n_completions * (task.n_completions - 1) // 2 if task.enumerable else None
@@ -112,7 +153,19 @@ def loss(outputs: dict, batch, cfg: DPOConfig, beta: float):
     logp, ref_logp = outputs["logp"], outputs["ref_logp"]
     B = batch["prompts"].shape[0]
     ones = torch.ones_like(logp[:B])
-    return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], ones, ones, batch["p_chosen"], cfg, beta)
+    mask_c, mask_r = batch.get("mask_chosen", ones), batch.get("mask_rejected", ones)  # (B, T) 0 after an EOS
+    return dpo_loss(logp[:B], logp[B:], ref_logp[:B], ref_logp[B:], mask_c, mask_r, batch["p_chosen"], cfg, beta)
+
+
+def masked_preference_dataset(task, cfg: PreferenceOptions, generator: torch.Generator, ref=None):
+    """``preference_dataset`` with the completion masks ``mask_chosen``, ``mask_rejected`` ``(N, T)``
+    (``task.completion_mask``: all ones without an end-of-sequence action)."""
+    data = preference_dataset(task, cfg, generator, ref)
+    return {
+        **data,
+        "mask_chosen": task.completion_mask(data["chosen"]),
+        "mask_rejected": task.completion_mask(data["rejected"]),
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -176,7 +229,8 @@ SPEC = AlgorithmSpec(
     kind="offline",
     unit="pairs",
     summary="DPO/IPO on a fixed preference set",
-    dataset=preference_dataset,
+    data_policy=pair_policy,
+    dataset=masked_preference_dataset,
     forward=forward,
     loss=loss,
     regulariser=offline_regulariser,
@@ -188,7 +242,8 @@ IPO_SPEC = AlgorithmSpec(
     kind="offline",
     unit="pairs",
     summary="IPO on a fixed preference set",
-    dataset=preference_dataset,
+    data_policy=pair_policy,
+    dataset=masked_preference_dataset,
     forward=forward,
     loss=loss,
     defaults={"algo.loss_type": "ipo"},

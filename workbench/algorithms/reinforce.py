@@ -10,7 +10,8 @@ per-step rewards r_t (the task score at the last token unless the task is dense)
 
 With k1 in the reward this is an unbiased estimate of grad(E[r] - beta KL(pi || pi_ref)),
 whose maximiser is pi* = pi_ref exp(r / beta) / Z. The batch-mean baseline includes the
-sample itself (the textbook form); RLOO removes that bias.
+sample itself (the textbook form); RLOO removes that bias. With an end-of-sequence action the
+means of b_t are over the rows still generating at t (mask m_it = 1).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ def kl_shaped_rewards(roll: Rollout, beta: float, kl_in: str, estimator: str) ->
     return r, kl
 
 
+def _mean_over_rows(G: Tensor, mask: Tensor, dim: int) -> Tensor:
+    """Mean of ``G`` over ``dim`` (rows), keeping it; over the rows with m_it = 1 when some completion ended early."""
+    if bool(mask.all()):
+        return G.mean(dim=dim, keepdim=True)
+    return (G * mask).sum(dim, keepdim=True) / mask.sum(dim, keepdim=True).clamp(min=1.0)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReinforceBatch(Batch):
     advantages: Tensor  # (B, T) G_t - b_t (REINFORCE) or the leave-one-out advantage (RLOO)
@@ -62,13 +70,14 @@ def prepare(roll: Rollout, cfg: ReinforceConfig, beta: float) -> ReinforceBatch:
     r, kl = kl_shaped_rewards(roll, beta, cfg.kl_in, cfg.kl_estimator)
     G = returns_to_go(r, roll.mask)  # (B, T)
     if cfg.baseline == "mean":
-        b = G.mean(dim=0, keepdim=True)  # (1, T)
+        b = _mean_over_rows(G, roll.mask, 0)  # (1, T)
     elif cfg.baseline == "group_mean":
         B, T = G.shape
         g = roll.group_size
         if B % g:
             raise ValueError(f"batch {B} is not a multiple of group size {g}")
-        b = G.view(-1, g, T).mean(1, keepdim=True).expand(-1, g, T).reshape(B, T)  # mean over the group
+        b = _mean_over_rows(G.view(-1, g, T), roll.mask.view(-1, g, T), 1)  # mean over the group
+        b = b.expand(-1, g, T).reshape(B, T)
     else:
         b = torch.zeros_like(G)
     return ReinforceBatch(

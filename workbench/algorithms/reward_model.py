@@ -12,16 +12,24 @@ Face sequence-classification checkpoint and serves as the reward for RL runs
 from __future__ import annotations
 
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
-from .dpo import PreferenceOptions, preference_dataset
+from .dpo import PreferenceOptions, pair_policy, preference_dataset
 from .spec import AlgoConfig, AlgorithmSpec
 
 
 class RewardModelConfig(AlgoConfig, PreferenceOptions):
     batch_size: int = Field(64, ge=1, le=100_000_000, description="preference pairs per gradient step")
     margin: float = Field(0.0, description="margin subtracted inside the sigmoid (TRL: per-example margin)")
+
+    @model_validator(mode="after")
+    def _no_reference_pairs(self):
+        if self.pairs == "reference" and self.pairs_from is None:  # a reward-model run has no policy of its own
+            raise ValueError(
+                "pairs='reference' in an rm run samples from a checkpoint: set pairs_from; it has no pi_ref"
+            )
+        return self
 
 
 def reward_model_loss(
@@ -49,6 +57,7 @@ SPEC = AlgorithmSpec(
     trains="reward_model",
     summary="Bradley-Terry reward model",
     dataset=preference_dataset,
+    data_policy=pair_policy,
     step=step,
     regulariser=lambda cfg, beta: "a reward model, not a policy",
 )

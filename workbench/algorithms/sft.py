@@ -29,9 +29,10 @@ def sft_loss(logp: Tensor, mask: Tensor, cfg: SFTConfig) -> tuple[Tensor, Tensor
     return loss, per_token * mask, {"loss/sft": loss.item()}
 
 
-def dataset(task, cfg: SFTConfig, generator: torch.Generator):
+def dataset(task, cfg: SFTConfig, generator: torch.Generator, ref=None):
     prompts = task.sample_prompts(cfg.n_demos, generator)
-    return {"prompts": prompts, "completions": task.demonstrations(prompts)}
+    demos = task.demonstrations(prompts)
+    return {"prompts": prompts, "completions": demos, "mask": task.completion_mask(demos)}  # mask: 0 after an EOS
 
 
 def forward(policy, ref, batch) -> dict:
@@ -39,7 +40,7 @@ def forward(policy, ref, batch) -> dict:
 
 
 def loss(outputs: dict, batch, cfg: SFTConfig, beta: float):
-    return sft_loss(outputs["logp"], torch.ones_like(outputs["logp"]), cfg)
+    return sft_loss(outputs["logp"], batch.get("mask", torch.ones_like(outputs["logp"])), cfg)
 
 
 SPEC = AlgorithmSpec(

@@ -8,7 +8,9 @@ An online algorithm gives
                                                 on each minibatch; ``out`` is the policy's
                                                 ``PolicyOutput`` on that minibatch
 
-and an offline algorithm gives ``dataset(task, cfg, generator)`` and
+and an offline algorithm gives ``dataset(task, cfg, generator, ref)`` (``ref``: the policy its data
+may be sampled from: the run's frozen initial policy, ``None`` where a run has none, or the
+checkpoint its ``data_policy(cfg)`` names, loaded by ``workbench.runtime.data``) and
 
     forward(model, ref, batch) -> outputs       the model passes (a dict of tensors), no loss
     loss(outputs, batch, cfg, beta) -> (loss, per_row_loss, stats)
@@ -81,6 +83,8 @@ class AlgorithmSpec:
     # the config whose loss is the policy's alone (PPO: no value loss), for gradient probes of pi
     policy_loss_only: Callable[[Any], Any] = lambda cfg: cfg
     defaults: dict = field(default_factory=dict)  # run-level defaults this algorithm prefers
+    # offline: the checkpoint folder whose policy samples the dataset (None: the run's pi_ref, passed as ``ref``)
+    data_policy: Callable[[Any], str | None] = lambda cfg: None
     # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
     # whose regularisers read differently are not compared on raw reward or KL (workbench.studies checks rules)
     regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"

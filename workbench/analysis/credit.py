@@ -15,6 +15,13 @@ enumerated sequence log-probs by marginalising the later tokens:
 log P(y_<=t) = logsumexp over y_>t of log pi(y|x), log pi(y_t | y_<t) = log P(y_<=t) - log P(y_<t).
 Arrays are kept as ``(P, A, ..., A)`` tensors, one axis per position, in float64.
 
+With an end-of-sequence action the states after a completion's first EOS are terminal. The
+DP runs on the full grid of A ** T token sequences, where the policy's probability of a grid
+row is pi(canonical row) x (1/A) per padding position: the padding is drawn uniformly and
+pays nothing, so V = 0 after the EOS, Q(s_t, EOS) = E[R_t | s_t, EOS] (the episode ends) and
+the advantage of any padding token is 0. A sampled (canonical) completion is read at its
+own row of the grid (``completion_index``). Needs A ** T <= 100,000.
+
 Each method's per-token advantages (``spec.prepare(rollout).advantages``, ``(B, T)``:
 PPO's GAE with its critic, GRPO's and RLOO's per-sequence constants, REINFORCE's
 returns minus baseline) are compared with A(s_t, y_t) at the sampled tokens:
@@ -33,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..core.stats import pearson
+from ..toy_tasks.base import MAX_ENUMERABLE
 from .exact import exact_logprobs
 
 
@@ -44,7 +52,7 @@ def step_rewards_all(task, prompts: Tensor, comps: Tensor, dense: bool) -> Tenso
         r = task.process_reward(pr, cr).float()
     else:
         r = torch.zeros(cr.shape)
-        r[:, -1] = task.reward(pr, cr).float()
+        r[torch.arange(len(cr)), task.lengths(cr) - 1] = task.reward(pr, cr).float()  # at the last counted token
     return r.view(P, N, -1)
 
 
@@ -176,6 +184,11 @@ def compare(
     return summary, rows
 
 
+def credit_supported(task) -> bool:
+    """Whether ``ExactCredit`` can run on an enumerable task: always without EOS; with EOS while A ** T <= 100,000."""
+    return task.eos_action is None or task.n_actions**task.completion_len <= MAX_ENUMERABLE
+
+
 class ExactCredit:
     """Holds what does not change during a run (rewards, reference log-probs, decisive positions).
 
@@ -187,6 +200,16 @@ class ExactCredit:
         self.task, self.beta = task, beta
         self.prompts = task.eval_prompts()
         comps = task.all_completions()
+        self.grid = None  # with EOS: (index into all_completions, padding count) of every row of the full grid
+        if task.eos_action is not None:
+            A, T = task.n_actions, task.completion_len
+            if not credit_supported(task):
+                raise ValueError(f"exact credit with EOS walks the full grid: A ** T = {A**T} > {MAX_ENUMERABLE}")
+            full = task.canonical(task.full_grid())
+            idx = torch.searchsorted(completion_index(comps, A), completion_index(full, A))
+            self.grid = (idx, (T - task.lengths(full)).double())
+            comps = full
+            ref_logp = self.on_grid(ref_logp)
         self.dense = task.dense_reward if dense is None else dense
         self.step_rewards = step_rewards_all(task, self.prompts, comps, self.dense)  # (P, N, T)
         P, N = len(self.prompts), len(comps)
@@ -194,9 +217,18 @@ class ExactCredit:
         self.decisive = decisive_positions(task, gold)
         self.ref_logp = ref_logp.cpu()
 
+    def on_grid(self, logp: Tensor) -> Tensor:
+        """log pi over the canonical completions ``(P, N)`` -> over the full grid ``(P, A ** T)`` (tasks with EOS):
+        log pi(canonical row) - (padding count) log A."""
+        if self.grid is None:
+            return logp
+        idx, pad = self.grid
+        return logp.double()[:, idx] - pad * math.log(self.task.n_actions)
+
     @torch.no_grad()
     def advantages(self, policy, kl_reward: bool = False, logp: Tensor | None = None) -> Tensor:
         logp = exact_logprobs(policy, self.task, self.prompts).cpu() if logp is None else logp
+        logp = self.on_grid(logp)
         A, T = self.task.n_actions, self.task.completion_len
         ref = self.ref_logp if kl_reward else None
         return exact_advantages(logp, self.step_rewards, A, T, ref, self.beta)["adv"]

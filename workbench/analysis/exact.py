@@ -14,6 +14,17 @@ The log-probabilities of all completions come from A ** (T-1) prefixes in one ba
 teacher-forced pass each: the last position's distribution scores all A continuations. A
 policy with a native GPT-2 walks a KV-cached prefix tree instead (``Policy.completion_logprobs``).
 
+With an end-of-sequence action the completions are the task's canonical ones (every answer
+ended by EOS and padded with it, and every truncated one; ``task.all_completions``), scored by
+one teacher-forced pass each: log pi(y|x) = sum_t m_t log pi(y_t | s_t), m the completion mask
+(the padding after EOS is no choice of the policy). Those tasks also get
+
+    length/exact                E_x sum_y pi(y|x) |y|       |y| = counted tokens (answer + EOS)
+    length/exact_correct        E[|y| | correct], correct = gold reward 1 (over all prompts)
+    length/exact_incorrect      E[|y| | not correct]
+    length/exact_truncated_frac E_x sum_y pi(y|x) 1[y has no EOS]
+    optimal/length              length/exact of pi*
+
 Always in float32: ``exact_logprobs`` turns autocast off (``full_precision``), so a run with
 ``precision = "bf16"`` is measured exactly as its fp32 twin with the same weights would be.
 """
@@ -34,6 +45,8 @@ def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 409
 
 
 def _exact_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
+    if task.eos_action is not None:  # variable length: a teacher-forced pass over the canonical completions
+        return _canonical_logprobs(policy, task, prompts, chunk)
     if getattr(policy, "has_prefix_tree", False):  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
         return policy.completion_logprobs(prompts.to(policy.device), chunk)
     A, _T = task.n_actions, task.completion_len
@@ -50,6 +63,22 @@ def _exact_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
             rows.append(head + o.logits[:, -1, :])  # (n, A): + log pi(y_T-1 | prefix)
         out.append(torch.cat(rows).reshape(-1))
     return torch.stack(out)  # (P, A^T)
+
+
+def _canonical_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
+    """``(P, N)`` log pi(y|x) = sum_t m_t log pi(y_t | s_t) over the canonical completions of a task with EOS."""
+    dev = policy.device
+    comps = task.all_completions().to(dev)  # (N, T)
+    mask = task.completion_mask(comps)  # (N, T) m_t
+    out = []
+    for p in prompts.to(dev):
+        rows = []
+        for s in range(0, len(comps), chunk):
+            c = comps[s : s + chunk]
+            o = policy(p.expand(len(c), -1), c, values=False)
+            rows.append((o.logp * mask[s : s + chunk]).sum(-1))  # masked sum: padding is no choice
+        out.append(torch.cat(rows))
+    return torch.stack(out)  # (P, N)
 
 
 def optimal_logprobs(ref_logp: Tensor, rewards: Tensor, beta: float) -> Tensor:
@@ -78,6 +107,12 @@ class ExactEvaluator:
         with torch.no_grad():
             self.ref_logp = exact_logprobs(ref_policy, task, self.prompts).cpu()  # (P, N)
         self.opt_logp = optimal_logprobs(self.ref_logp, self.rewards, beta) if beta > 0 else None
+        self.lengths = None  # with EOS: (N,) counted tokens, (P, N) correct, (N,) truncated
+        if task.eos_action is not None:
+            self.lengths = task.lengths(comps).float()
+            gold = task.reward(self.prompts.repeat_interleave(N, 0), comps.repeat(P, 1)).view(P, N)
+            self.correct = (gold >= 1.0).float()
+            self.truncated = task.truncated(comps).float()
 
     @torch.no_grad()
     def measure(self, policy) -> dict[str, float]:
@@ -94,6 +129,20 @@ class ExactEvaluator:
         }
         if self.opt_logp is not None:
             out["kl/exact_to_optimal"] = kl(logp, self.opt_logp).mean().item()
+        if self.lengths is not None:
+            out.update(self.length_metrics(p))
+        return out
+
+    def length_metrics(self, p: Tensor) -> dict[str, float]:
+        """``length/exact*`` of the distribution ``p (P, N)`` over the canonical completions (tasks with EOS)."""
+        L, c = self.lengths, self.correct  # (N,), (P, N)
+        out = {
+            "length/exact": (p * L).sum(-1).mean().item(),
+            "length/exact_truncated_frac": (p * self.truncated).sum(-1).mean().item(),
+        }
+        for name, w in (("correct", p * c), ("incorrect", p * (1 - c))):
+            if w.sum() > 0:  # E[|y| | correct] over all eval prompts; absent when no completion qualifies
+                out[f"length/exact_{name}"] = ((w * L).sum() / w.sum()).item()
         return out
 
     def optimum(self) -> dict[str, float]:
@@ -103,4 +152,80 @@ class ExactEvaluator:
         p = self.opt_logp.exp()
         r = (p * self.rewards).sum(-1).mean().item()
         k = kl(self.opt_logp, self.ref_logp).mean().item()
-        return {"optimal/reward": r, "optimal/kl": k, "optimal/objective": r - self.beta * k}
+        out = {"optimal/reward": r, "optimal/kl": k, "optimal/objective": r - self.beta * k}
+        if self.lengths is not None:
+            out["optimal/length"] = (p * self.lengths).sum(-1).mean().item()
+        return out
+
+
+def best_of_n_logprobs(logp: Tensor, rewards: Tensor, n: int) -> Tensor:
+    """Exact log-probabilities of best-of-n from pi: draw y_1..y_n ~ pi(.|x), keep the highest reward.
+
+    logp, rewards: ``(P, N)`` log pi(y|x) and r(x, y) of every completion of each prompt. With
+    F(y) = sum_{y': r(y') <= r(y)} pi(y'), F(y-) = sum_{y': r(y') < r(y)} pi(y') (the CDF of the
+    reward under pi, in reward order) and m(y) = F(y) - F(y-) the mass of y's tie block,
+
+        P_bon(y) = pi(y) / m(y) * (F(y)^n - F(y-)^n)
+
+    For distinct rewards m(y) = pi(y) and P_bon(y) = F(y)^n - F(y-)^n: the maximum of n draws
+    lands at y. Ties: the block of equal rewards gets F^n - F-^n, shared in proportion to pi,
+    which is exact whenever the tie is broken without looking at y (the first of the tied
+    draws, or a uniformly random one): the kept draw is then a draw from pi restricted to the
+    block. Returns ``(P, N)`` float64 log P_bon (-inf where best-of-n never lands).
+    """
+    logp, rewards = logp.double(), rewards.double()
+    p = logp.exp()
+    r_sorted, order = rewards.sort(dim=-1)
+    cum = torch.cat([torch.zeros_like(p[:, :1]), p.gather(-1, order).cumsum(-1)], dim=-1)  # (P, N + 1)
+    hi = torch.searchsorted(r_sorted, rewards, right=True)  # completions with r' <= r(y)
+    lo = torch.searchsorted(r_sorted, rewards, right=False)  # completions with r' < r(y)
+    F = cum.gather(-1, hi).clamp(max=1.0)  # F(y)
+    m = torch.where(hi - lo == 1, p, cum.gather(-1, hi) - cum.gather(-1, lo))  # m(y): pi(y) when untied
+    m = torch.minimum(m, F)
+    # F^n - F-^n = F^n (1 - (1 - m/F)^n), the second factor by log1p/expm1: no cancellation for small m
+    log_gap = torch.log(-torch.expm1(n * torch.log1p(-(m / F).clamp(max=1.0))))
+    logq = logp - torch.log(m) + n * torch.log(F) + log_gap
+    return torch.where(p > 0, logq, torch.full_like(logq, -torch.inf))  # pi(y) = 0: never drawn, never kept
+
+
+def best_of_n_kl(logp: Tensor, rewards: Tensor, n: int) -> Tensor:
+    """``(P,)`` KL(P_bon(.|x) || pi(.|x)) of ``best_of_n_logprobs``, in nats.
+
+    It is at most log n - (n - 1)/n (``best_of_n_kl_bound``; Beirami et al. 2024, arXiv
+    2401.01879), and with distinct rewards it approaches that bound as max_y pi(y|x) -> 0, but
+    never reaches it for n > 1 on a finite completion set. Why: with u ~ U(0, 1) the
+    continuous best-of-n has density n u^(n-1) and KL = log n + (n - 1) E[log u] = log n -
+    (n - 1)/n (E[log u] = -1/n under Beta(n, 1)); pi and P_bon are the images of U(0, 1) and of
+    that law under the map from u to the completion whose CDF interval [F(y-), F(y)) holds u,
+    so by the data-processing inequality the discrete KL is smaller, strictly unless every
+    interval has zero width. The closed form of the issue is the continuum limit.
+    """
+    logq = best_of_n_logprobs(logp, rewards, n)
+    q = logq.exp()
+    return torch.where(q > 0, q * (logq - logp.double()), torch.zeros_like(q)).sum(-1)
+
+
+def best_of_n_kl_bound(n: int) -> float:
+    """log n - (n - 1)/n: the KL of best-of-n to pi for a continuous reward distribution, an upper bound otherwise."""
+    return torch.tensor(float(n), dtype=torch.float64).log().item() - (n - 1) / n
+
+
+def best_of_n_frontier(logp: Tensor, rewards: Tensor, ns: list[int]) -> list[dict[str, float]]:
+    """Exact expected reward and KL to pi of best-of-n from pi, for each n in ``ns``, averaged over prompts.
+
+    logp, rewards: ``(P, N)`` as for ``best_of_n_logprobs`` (e.g. ``ExactEvaluator``'s ``ref_logp`` and
+    ``rewards``: the best-of-n frontier of pi_ref, against which a trained policy's (kl/exact, reward/exact)
+    is read). Returns one ``{"n", "reward", "kl", "kl_bound"}`` per n.
+    """
+    out = []
+    for n in ns:
+        q = best_of_n_logprobs(logp, rewards, n).exp()
+        out.append(
+            {
+                "n": n,
+                "reward": (q * rewards.double()).sum(-1).mean().item(),
+                "kl": best_of_n_kl(logp, rewards, n).mean().item(),
+                "kl_bound": best_of_n_kl_bound(n),
+            }
+        )
+    return out

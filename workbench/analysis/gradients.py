@@ -342,6 +342,7 @@ def slice_rollout(roll: Rollout, start: int, stop: int) -> Rollout:
         gold=roll.gold[sl],
         group_size=roll.group_size,
         old_values=None if roll.old_values is None else roll.old_values[sl],
+        eos_action=roll.eos_action,
     )
 
 

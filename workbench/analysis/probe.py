@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -49,8 +49,9 @@ from ..models.precision import full_precision
 from ..registry import ALGORITHMS
 from ..results import publish, results_dir
 from ..runtime.context import Measure
+from ..runtime.data import offline_dataset
 from ..runtime.rollout import rollout
-from .credit import ExactCredit, compare, kl_in_reward
+from .credit import ExactCredit, compare, credit_supported, kl_in_reward
 from .exact import ExactEvaluator
 from .gradients import (
     dataset_gradient,
@@ -143,7 +144,9 @@ class Estimators:
     def dataset(self, obj: Objective) -> dict:
         if obj.name not in self.datasets:  # the run's own data stream seed: the same dataset training used
             gen = seeds.data(self.res.run.seed)
-            self.datasets[obj.name] = obj.spec.dataset(self.task, obj.cfg, gen)
+            self.datasets[obj.name] = offline_dataset(
+                replace(self.res, spec=obj.spec, algo_cfg=obj.cfg), self.ref, gen, self.device
+            )
         return self.datasets[obj.name]
 
     # -- estimators -------------------------------------------------------------------------
@@ -214,7 +217,8 @@ class Prober(Measure):
         ]  # a probe-table variant (reinforce: no baseline), not this run's
         self.own.cfg = self.own.cfg.model_copy(update={k: getattr(res.algo_cfg, k) for k in overridden})
         self.exact = exact
-        self.credit = ExactCredit(res.task, exact.ref_logp, res.run.beta) if exact is not None else None
+        supported = exact is not None and credit_supported(res.task)  # with EOS: the full grid must be small
+        self.credit = ExactCredit(res.task, exact.ref_logp, res.run.beta) if supported else None
         self.others = [make_objective(res, n) for n in ("sft", "dpo")] if exact is not None else []
         self.credit_file = Path(out) / "credit.jsonl" if out is not None else None
         if self.credit_file is not None:

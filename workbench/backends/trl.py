@@ -21,19 +21,27 @@ How the toy task reaches TRL:
 - prompts and completions are text ("<bos> p3" and " s1 s0 s2"), one word-level token per
   word, so TRL tokenises exactly our ``Policy.input_ids``;
 - online trainers generate ``completion_len`` tokens from the action words only: every
-  other token id is in ``generation_kwargs["suppress_tokens"]`` (EOS included, so the
-  length is fixed and the completion mask is all ones). TRL's log-probs stay a softmax over
-  the whole vocabulary, its own definition; the exact metrics read the action-restricted
-  policy, as for workbench runs;
+  other token id is in ``generation_kwargs["suppress_tokens"]`` (the tokenizer's EOS
+  included, so without an EOS action the length is fixed and the completion mask is all
+  ones). TRL's log-probs stay a softmax over the whole vocabulary, its own definition; the
+  exact metrics read the action-restricted policy, as for workbench runs;
 - the reward function maps the generated token ids back to action indices and calls the
   task's reward (or the reward model), the same ``score`` the workbench loop uses;
 - SFT data is passed tokenised, without the EOS TRL would append to text completions; DPO
   and reward-model pairs are text, and TRL appends EOS to each completion (its convention,
   pinned in ``tests/test_trl_parity.py``).
 
-Unit conversions (fixed-length completions of T tokens, mask all ones): TRL logs the KL as
-a mean per token, ours as a sum over the completion (mean over sequences), so
-``kl/k3_loss`` = T x TRL's ``kl``.
+With an EOS action (``task.eos = true``; not for the reward model) the tokenizer's ``eos_token``
+is the task's EOS word (``<end>``), so TRL's EOS is the task's: GRPO/RLOO generation stops a
+completion at it and TRL masks what follows (its padding, ``pad_token_id``); the generated
+completions are padded back with the EOS action to ``completion_len`` for the reward
+(``Codec.completions``, ``Task.canonical``). SFT demonstrations and DPO completions reach TRL
+cut after their EOS; a DPO completion truncated at max_len (no EOS) gets TRL's appended EOS,
+one token more than our mask counts (TRL's every-completion-ends-with-EOS convention).
+
+Unit conversions: TRL logs the KL as a mean per completion token of the batch, ours as a sum
+over each completion (mean over sequences), so ``kl/k3_loss`` = TRL's ``kl`` x its
+``completions/mean_length`` (T for fixed-length completions).
 """
 
 from __future__ import annotations
@@ -141,8 +149,12 @@ def check_config(res: Resolved) -> None:
     problems = []
     if res.run.model.arch != "gpt2" and res.run.model.impl == "native":
         problems.append("model.impl 'native' is GPT-2 only")
+    if res.task.eos_action is not None and name == "rm":
+        problems.append("the TRL backend's reward model reads fixed-length completions: set task.eos = false")
     if name in ("dpo", "ipo", "rm") and acfg.labels == "soft":
         problems.append(f"TRL's {TRL_TRAINERS[name]} takes hard preference labels: set algo.labels = 'sampled'")
+    if name in ("dpo", "ipo") and acfg.pairs == "reference":  # the pairs come from the workbench policy's sampler
+        problems.append("pairs sampled from pi_ref are the workbench backend's: set algo.pairs to 'all' or 'random'")
     if name == "grpo":
         if acfg.kl_estimator != "k3":
             problems.append("GRPOTrainer's KL term is the k3 estimator: set algo.kl_estimator = 'k3'")
@@ -212,19 +224,33 @@ class Codec:
         bos = [self.tokenizer.bos_token] if self.tokenizer.bos_token is not None else []
         return " ".join(bos + [self.task.prompt_words[i] for i in prompt.tolist()])
 
+    def counted(self, completion: torch.Tensor) -> list[int]:
+        """Action indices TRL sees: the whole completion, or with an EOS action the tokens up to and including it."""
+        if self.task.eos_action is None:
+            return completion.tolist()
+        return completion[: int(self.task.lengths(completion[None])[0])].tolist()
+
     def completion_text(self, completion: torch.Tensor) -> str:
-        return "".join(" " + self.task.action_words[i] for i in completion.tolist())
+        """`` s1 s0``; with an EOS action the counted words, ending with the EOS word (TRL's ``eos_token``)."""
+        return "".join(" " + self.task.action_words[i] for i in self.counted(completion))
 
     def prefix_ids(self, prompt: torch.Tensor) -> list[int]:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         return bos + self.prompt_ids[prompt].tolist()
 
     def completions(self, completion_ids: list[list[int]]) -> torch.Tensor:
-        """Generated token ids ``B x [T]`` -> action indices ``(B, T)``."""
+        """Generated token ids ``B x [T]`` -> action indices ``(B, T)``; with an EOS action TRL's completions end
+        at their EOS (``B x [<= T]``) and are padded with the EOS action to ``completion_len`` (``Task.canonical``)."""
+        eos, T = self.task.eos_action, self.task.completion_len
+        if eos is not None:
+            if any(len(ids) > T for ids in completion_ids):
+                raise RuntimeError(f"TRL generated more than completion_len = {T} tokens")
+            pad = int(self.action_ids[eos])
+            completion_ids = [list(ids) + [pad] * (T - len(ids)) for ids in completion_ids]
         comps = self.to_action[torch.tensor(completion_ids, dtype=torch.long)]
         if (comps < 0).any():
             raise RuntimeError("TRL generated a token outside the task's action words")
-        return comps
+        return self.task.canonical(comps)
 
     def suppressed(self) -> list[int]:
         """Every token id that is not an action word: kept out of generation."""
@@ -252,7 +278,7 @@ def offline_dataset(res: Resolved, codec: Codec):
     data = res.spec.dataset(res.task, res.algo_cfg, data_gen)
     if res.spec.name == "sft":  # tokenised: no EOS appended, loss on the completion only
         rows = [
-            (codec.prefix_ids(p), codec.action_ids[c].tolist())
+            (codec.prefix_ids(p), codec.action_ids[codec.counted(c)].tolist())
             for p, c in zip(data["prompts"], data["completions"], strict=True)
         ]
         return datasets.Dataset.from_dict(
@@ -344,10 +370,13 @@ def _callback_class():
                 if k in _DROPPED or k.startswith("rewards/task_reward/") or not isinstance(v, (int, float)):
                     continue
                 if k == "kl":
+                    # TRL: mean per completion token of the batch; ours: sum over each completion, mean over the
+                    # batch = TRL's x the mean completion length (T for fixed-length completions)
+                    length = logs.get("completions/mean_length", self.T)
                     if self.res.spec.name == "grpo":
-                        self.row["kl/k3_loss"] = v * self.T  # TRL: mean per token; ours: sum over the completion
+                        self.row["kl/k3_loss"] = v * length
                     elif self.res.spec.name == "rloo":
-                        self.row["kl/k1_reward"] = v * self.T
+                        self.row["kl/k1_reward"] = v * length
                     else:
                         self.row["trl/kl"] = v
                     continue
@@ -402,6 +431,8 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
         model, tok = rmodel.model, rmodel.tokenizer
     else:
         model, tok = _hf_model(task, run.model, run.seed)
+    if task.eos_action is not None:  # TRL's EOS is the task's EOS action: generation stops there, TRL masks after it
+        tok.eos_token = task.action_words[task.eos_action]
     codec = Codec(task, tok)
     out_dir = work / "trl_output"
     reward_fn = None

@@ -33,6 +33,7 @@ class Rollout:
     gold: Tensor  # (B,) gold reward, for logging
     group_size: int
     old_values: Tensor | None = None  # (B, T) V_old(s_t) with a value head
+    eos_action: int | None = None  # the task's end-of-sequence action (mask: 1 up to and including the first EOS)
 
 
 B_ = TypeVar("B_", bound="Batch")

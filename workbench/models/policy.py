@@ -5,8 +5,8 @@ The algorithms never touch a model. They see
 - ``policy(prompts, completions) -> PolicyOutput``: per-token log-probs ``logp (B, T)``,
   the action-restricted log-distribution ``logits (B, T, A)`` and, with a value head,
   ``values (B, T)`` where ``values[:, t]`` is V(s_t), s_t = prompt + y_<t;
-- ``policy.sample(prompts, generator) -> (completions (B, T), logp (B, T))``, a fixed-length
-  sampler with an explicit KV cache.
+- ``policy.sample(prompts, generator) -> (completions (B, T), logp (B, T))``, a sampler with an
+  explicit KV cache: fixed length, or each row stopping at the task's end-of-sequence action.
 
 Prompts and completions are task *indices* (see ``workbench.toy_tasks.base``); the policy
 maps them to token ids once, through index tensors built from the tokenizer. The model's
@@ -179,6 +179,7 @@ class Policy(nn.Module):
         self.autocast_dtype = autocast_dtype(precision)
         self.tokenizer = tokenizer
         self.completion_len = task.completion_len
+        self.eos_action = task.eos_action  # sampling stops per row at this action (None: fixed length)
         bos = tokenizer.bos_token_id
         self.register_buffer(
             "prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False
@@ -233,6 +234,9 @@ class Policy(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Sample ``completion_len`` tokens with a KV cache. Returns ``(completions, logp)``, each ``(B, T)``.
 
+        With an EOS action (``task.eos_action``) a row stops at its first EOS: its later tokens are
+        padding (the EOS action, log-prob 0), and sampling ends once every row has stopped.
+
         ``logp`` is log pi at temperature 1 (the policy's own probabilities), whatever
         ``temperature`` was used to draw the tokens. A stacked model (seeds as a batch
         dimension) takes prompts ``(S, B, Tp)`` and one generator per seed.
@@ -256,14 +260,29 @@ class Policy(nn.Module):
         cache = None
         comps, logps = [], []
         native = {"max_length": ids.shape[-1] + T, **self._head()} if self._head() else {}
+        eos = self.eos_action
+        done = None  # (B, 1) rows that have emitted EOS, with an EOS action
         for t in range(T):
+            if done is not None and bool(done.all()):  # every row has stopped: the rest is padding
+                pad = torch.full((*done.shape[:-1], T - t), eos, dtype=torch.long, device=done.device)
+                comps.append(pad)
+                logps.append(torch.zeros(pad.shape, device=done.device))
+                break
             out = self.model(input_ids=ids, use_cache=t < T - 1, logits_to_keep=1, **{self._cache_kw: cache}, **native)
             cache = out.cache if hasattr(out, "cache") else out.past_key_values  # the output's name moved as well
             logits = F.log_softmax(self._action_logits(out.logits[..., -1, :]), dim=-1)  # (B, A) log pi(. | s_t)
             z = logits if temperature == 1.0 else logits / temperature
             y = (z + gumbel[..., t, :]).argmax(-1, keepdim=True)  # (B, 1) y_t ~ softmax(z)
+            lp = logits.gather(-1, y)
+            if eos is not None:
+                if done is not None:  # after EOS: padding, which is no choice (log-prob 0)
+                    y = y.masked_fill(done, eos)
+                    lp = lp.masked_fill(done, 0.0)
+                    done = done | (y == eos)
+                else:
+                    done = y == eos
             comps.append(y)
-            logps.append(logits.gather(-1, y))
+            logps.append(lp)
             ids = self.action_ids[y]
         return torch.cat(comps, dim=-1), torch.cat(logps, dim=-1)
 

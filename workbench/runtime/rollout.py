@@ -19,21 +19,23 @@ def score(res: Resolved, rm, prompts, comps) -> tuple[torch.Tensor, torch.Tensor
     """``(scores (B,), step_rewards (B, T), gold (B,))`` for a batch of completions.
 
     ``scores`` is what the run optimises: the reward model's score when the run has one, else
-    the gold reward; ``step_rewards`` puts it on the last token (or the task's dense process
-    reward); ``gold`` is always the task's reward, for logging.
+    the gold reward; ``step_rewards`` puts it on the last counted token (the EOS, or the last
+    token without one; or the task's dense process reward); ``gold`` is always the task's
+    reward, for logging.
     """
     task = res.task
     gold = task.reward(prompts, comps).float()
+    rows, last = torch.arange(comps.shape[0], device=comps.device), task.lengths(comps) - 1  # (B,) the final step
     if rm is not None:
         scores = rm(prompts, comps)
         steps = torch.zeros(comps.shape, device=comps.device)
-        steps[:, -1] = scores
+        steps[rows, last] = scores
         return scores, steps, gold
     if task.dense_reward:
         steps = task.process_reward(prompts, comps).float()
     else:
         steps = torch.zeros(comps.shape, device=comps.device)
-        steps[:, -1] = gold
+        steps[rows, last] = gold
     return gold, steps, gold
 
 
@@ -57,7 +59,7 @@ def rollout(
     roll = Rollout(
         prompts=prompts,
         completions=comps,
-        mask=torch.ones_like(old_logp),
+        mask=res.task.completion_mask(comps),  # 1 up to and including the first EOS (all ones without EOS)
         old_logp=old_logp,
         ref_logp=ref_logp,
         scores=scores,
@@ -65,6 +67,7 @@ def rollout(
         gold=gold,
         group_size=group_size,
         old_values=old_values,
+        eos_action=res.task.eos_action,
     )
     return roll, out
 
@@ -84,6 +87,29 @@ def rollout_stats(roll: Rollout, batch: Batch) -> dict:
                 (kl_estimate(roll.old_logp, roll.ref_logp, name) * roll.mask).sum(-1).mean().item()
             )
     if batch.advantages is not None:
-        out["adv/mean"] = batch.advantages.mean().item()
-        out["adv/std"] = batch.advantages.std().item()
+        if bool(roll.mask.all()):
+            out["adv/mean"] = batch.advantages.mean().item()
+            out["adv/std"] = batch.advantages.std().item()
+        else:  # over counted tokens only (padding after EOS carries no advantage)
+            adv = batch.advantages[roll.mask > 0]
+            out["adv/mean"] = adv.mean().item()
+            out["adv/std"] = adv.std().item() if adv.numel() > 1 else 0.0
+    if roll.eos_action is not None:
+        out.update(length_stats(roll))
+    return out
+
+
+def length_stats(roll: Rollout) -> dict:
+    """``length/*`` of a rollout of a task with EOS: counted tokens per completion (the answer and its EOS).
+
+    Correct means gold reward 1 (the exact answer); a mean over no completion is left out.
+    """
+    lengths = roll.mask.sum(-1)  # (B,)
+    truncated = (roll.completions != roll.eos_action).all(-1)
+    correct = roll.gold >= 1.0
+    out = {"length/mean": lengths.mean().item(), "length/truncated_frac": truncated.float().mean().item()}
+    if correct.any():
+        out["length/correct_mean"] = lengths[correct].mean().item()
+    if (~correct).any():
+        out["length/incorrect_mean"] = lengths[~correct].mean().item()
     return out

@@ -6,6 +6,12 @@ match, else 0; the process reward pays 1/(n+1) per correct digit (it sums to the
 of correct digits, not to the exact-match reward: a genuinely different, denser signal).
 With n = 2 there are 10,000 prompts and 1,000 completions each; the task is treated as
 not enumerable (``eval_prompts`` is a fixed sample, evaluated by sampling).
+
+With ``eos = true`` the answer is a + b written without leading zeros (1 to n + 1 digits),
+ended by the EOS action ``<end>`` (index 10); completions have max_len = n + 2 tokens. Reward
+1 exactly when the answer (the tokens before the first EOS) is that number, else 0 (a
+truncated completion, with no EOS, scores 0); the process reward pays m_l / max(k, l) per
+digit, m_l = 1[a_l == d_l] for l < min(k, l), k the answer's length and l the sum's.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Task, TaskConfig
+from .base import Task, TaskConfig, answer_matches
 
 DIGITS = [str(d) for d in range(10)]
 
@@ -23,6 +29,7 @@ class ArithmeticConfig(TaskConfig):
     n_digits: int = Field(2, ge=1, le=6, description="n, digits per operand")
     n_eval_prompts: int = Field(64, ge=1, le=1_000_000, description="size of the fixed evaluation prompt set")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the evaluation prompt set")
+    eos: bool = Field(False, description="answers without leading zeros, ended by an end-of-sequence action")
 
 
 class Arithmetic(Task):
@@ -36,7 +43,11 @@ class Arithmetic(Task):
 
     @property
     def action_words(self) -> list[str]:
-        return DIGITS
+        return DIGITS + (["<end>"] if self.cfg.eos else [])
+
+    @property
+    def eos_action(self) -> int | None:
+        return 10 if self.cfg.eos else None
 
     @property
     def prompt_len(self) -> int:
@@ -44,7 +55,7 @@ class Arithmetic(Task):
 
     @property
     def completion_len(self) -> int:
-        return self.cfg.n_digits + 1
+        return self.cfg.n_digits + 2 if self.cfg.eos else self.cfg.n_digits + 1
 
     @property
     def enumerable(self) -> bool:
@@ -72,10 +83,31 @@ class Arithmetic(Task):
     def demonstrations(self, prompts: Tensor) -> Tensor:
         n = self.cfg.n_digits
         total = self._number(prompts[:, :n]) + self._number(prompts[:, n + 1 : 2 * n + 1])
+        if self.cfg.eos:
+            return self._answer(total)[0]
         return self._digits(total, n + 1)
 
+    def _answer(self, total: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, n + 2)`` the digits of ``total`` without leading zeros, then EOS padding; and their count ``(B,)``."""
+        n = self.cfg.n_digits
+        digits = self._digits(total, n + 1)  # (B, n + 1) zero-padded
+        length = (n + 1) - (digits[:, :-1] == 0).long().cumprod(1).sum(1)  # leading zeros dropped, "0" kept
+        pos = torch.arange(n + 2, device=total.device)
+        idx = (pos[None, :] + (n + 1 - length)[:, None]).clamp(max=n)
+        out = torch.where(pos[None, :] < length[:, None], digits.gather(1, idx), self.eos_action)
+        return out, length
+
     def process_reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        if self.cfg.eos:
+            n = self.cfg.n_digits
+            total = self._number(prompts[:, :n]) + self._number(prompts[:, n + 1 : 2 * n + 1])
+            target, length = self._answer(total)
+            m, denom = answer_matches(completions, self.eos_action, target, length)
+            return m / denom[:, None]
         return (completions == self.demonstrations(prompts)).float() / self.completion_len
 
     def reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        if self.cfg.eos:  # the answer and its EOS, padding ignored
+            mask = self.completion_mask(completions)
+            return ((completions == self.demonstrations(prompts)).float() * mask).sum(1).eq(mask.sum(1)).float()
         return (completions == self.demonstrations(prompts)).all(dim=1).float()

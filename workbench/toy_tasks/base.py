@@ -11,10 +11,20 @@ tokenizer:
   ``process_is_split`` is true their sum over ``T`` equals the outcome reward (so outcome-
   and process-reward runs optimise the same total); otherwise it is a denser proxy.
 
-Every prompt has the same length and every completion has ``completion_len`` tokens, so no
-padding exists on the toy path. When the completion space ``A ** T`` is small the task is
-*enumerable*: the exact expected reward, KL and optimal policy are computed by summing
-over all completions of every prompt in ``eval_prompts()``.
+Every prompt has the same length and every completion tensor has ``completion_len`` tokens.
+Without an end-of-sequence action (``eos_action is None``, the default) every token counts and
+no padding exists. A task with an EOS action (``eos = true`` on ``sequence`` and
+``arithmetic``) ends a completion at its first EOS: the *answer* is the tokens before it, the
+EOS itself counts (the policy chose to stop), and every later position is padding, always
+written as the EOS action (``canonical``). ``completion_mask`` is 1 up to and including the
+first EOS, 0 after; a completion with no EOS in its ``completion_len`` tokens (max_len) is
+*truncated* (``truncated``), all its tokens count. ``lengths`` is the number of counted tokens.
+
+When the completion space is small the task is *enumerable*: the exact expected reward, KL
+and optimal policy are computed by summing over all completions of every prompt in
+``eval_prompts()``. Without EOS the space is ``A ** T``; with EOS it is the canonical
+completions: every answer of k < T non-EOS tokens followed by EOS (and padding), and every
+truncated one, sum_{k<T} (A-1)^k + (A-1)^T.
 """
 
 from __future__ import annotations
@@ -95,9 +105,17 @@ class Task(ABC):
         return len(self.action_words)
 
     @property
+    def eos_action(self) -> int | None:
+        """Index of the end-of-sequence action in ``action_words``, or ``None`` (fixed-length completions)."""
+        return None
+
+    @property
     def n_completions(self) -> int:
-        """Size of the completion space per prompt, A ** T."""
-        return self.n_actions**self.completion_len
+        """Size of the completion space per prompt: A ** T, or with EOS the canonical completions (module doc)."""
+        A, T = self.n_actions, self.completion_len
+        if self.eos_action is None:
+            return A**T
+        return sum((A - 1) ** k for k in range(T)) + (A - 1) ** T
 
     @property
     def enumerable(self) -> bool:
@@ -134,17 +152,53 @@ class Task(ABC):
     def demonstrations(self, prompts: Tensor) -> Tensor:
         """``(B, T)`` a best completion for each prompt: the SFT targets."""
 
+    # -- end of sequence ----------------------------------------------------------------------
+    def completion_mask(self, completions: Tensor) -> Tensor:
+        """``(B, T)`` float: 1 up to and including the first EOS, 0 after; all ones without EOS."""
+        if self.eos_action is None:
+            return torch.ones(completions.shape, device=completions.device)
+        is_eos = (completions == self.eos_action).long()
+        before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
+        return (before == 0).float()
+
+    def lengths(self, completions: Tensor) -> Tensor:
+        """``(B,)`` long: counted tokens of each completion (the answer plus its EOS; T when truncated)."""
+        return self.completion_mask(completions).sum(-1).long()
+
+    def truncated(self, completions: Tensor) -> Tensor:
+        """``(B,)`` bool: the completion has no EOS in its T tokens (always false without EOS)."""
+        if self.eos_action is None:
+            return torch.zeros(completions.shape[0], dtype=torch.bool, device=completions.device)
+        return (completions != self.eos_action).all(-1)
+
+    def canonical(self, completions: Tensor) -> Tensor:
+        """``(B, T)`` the same completions with every token after the first EOS set to EOS (the padding)."""
+        if self.eos_action is None:
+            return completions
+        return torch.where(self.completion_mask(completions) > 0, completions, self.eos_action)
+
     # -- generic helpers --------------------------------------------------------------------
     def all_completions(self) -> Tensor:
-        """``(A ** T, T)`` every completion in lexicographic order (enumerable tasks only)."""
+        """``(N, T)`` every completion in lexicographic order (enumerable tasks only): the ``A ** T`` grid, or
+        with EOS the ``n_completions`` canonical completions (``full_grid`` is the whole grid)."""
         if not self.enumerable:
             raise ValueError(f"task {self.name!r} has {self.n_completions} completions per prompt: not enumerable")
+        if self.eos_action is None:
+            return self.full_grid()
+        A, T, eos = self.n_actions, self.completion_len, self.eos_action
+        words = [a for a in range(A) if a != eos]
+        rows = [(*w, *[eos] * (T - k)) for k in range(T) for w in itertools.product(words, repeat=k)]
+        rows += list(itertools.product(words, repeat=T))  # truncated
+        return torch.tensor(sorted(rows), dtype=torch.long)
+
+    def full_grid(self) -> Tensor:
+        """``(A ** T, T)`` every token sequence in lexicographic order, padding not canonicalised."""
         grid = itertools.product(range(self.n_actions), repeat=self.completion_len)
         return torch.tensor(list(grid), dtype=torch.long)
 
     def random_completions(self, n: int, generator: torch.Generator) -> Tensor:
-        """``(n, T)`` completions drawn uniformly from the action set."""
-        return torch.randint(0, self.n_actions, (n, self.completion_len), generator=generator)
+        """``(n, T)`` completions drawn uniformly from the action set (canonicalised after an EOS)."""
+        return self.canonical(torch.randint(0, self.n_actions, (n, self.completion_len), generator=generator))
 
     def preferences(
         self,
@@ -178,8 +232,22 @@ class Task(ABC):
             k = max(1, math.ceil(coverage * self.n_actions))
             a = torch.randint(0, k, (n_pairs, self.completion_len), generator=generator)
             b = torch.randint(0, k, (n_pairs, self.completion_len), generator=generator)
+            a, b = self.canonical(a), self.canonical(b)  # tokens after an EOS are padding
         else:
             raise ValueError(f"pairs must be 'all' or 'random', got {pairs!r}")
+        return self.label_pairs(prompts, a, b, generator, labels, temperature)
+
+    def label_pairs(
+        self,
+        prompts: Tensor,
+        a: Tensor,
+        b: Tensor,
+        generator: torch.Generator,
+        labels: str = "sampled",
+        temperature: float = 1.0,
+    ) -> PreferenceData:
+        """Label given pairs ``(a, b)`` ``(N, T)`` of ``prompts`` ``(N, Tp)`` as ``preferences`` does: the
+        Bradley-Terry model over the gold reward, ``labels`` soft or sampled (a draw from ``generator``)."""
         ra, rb = self.reward(prompts, a), self.reward(prompts, b)
         p_a = bradley_terry(ra, rb, temperature)
         if labels == "soft":
@@ -195,9 +263,10 @@ class Task(ABC):
         return PreferenceData(prompts, chosen, rejected, p_chosen.float())
 
     def render(self, prompt: Tensor, completion: Tensor) -> str:
-        """Human-readable ``prompt -> completion`` for logs and sample files."""
+        """Human-readable ``prompt -> completion`` for logs and sample files (the padding after an EOS left out)."""
         p = " ".join(self.prompt_words[i] for i in prompt.tolist())
-        c = " ".join(self.action_words[i] for i in completion.tolist())
+        n = int(self.lengths(completion[None])[0])
+        c = " ".join(self.action_words[i] for i in completion[:n].tolist())
         return f"{p} -> {c}"
 
 
@@ -211,3 +280,21 @@ def bradley_terry(r_a: Tensor, r_b: Tensor, temperature: float) -> Tensor:
 def _covered(comps: Tensor, n_actions: int, coverage: float) -> Tensor:
     k = max(1, math.ceil(coverage * n_actions))
     return (comps < k).all(dim=1)
+
+
+def answer_matches(completions: Tensor, eos: int, targets: Tensor, target_len: Tensor) -> tuple[Tensor, Tensor]:
+    """Score answers ending at the first EOS against variable-length targets.
+
+    ``completions (B, T)``, ``targets (B, L)`` (entries at or after ``target_len (B,)`` are ignored).
+    With k the answer length (tokens before the first EOS; T when truncated) and l the target's,
+    returns ``m (B, T)``: m_t = 1[y_t == target_t] for t < min(k, l), else 0, and ``denom (B,)``
+    = max(k, l): sum_t m_t / denom is 1 exactly when the answer is the target.
+    """
+    T = completions.shape[1]
+    is_eos = (completions == eos).long()
+    k = (is_eos.cumsum(-1) == 0).long().sum(-1)  # answer length
+    pos = torch.arange(T, device=completions.device)
+    valid = (pos[None, :] < torch.minimum(k, target_len.to(k.device))[:, None]).float()
+    targets = torch.nn.functional.pad(targets[:, :T], (0, T - min(T, targets.shape[1])), value=-1)
+    m = (completions == targets.to(completions.device)).float() * valid
+    return m, torch.maximum(k, target_len.to(k.device)).float()

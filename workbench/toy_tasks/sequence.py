@@ -11,6 +11,19 @@ m_l = 1[y_l == t_l(i)]:
 ``process_reward`` always returns the per-step split of the outcome reward (for
 ``decisive``: m_j at position j, zero elsewhere); ``process`` only changes which of the
 two the RL methods are trained on by default. Enumerable while V ** L <= 100,000.
+
+With ``eos = true`` the policy decides where its answer ends. The action set gains ``<end>``
+(the EOS action, index V), completions have max_len = L + 1 tokens (room for a full answer
+and its EOS), and target i has a seeded length l(i) in {1..L} (its first l(i) symbols; drawn
+after the targets, so they are the same as without EOS). With a = the answer (the tokens
+before the first EOS; all L + 1 tokens of a truncated completion), k = |a| and
+m_l = 1[a_l == t_l(i)] for l < min(k, l(i)):
+
+- ``outcome``: r = sum_l m_l / max(k, l(i)), 1 exactly when a = t(i) (a wrong length costs
+  like wrong symbols; a truncated completion never scores 1);
+- ``process``: the same total paid per step, r_l = m_l / max(k, l(i)), nothing after the EOS.
+
+``decisive`` and ``threshold`` are not defined with EOS (a configuration error).
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Task, TaskConfig
+from .base import Task, TaskConfig, answer_matches
 
 
 class SequenceConfig(TaskConfig):
@@ -32,6 +45,7 @@ class SequenceConfig(TaskConfig):
     threshold: int | None = Field(None, ge=1, description="outcome only: pass/fail at this many matches")
     decisive_position: int = Field(0, ge=0, description="j for the 'decisive' variant")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of the targets (not of training)")
+    eos: bool = Field(False, description="add an end-of-sequence action: variable-length answers (module doc)")
 
 
 class Sequence(Task):
@@ -46,6 +60,10 @@ class Sequence(Task):
             raise ValueError(f"threshold {cfg.threshold} must be <= length {cfg.length}")
         g = torch.Generator().manual_seed(cfg.seed)
         self.targets = torch.randint(0, cfg.vocab_size, (cfg.n_prompts, cfg.length), generator=g)  # (P, L)
+        if cfg.eos:
+            if cfg.variant == "decisive" or cfg.threshold is not None:
+                raise ValueError("sequence with eos supports the 'outcome' and 'process' variants without threshold")
+            self.target_len = torch.randint(1, cfg.length + 1, (cfg.n_prompts,), generator=g)  # (P,) l(i)
 
     @property
     def prompt_words(self) -> list[str]:
@@ -53,7 +71,11 @@ class Sequence(Task):
 
     @property
     def action_words(self) -> list[str]:
-        return [f"s{v}" for v in range(self.cfg.vocab_size)]
+        return [f"s{v}" for v in range(self.cfg.vocab_size)] + (["<end>"] if self.cfg.eos else [])
+
+    @property
+    def eos_action(self) -> int | None:
+        return self.cfg.vocab_size if self.cfg.eos else None
 
     @property
     def prompt_len(self) -> int:
@@ -61,7 +83,7 @@ class Sequence(Task):
 
     @property
     def completion_len(self) -> int:
-        return self.cfg.length
+        return self.cfg.length + 1 if self.cfg.eos else self.cfg.length
 
     @property
     def dense_reward(self) -> bool:
@@ -78,6 +100,10 @@ class Sequence(Task):
         return (completions == target).float()  # (B, L)
 
     def process_reward(self, prompts: Tensor, completions: Tensor) -> Tensor:
+        if self.cfg.eos:
+            i = prompts[:, 0].cpu()
+            m, denom = answer_matches(completions, self.eos_action, self.targets[i], self.target_len[i])
+            return m / denom[:, None]  # r_l = m_l / max(k, l(i))
         m = self._matches(prompts, completions)
         if self.cfg.variant == "decisive":
             out = torch.zeros_like(m)
@@ -95,4 +121,9 @@ class Sequence(Task):
         return self.process_reward(prompts, completions).sum(dim=1)
 
     def demonstrations(self, prompts: Tensor) -> Tensor:
+        if self.cfg.eos:  # t(i)'s first l(i) symbols, then EOS (and padding)
+            i = prompts[:, 0].cpu()
+            out = torch.cat([self.targets[i], torch.full((len(i), 1), self.eos_action)], dim=1)
+            pos = torch.arange(self.completion_len)
+            return torch.where(pos[None, :] < self.target_len[i][:, None], out, self.eos_action).to(prompts.device)
         return self.targets.to(prompts.device)[prompts[:, 0]]

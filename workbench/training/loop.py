@@ -20,6 +20,7 @@ from ..config import Resolved
 from ..core import seeds
 from ..core.errors import Diverged
 from ..runtime.context import RunContext, diverged, done
+from ..runtime.data import offline_dataset
 from ..runtime.rollout import rollout, rollout_stats
 from ..runtime.update import make_optimizer, make_schedule, update
 
@@ -27,13 +28,13 @@ from ..runtime.update import make_optimizer, make_schedule, update
 def run_loop(ctx: RunContext, model, ref, rm, progress: bool = True) -> dict:
     """Train ``model`` for ``run.steps`` update rounds, measuring through ``ctx``. Returns ``ctx.finish``'s dict."""
     res, device = ctx.res, ctx.device
-    run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
+    run, task, spec = res.run, res.task, res.spec
     gen = seeds.sampling(run.seed, device)  # sampling
     data_gen = seeds.data(run.seed)  # the prompt stream and fixed datasets
     shuffle_gen = seeds.shuffle(run.seed)  # minibatch order
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], run, device)
     sched = make_schedule(opt, run)
-    dataset = spec.dataset(task, acfg, data_gen) if spec.kind == "offline" else None
+    dataset = offline_dataset(res, ref, data_gen, device) if spec.kind == "offline" else None
     consumed = 0
     status = done(run.steps)
     bar = tqdm(total=run.steps, desc=f"{spec.name}/{task.name}/s{run.seed}", disable=not progress, leave=False)

@@ -44,6 +44,7 @@ from ..core.types import PolicyOutput, Rollout
 from ..models.native_gpt2 import NativeGPT2, StackedLinear
 from ..models.policy import Policy, build_policy, build_reward_model, describe
 from ..runtime.context import Measure, RunContext, diverged, done, setup_device
+from ..runtime.data import offline_dataset
 from ..runtime.rollout import rollout_stats, score
 from ..runtime.update import StackedAdamW, make_optimizer, make_schedule
 
@@ -150,7 +151,7 @@ def train_stacked(
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
     datasets = None
     if spec.kind == "offline":
-        datasets = [spec.dataset(task, r.algo_cfg, g) for r, g in zip(reses, data_gens, strict=True)]
+        datasets = [offline_dataset(r, rf, g, device) for r, g, rf in zip(reses, data_gens, refs, strict=True)]
         if len({len(next(iter(d.values()))) for d in datasets}) != 1:
             raise ConfigError("the runs of a stack drew datasets of different sizes")
     del singles
@@ -230,7 +231,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
         roll = Rollout(
             prompts=prompts[s],
             completions=comps[s],
-            mask=torch.ones_like(old),
+            mask=task.completion_mask(comps[s]),
             old_logp=old,
             ref_logp=ref_logp[s],
             scores=scores[s],
@@ -238,6 +239,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
             gold=gold[s],
             group_size=G,
             old_values=live.values[s].detach() if live.values is not None else None,
+            eos_action=task.eos_action,
         )
         with torch.no_grad():
             batches.append(spec.prepare(roll, r.algo_cfg, r.run.beta))
