@@ -259,20 +259,13 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
                 out = live
             else:
                 out = policy(_rows(prompts, idx), _rows(comps, idx))
-            losses = []
-            for s, r in enumerate(reses):
+
+            def minibatch_loss(s, r, out=out, idx=idx):
                 mb = batches[s] if single else batches[s].select(idx[s], B)
                 o = PolicyOutput(out.logp[s], out.logits[s], out.values[s] if out.values is not None else None)
-                loss, _, st = spec.loss(o, mb, r.algo_cfg, r.run.beta)
-                if s in dead:
-                    continue
-                if not torch.isfinite(loss):
-                    stats[s] = {"diverged": f"non-finite loss {loss.item()}"}
-                    dead.add(s)
-                    continue
-                losses.append(loss)
-                stats[s].update(st)
-            _stacked_update(reses, policy, opt, losses, stats, dead)
+                return spec.loss(o, mb, r.algo_cfg, r.run.beta)
+
+            _stacked_update(reses, policy, opt, _run_losses(reses, minibatch_loss, stats, dead), stats, dead)
     for s in range(S):
         if s not in dead:
             stats[s].update(rollout_stats(rolls[s], batches[s]))
@@ -290,11 +283,21 @@ def stacked_offline_step(reses, policy, ref, opt, datasets, shuffle_gens, alive)
     outputs = spec.forward(policy, ref, batch)  # tensors (S, ...)
     stats: list[dict] = [{} for _ in reses]
     dead = set(range(len(reses))) - set(alive)
+
+    def run_loss(s, r):
+        mine = {k: v[s] for k, v in batch.items()}
+        return spec.loss({k: v[s] for k, v in outputs.items()}, mine, r.algo_cfg, r.run.beta)
+
+    _stacked_update(reses, policy, opt, _run_losses(reses, run_loss, stats, dead), stats, dead)
+    return stats, bs
+
+
+def _run_losses(reses, loss_of, stats: list[dict], dead: set) -> list:
+    """Each live run's loss ``loss_of(s, res) -> (loss, per_token, stats)``; a non-finite one joins ``dead``
+    (the run is marked diverged at this step, before any parameter changes, as ``update`` does alone)."""
     losses = []
     for s, r in enumerate(reses):
-        loss, _, st = spec.loss(
-            {k: v[s] for k, v in outputs.items()}, {k: v[s] for k, v in batch.items()}, r.algo_cfg, r.run.beta
-        )
+        loss, _, st = loss_of(s, r)
         if s in dead:
             continue
         if not torch.isfinite(loss):
@@ -303,8 +306,7 @@ def stacked_offline_step(reses, policy, ref, opt, datasets, shuffle_gens, alive)
             continue
         losses.append(loss)
         stats[s].update(st)
-    _stacked_update(reses, policy, opt, losses, stats, dead)
-    return stats, bs
+    return losses
 
 
 def _stacked_update(reses, policy, opt, losses, stats, dead: set) -> None:
