@@ -20,7 +20,7 @@ from workbench.studies import load_study, run_study
 from workbench.studies.executors import InlineExecutor
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.toml"))
-CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13)}  # C10, C11 need tasks that do not exist yet
+CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14)}  # C10, C11 need tasks that do not exist yet
 DECIDED = {"supported", "contradicted", "inconclusive", "unstable"}
 TINY_MODEL = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 

@@ -20,6 +20,7 @@ CLAIMS = {  # docs/claims.md, shortened
     "C11": "Agentic RL is closer to classic RL: multi-step episodes, tools, sparse success",
     "C12": "Online RL learns from its own samples; DPO from a fixed batch",
     "C13": "Whether supervised learning can replace RL remains open",
+    "C14": "GRPO's per-sequence length normalisation lengthens incorrect answers; Dr. GRPO's constant does not",
 }
 BADGE = {
     "supported": ":green-badge[supported]",

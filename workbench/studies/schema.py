@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from ..config import MAX_COUNT, MAX_SEED, MAX_STEPS, RunConfig
 from ..core.stats import LEVEL
 
-CLAIM_IDS = tuple(f"C{i}" for i in range(1, 14))
+CLAIM_IDS = tuple(f"C{i}" for i in range(1, 15))
 # run settings a study fixes elsewhere: the budget, the seeds, the task and algorithm tables, the command line
 _NOT_SETTINGS = {"task", "algo", "seed", "steps", "batch_size", "device"}
 
