@@ -66,7 +66,10 @@ def test_every_logged_metric_is_documented(tmp_path):
 @pytest.mark.parametrize(
     "args, fragments",
     [
-        (["--task", "bandt", "--algo", "ppo"], ["unknown task 'bandt'", "allowed: arithmetic, bandit, sequence"]),
+        (
+            ["--task", "bandt", "--algo", "ppo"],
+            ["unknown task 'bandt'", "allowed: arithmetic, bandit, digit_sum, sequence"],
+        ),
         (["--task", "bandit", "--algo", "ppx"], ["unknown algorithm 'ppx'", "grpo", "ppo"]),
         (
             ["--task", "bandit", "--algo", "ppo", "--set", "algo.clip_epz=0.1"],

@@ -28,6 +28,7 @@ GOLDEN = Path(__file__).parent / "golden" / "runs.json"
 TASKS = {
     "bandit": {"name": "bandit", "n_arms": 6, "n_contexts": 2},
     "sequence": {"name": "sequence", "vocab_size": 3, "length": 3, "n_prompts": 2},
+    "digit_sum": {"name": "digit_sum", "max_digit": 2, "max_len": 4, "max_target": 4},
 }
 ALGOS = ["sft", "rm", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft"]
 SMALL = {

@@ -21,6 +21,7 @@ VARIANTS = {
     ],
     "sequence": [{}, {"variant": "process"}, {"variant": "decisive", "decisive_position": 2}, {"threshold": 3}],
     "arithmetic": [{}, {"n_digits": 1}],
+    "digit_sum": [{}, {"partial": True}, {"max_digit": 2, "max_len": 4, "max_target": 4}],
 }
 CASES = [(name, kw) for name in TASKS for kw in VARIANTS.get(name, [{}])]
 
@@ -66,6 +67,10 @@ def test_task_contract(name, kw):
 def test_enumeration_is_complete_and_ordered(name, kw):
     task = make(name, kw)
     comps = task.all_completions()
+    if task.eos_action is not None:  # the canonical completions: every distinct padded one (tests/test_eos.py)
+        assert torch.equal(comps, torch.unique(task.canonical(task.full_grid()), dim=0))
+        assert comps.shape == (task.n_completions, task.completion_len)
+        return
     assert comps.shape == (task.n_actions**task.completion_len, task.completion_len)
     assert len({tuple(c) for c in comps.tolist()}) == len(comps)
     assert comps.tolist() == [list(t) for t in itertools.product(range(task.n_actions), repeat=task.completion_len)]

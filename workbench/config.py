@@ -89,6 +89,17 @@ class RunConfig(BaseModel):
         le=MAX_COUNT,
         description="reward_model='fit': preference pairs, uniform completions, one sampled label each",
     )
+    rm_pairs_from: Literal["uniform", "sft"] = Field(
+        "uniform",
+        description="reward_model='fit': the completions of the reward model's pairs: 'uniform', or two samples from "
+        "the SFT policy (phase 1's result, the RL phase's pi_ref; the initial policy without sft_warmup_steps)",
+    )
+    rm_calibrate: Literal["off", "report", "optimise"] = Field(
+        "off",
+        description="reward_model='fit': fit gold ~ a * score + b on held-out pairs after phase 2 and log "
+        "rm/calibration_* and rm/heldout_accuracy; 'report': the proxy metrics in gold units; 'optimise': the RL "
+        "phase also optimises a * score + b (a scale against beta KL, so a different optimum)",
+    )
     sft_warmup_steps: int = Field(
         0,
         ge=0,
@@ -150,6 +161,8 @@ _HASH_EXEMPT_DEFAULTS = {
     ("rm_steps",): 200,
     ("rm_pairs",): 1024,
     ("sft_warmup_steps",): 0,
+    ("rm_pairs_from",): "uniform",  # the in-run reward model's pairs from the SFT policy (issue 16)
+    ("rm_calibrate",): "off",  # the in-run reward model calibrated to gold units (issue 16)
     ("probe_every",): 100,
     ("probe_minibatches",): 16,
     ("precision",): "fp32",
@@ -266,6 +279,11 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
         raise ConfigError(
             f"reward_model='fit' and sft_warmup_steps (workbench/training/pipeline.py) need an online algorithm on the "
             f"workbench backend; got {algo_name!r} on {run.backend!r}"
+        )
+    if (run.rm_pairs_from != "uniform" or run.rm_calibrate != "off") and run.reward_model != "fit":
+        raise ConfigError(
+            f"rm_pairs_from and rm_calibrate set up the reward model the run fits: set reward_model = 'fit'; "
+            f"got reward_model {run.reward_model!r}"
         )
     if run.precision != "fp32" and run.backend != "workbench":
         raise ConfigError(

@@ -17,7 +17,8 @@ policy with a native GPT-2 walks a KV-cached prefix tree instead (``Policy.compl
 With an end-of-sequence action the completions are the task's canonical ones (every answer
 ended by EOS and padded with it, and every truncated one; ``task.all_completions``), scored by
 one teacher-forced pass each: log pi(y|x) = sum_t m_t log pi(y_t | s_t), m the completion mask
-(the padding after EOS is no choice of the policy). Those tasks also get
+(the padding after EOS is no choice of the policy). A native GPT-2 walks the prefix tree instead,
+an EOS node being terminal (``Policy._expand_eos``). Those tasks also get
 
     length/exact                E_x sum_y pi(y|x) |y|       |y| = counted tokens (answer + EOS)
     length/exact_correct        E[|y| | correct], correct = gold reward 1 (over all prompts)
@@ -45,9 +46,12 @@ def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 409
 
 
 def _exact_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
-    if task.eos_action is not None:  # variable length: a teacher-forced pass over the canonical completions
-        return _canonical_logprobs(policy, task, prompts, chunk)
-    if getattr(policy, "has_prefix_tree", False):  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
+    tree = getattr(policy, "has_prefix_tree", False)
+    if task.eos_action is not None:  # variable length: the canonical completions
+        if tree and getattr(policy, "eos_action", None) == task.eos_action:  # prefix tree with terminal EOS nodes
+            return policy.completion_logprobs(prompts.to(policy.device), chunk)
+        return _canonical_logprobs(policy, task, prompts, chunk)  # else one teacher-forced pass (HF models)
+    if tree:  # native GPT-2: KV-cached prefix tree (Policy.completion_logprobs)
         return policy.completion_logprobs(prompts.to(policy.device), chunk)
     A, _T = task.n_actions, task.completion_len
     prefixes = task.all_completions()[::A, :]  # (A^(T-1), T): every prefix, last token 0 as a placeholder

@@ -292,7 +292,8 @@ class Policy(nn.Module):
         return getattr(self.model, "supports_head_ids", False)
 
     def completion_logprobs(self, prompts: Tensor, chunk: int = 4096) -> Tensor:
-        """``(P, A ** T)`` log pi(y | x) of every completion (lexicographic order) by a KV-cached prefix tree.
+        """``(P, A ** T)`` log pi(y | x) of every completion (lexicographic order) by a KV-cached prefix tree;
+        with an EOS action ``(P, N)`` over the canonical completions (``task.all_completions()``, ``_expand_eos``).
 
         Each node of the tree is a prefix y_<=t; feeding y_t once, on top of its parent's cached
         keys and values, gives log pi(. | x, y_<=t) for all A children. Sum_t P A^t tokens are fed
@@ -307,6 +308,8 @@ class Policy(nn.Module):
             )
             cache = out.cache
             lp = F.log_softmax(self._action_logits(out.logits[:, -1]), dim=-1)  # (P, A) log pi(y_1 | x)
+            if self.eos_action is not None:  # canonical completions: EOS nodes are terminal
+                return self._expand_eos(cache, torch.zeros(P, device=ids.device), lp, 1, chunk).view(P, -1)
             return self._expand(cache, torch.zeros(P, device=ids.device), lp, 1, chunk).view(P, A**T)
 
     def _expand(self, cache, head: Tensor, lp: Tensor, t: int, chunk: int) -> Tensor:
@@ -326,6 +329,34 @@ class Policy(nn.Module):
             out = self.model(input_ids=tokens, cache=child, use_cache=True, logits_to_keep=1, **self._head())
             lp_next = F.log_softmax(self._action_logits(out.logits[:, -1]), dim=-1)  # (n A, A)
             parts.append(self._expand(out.cache, heads[s * A : (s + n) * A], lp_next, t + 1, chunk))
+        return torch.cat(parts)
+
+    def _expand_eos(self, cache, head: Tensor, lp: Tensor, t: int, chunk: int) -> Tensor:
+        """``_expand`` with an EOS action: a child whose token is EOS is terminal (its log pi(y_<=t) is final, the
+        padding after it is no choice), only the A - 1 others are fed and expanded. Every canonical completion's
+        prefixes are visited once; each parent's completions come out in action order, the EOS leaf at its index
+        among them, which is the lexicographic order of ``task.all_completions()``."""
+        N, A = lp.shape
+        eos = self.eos_action
+        heads = head[:, None] + lp  # (N, A) log pi(y_<=t)
+        if t == self.completion_len:
+            return heads.reshape(-1)
+        keep = torch.tensor([a for a in range(A) if a != eos], device=lp.device)  # the non-EOS actions, in order
+        K = A - 1
+        live = heads.index_select(1, keep)  # (N, K) the children that are expanded
+        tokens_k = self.action_ids.index_select(0, keep)
+        parts = []
+        step = max(1, chunk // K)
+        for s in range(0, N, step):  # children of parents s .. s + step - 1, in order
+            rows = slice(s, min(N, s + step))
+            n = rows.stop - rows.start
+            child = cache.repeat_interleave(K, rows)  # (n K) rows, each its parent's keys/values
+            tokens = tokens_k.repeat(n)[:, None]
+            out = self.model(input_ids=tokens, cache=child, use_cache=True, logits_to_keep=1, **self._head())
+            lp_next = F.log_softmax(self._action_logits(out.logits[:, -1]), dim=-1)  # (n K, A)
+            sub = self._expand_eos(out.cache, live[rows].reshape(-1), lp_next, t + 1, chunk).view(n, K, -1)
+            leaf = heads[rows, eos : eos + 1]  # (n, 1) y_t = EOS: terminal
+            parts.append(torch.cat([sub[:, :eos].flatten(1), leaf, sub[:, eos:].flatten(1)], dim=1).reshape(-1))
         return torch.cat(parts)
 
     def _head(self) -> dict:

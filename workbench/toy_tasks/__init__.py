@@ -3,6 +3,7 @@
 from .arithmetic import Arithmetic
 from .bandit import Bandit
 from .base import PreferenceData, Task, TaskConfig
+from .digit_sum import DigitSum
 from .sequence import Sequence
 
-__all__ = ["Arithmetic", "Bandit", "PreferenceData", "Sequence", "Task", "TaskConfig"]
+__all__ = ["Arithmetic", "Bandit", "DigitSum", "PreferenceData", "Sequence", "Task", "TaskConfig"]

@@ -7,15 +7,21 @@ Set on an online run with ``sft_warmup_steps`` and/or ``reward_model = "fit"``:
              policy and the reference pi_ref of the RL phase, as the SFT model is in
              InstructGPT; every exact KL of the run is measured from it.
     phase 2  reward model: ``rm_steps`` steps of the Bradley-Terry loss (64 pairs per step,
-             ``run.lr``) on ``rm_pairs`` preference pairs of uniformly drawn completions,
+             ``run.lr``) on ``rm_pairs`` preference pairs of uniformly drawn completions
+             (``rm_pairs_from = "sft"``: two samples of phase 1's policy, pi_ref, as in InstructGPT),
              each labelled once by sampling P(a > b) = sigmoid(r(a) - r(b)) (finite, noisy
-             preferences, as from people). The model is then frozen.
+             preferences, as from people). The model is then frozen. With ``rm_calibrate``
+             it is then calibrated to gold units on ``rm_pairs`` held-out pairs drawn the same
+             way (``calibration``); ``rm_calibrate = "optimise"``: phase 3 optimises the calibrated score.
     phase 3  the run's own algorithm against the reward model's score (``reward/mean``),
              the gold reward only measured (``reward/gold_mean``, ``reward/exact``).
 
-A Bradley-Terry model fitted to labels drawn at temperature 1 estimates r(x, y) + c(x): its
-scores are in the gold reward's units up to a constant per prompt, which cancels in a gain
-over the same prompts. So on enumerable tasks the run logs, at every measurement,
+A Bradley-Terry model fitted to labels drawn at temperature 1 would estimate r(x, y) + c(x), in
+the gold reward's units up to a constant per prompt, which cancels in a gain over the same
+prompts; a finite fit need not (issue 16 found proxy gains of 2.8-4.7 on a gold reward in
+[0, 1]), so with ``rm_calibrate`` the proxy below is the calibrated score a r_RM + b, in gold
+units by a least-squares fit, and without it the raw score. On enumerable tasks the run logs,
+at every measurement,
 
     reward/proxy_exact    E_x sum_y pi(y|x) r_RM(x, y)              (exact)
     reward/proxy_gain     reward/proxy_exact - its value at step 0  (what the RL phase sees)
@@ -25,15 +31,17 @@ over the same prompts. So on enumerable tasks the run logs, at every measurement
 against ``kl/exact``, the KL from the start (the SFT policy). At step 0 it logs the
 phases' own figures: ``pipeline/sft_loss``, ``pipeline/rm_loss``, ``rm/exact_accuracy``
 (share of all pairs of completions with different gold rewards that the reward model
-orders like the gold reward) and ``rm/gold_correlation`` (over every completion).
+orders like the gold reward) and ``rm/gold_correlation`` (over every completion); with
+``rm_calibrate`` also ``rm/heldout_accuracy``, ``rm/calibration_slope``, ``rm/calibration_intercept``
+and ``rm/calibration_r2`` (on the held-out pairs, any task).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..algorithms import dpo, sft
 from ..algorithms import reward_model as rm_algo
-from ..algorithms import sft
 from ..analysis.exact import exact_logprobs
 from ..config import Resolved
 from ..core.seeds import PIPELINE_OFFSET
@@ -56,14 +64,25 @@ class Pipeline(Measure):
         if run.sft_warmup_steps:
             self.stats["pipeline/sft_loss"] = sft_warmup(res, policy, device)
         self.ref = policy.frozen_copy()
-        self.rm = None
-        self.scores = None  # (P, N) the reward model's score of every completion (enumerable tasks)
+        self.rm = None  # what phase 3 optimises: the reward model, or its calibrated score
+        self.scores = None  # (P, N) the proxy's score of every completion (enumerable tasks)
         if run.reward_model == "fit":
-            self.rm, loss = fit_reward_model(res, device)
+            self.rm, loss = fit_reward_model(res, device, self.ref)
             self.stats["pipeline/rm_loss"] = loss
+            slope, intercept = 1.0, 0.0
+            if run.rm_calibrate != "off":
+                s, g = heldout_scores(res, self.rm, self.ref, device)
+                self.stats["rm/heldout_accuracy"] = pair_accuracy(s[:, 0] - s[:, 1], g[:, 0] - g[:, 1])
+                cal = calibration(s.reshape(-1), g.reshape(-1))
+                self.stats.update({f"rm/calibration_{k}": v for k, v in cal.items()})
+                slope, intercept = cal["slope"], cal["intercept"]
             if self.task.enumerable:
                 self.scores, gold = all_scores(self.rm, self.task, device)
                 self.stats.update(rm_quality(self.scores, gold))
+                if run.rm_calibrate != "off":
+                    self.scores = slope * self.scores + intercept  # the proxy metrics in gold units
+            if run.rm_calibrate == "optimise":
+                self.rm = Calibrated(self.rm, slope, intercept)
         self.start: dict[str, float] = {}
 
     def due(self, step: int, last: bool) -> bool:
@@ -111,12 +130,22 @@ def sft_warmup(res: Resolved, policy, device) -> float:
     return loss.item()
 
 
-def fit_reward_model(res: Resolved, device):
-    """Phase 2: a Bradley-Terry reward model on ``rm_pairs`` sampled-label pairs. Returns ``(frozen rm, last loss)``."""
+def rm_pairs(res: Resolved, gen: torch.Generator, sft=None) -> dict:
+    """``rm_pairs`` sampled-label pairs: uniform completions, or (``rm_pairs_from = "sft"``) two samples of ``sft``,
+    the SFT policy, per prompt (``dpo.preference_dataset``'s ``pairs = "reference"`` path)."""
+    run = res.run
+    pairs = "reference" if run.rm_pairs_from == "sft" else "random"
+    opts = dpo.PreferenceOptions(pairs=pairs, n_pairs=run.rm_pairs, labels="sampled", bt_temperature=1.0)
+    return dpo.preference_dataset(res.task, opts, gen, ref=sft if pairs == "reference" else None)
+
+
+def fit_reward_model(res: Resolved, device, sft=None):
+    """Phase 2: a Bradley-Terry reward model on ``rm_pairs`` sampled-label pairs (``rm_pairs``; ``sft``: the
+    policy that samples them under ``rm_pairs_from = "sft"``). Returns ``(frozen rm, last loss)``."""
     run, task = res.run, res.task
     cfg = rm_algo.RewardModelConfig(pairs="random", n_pairs=run.rm_pairs, labels="sampled", bt_temperature=1.0)
     gen = torch.Generator().manual_seed(run.seed + 2 * PIPELINE_OFFSET)
-    data = rm_algo.preference_dataset(task, cfg, gen)
+    data = rm_pairs(res, gen, sft)
     rm = build_reward_model(task, run.model, run.seed).to(device)
     opt = make_optimizer([p for p in rm.parameters() if p.requires_grad], run, fused=False)
     bs = min(cfg.batch_size, run.rm_pairs)
@@ -127,6 +156,58 @@ def fit_reward_model(res: Resolved, device):
         loss, _, _ = rm_algo.step(rm, None, batch, cfg, run.beta)
         update(rm, opt, loss, run.max_grad_norm)
     return rm.eval().requires_grad_(False), loss.item()
+
+
+class Calibrated(torch.nn.Module):
+    """The reward model's score in gold units: ``a * rm(prompts, completions) + b`` (``calibration``)."""
+
+    def __init__(self, rm, slope: float, intercept: float):
+        super().__init__()
+        self.rm, self.slope, self.intercept = rm, slope, intercept
+
+    def forward(self, prompts: torch.Tensor, completions: torch.Tensor) -> torch.Tensor:
+        return self.slope * self.rm(prompts, completions) + self.intercept
+
+
+@torch.no_grad()
+def heldout_scores(res: Resolved, rm, sft, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, gold)``, each ``(rm_pairs, 2)``: both completions of ``rm_pairs`` pairs drawn as phase 2's are
+    (``rm_pairs``), from a stream of their own (``seed + 3 * PIPELINE_OFFSET``): an independent sample, though on a
+    small enumerable task the same completions recur in the training pairs."""
+    gen = torch.Generator().manual_seed(res.run.seed + 3 * PIPELINE_OFFSET)
+    data = rm_pairs(res, gen, sft)
+    prompts = torch.cat([data["prompts"], data["prompts"]])
+    comps = torch.cat([data["chosen"], data["rejected"]])
+    scores = torch.cat(
+        [rm(prompts[i : i + 4096].to(device), comps[i : i + 4096].to(device)).cpu() for i in range(0, len(comps), 4096)]
+    )
+    gold = res.task.reward(prompts, comps).float()
+    return scores.view(2, -1).T, gold.view(2, -1).T
+
+
+def calibration(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
+    """The least-squares map of scores to gold units, ``gold ~ a * score + b``, over paired ``(n,)`` tensors:
+
+        a = cov(s, g) / var(s),   b = mean(g) - a mean(s),   r2 = corr(s, g)^2
+
+    (the regression of gold on score: the best affine predictor of the gold reward from the score, so noise
+    in the scores shrinks a). Returns ``{"slope": a, "intercept": b, "r2": r2}``; constant scores give a = 0,
+    b = mean(g) and r2 = nan.
+    """
+    s, g = scores.double(), gold.double()
+    ds, dg = s - s.mean(), g - g.mean()
+    var_s, var_g, cov = (ds * ds).mean(), (dg * dg).mean(), (ds * dg).mean()
+    a = (cov / var_s).item() if var_s > 0 else 0.0
+    r2 = (cov * cov / (var_s * var_g)).item() if var_s > 0 and var_g > 0 else float("nan")
+    return {"slope": a, "intercept": (g.mean() - a * s.mean()).item(), "r2": r2}
+
+
+def pair_accuracy(score_diff: torch.Tensor, gold_diff: torch.Tensor) -> float:
+    """Share of the pairs with different gold rewards whose score difference has the gold difference's sign."""
+    differ = gold_diff != 0
+    if not differ.any():
+        return float("nan")
+    return (torch.sign(score_diff[differ]) == torch.sign(gold_diff[differ])).double().mean().item()
 
 
 @torch.no_grad()
