@@ -464,3 +464,19 @@ def test_render_leaves_the_padding_out():
     eos = task.eos_action
     assert task.render(torch.tensor([1]), torch.tensor([0, eos, eos, eos])) == "p1 -> s0 <end>"
     assert task.render(torch.tensor([0]), torch.tensor([0, 1, 1, 0])) == "p0 -> s0 s1 s1 s0"
+
+
+@pytest.mark.parametrize("length", [12, 23, 24])
+def test_an_exact_answer_scores_exactly_one(length):
+    """sum_l m_l / max(k, l) summed in float32 fell just below 1 for some target lengths, so exact answers
+    counted as incorrect in length/correct_mean and length/exact_correct; the reward divides once."""
+    res = resolve(
+        {
+            "task": {"name": "sequence", "vocab_size": 3, "length": length, "n_prompts": 64, "eos": True},
+            "algo": {"name": "grpo"},
+        },
+        {},
+    )
+    task = res.task
+    prompts = task.eval_prompts()
+    assert (task.reward(prompts, task.demonstrations(prompts)) == 1.0).all()

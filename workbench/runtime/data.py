@@ -13,6 +13,7 @@ import torch
 
 from ..config import Resolved
 from ..models.policy import build_policy
+from ..models.precision import full_precision
 
 
 def offline_dataset(res: Resolved, ref, generator: torch.Generator, device: torch.device) -> dict:
@@ -22,4 +23,5 @@ def offline_dataset(res: Resolved, ref, generator: torch.Generator, device: torc
     if path is not None:
         model = res.run.model.model_copy(update={"path": path})
         sampler = build_policy(res.task, model, res.run.seed, False, device, res.run.precision).requires_grad_(False)
-    return res.spec.dataset(res.task, res.algo_cfg, generator, ref=sampler)
+    with full_precision(device):  # the same pairs whatever the run's precision, alone, stacked or in a probe
+        return res.spec.dataset(res.task, res.algo_cfg, generator, ref=sampler)

@@ -120,7 +120,7 @@ def train_stacked(
 
     native = run.model.model_copy(update={"impl": "native"})  # an "hf" GPT-2 stacks as the native one
     value_head = spec.value_head(r0.algo_cfg)
-    singles = [build_policy(task, native, s, value_head, device) for s in seed_list]
+    singles = [build_policy(task, native, s, value_head, device, run.precision) for s in seed_list]
     refs = [p.frozen_copy() for p in singles]
     tok = singles[0].tokenizer
     policy = Policy(NativeGPT2.stack([p.model for p in singles]), tok, task, precision=run.precision).to(
@@ -254,7 +254,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
                 for g in shuffle_gens:
                     torch.randperm(B, generator=g)
             perms = torch.arange(B, device=device).expand(S, B)
-        for idx in perms.chunk(n_mb, dim=1) if not spec.keeps_pairs else [perms] * n_mb:
+        for idx in perms.chunk(n_mb, dim=1) if not spec.keeps_pairs else [perms] * len(perms[0].chunk(n_mb)):
             if single:
                 out = live
             else:
