@@ -41,23 +41,30 @@ def pipeline_run(**over) -> dict:
 
 
 def test_calibration_recovers_a_known_linear_miscalibration():
-    """Scores 3 g + 0.5 (+ small noise): the map back to gold units is g = s / 3 - 1/6."""
+    """Scores 3 g + 0.5 (+ small noise): the map back to gold units is g = s / 3 - 1/6. With a constant per
+    prompt added (a Bradley-Terry model's free c(x)), the within-pair slope is still 1/3, where a regression
+    pooled over prompts would shrink it."""
     gen = torch.Generator().manual_seed(0)
-    gold = torch.rand(20_000, generator=gen)
+    gold = torch.rand(20_000, 2, generator=gen)  # pairs: two completions of one prompt
     exact = calibration(3 * gold + 0.5, gold)
     assert exact == pytest.approx({"slope": 1 / 3, "intercept": -1 / 6, "r2": 1.0}, abs=1e-9)
-    noisy = calibration(3 * gold + 0.5 + 0.05 * torch.randn(20_000, generator=gen), gold)
+    noisy = calibration(3 * gold + 0.5 + 0.05 * torch.randn(20_000, 2, generator=gen), gold)
     assert noisy["slope"] == pytest.approx(1 / 3, abs=3e-3)
     assert noisy["intercept"] == pytest.approx(-1 / 6, abs=3e-3)
     assert 0.99 < noisy["r2"] < 1.0
-    # the calibrated scores are the least-squares fit: residuals orthogonal to 1 and to the scores
-    s = 3 * gold + 0.5 + 0.05 * torch.randn(20_000, generator=gen)
+    c_x = 5 * torch.randn(20_000, 1, generator=gen)  # per prompt, shared by the pair
+    shifted = calibration(3 * gold + 0.5 + c_x, gold)
+    assert shifted["slope"] == pytest.approx(1 / 3, abs=1e-9) and shifted["r2"] == pytest.approx(1.0, abs=1e-9)
+    s, g = (3 * gold + 0.5 + c_x).double().view(-1), gold.double().view(-1)
+    pooled = ((s - s.mean()) * (g - g.mean())).sum() / ((s - s.mean()) ** 2).sum()
+    assert pooled.item() < 0.1  # what a pooled fit would have said
+    # the slope is least squares on the differences: their residuals are orthogonal to the score differences
+    s = 3 * gold + 0.5 + 0.05 * torch.randn(20_000, 2, generator=gen)
     c = calibration(s, gold)
-    resid = gold.double() - (c["slope"] * s.double() + c["intercept"])
-    assert resid.mean().item() == pytest.approx(0.0, abs=1e-9)
-    assert (resid * s.double()).mean().item() == pytest.approx(0.0, abs=1e-9)
-    flat = calibration(torch.ones(5), torch.arange(5.0))
-    assert flat["slope"] == 0.0 and flat["intercept"] == 2.0 and math.isnan(flat["r2"])
+    ds, dg = (s[:, 0] - s[:, 1]).double(), (gold[:, 0] - gold[:, 1]).double()
+    assert ((dg - c["slope"] * ds) * ds).mean().item() == pytest.approx(0.0, abs=1e-9)
+    flat = calibration(torch.ones(5, 2), torch.arange(10.0).view(5, 2))
+    assert flat["slope"] == 0.0 and flat["intercept"] == 4.5 and math.isnan(flat["r2"])
 
 
 def test_pair_accuracy_by_hand():

@@ -73,7 +73,7 @@ class Pipeline(Measure):
             if run.rm_calibrate != "off":
                 s, g = heldout_scores(res, self.rm, self.ref, device)
                 self.stats["rm/heldout_accuracy"] = pair_accuracy(s[:, 0] - s[:, 1], g[:, 0] - g[:, 1])
-                cal = calibration(s.reshape(-1), g.reshape(-1))
+                cal = calibration(s, g)  # (n, 2): the pairs' two completions
                 self.stats.update({f"rm/calibration_{k}": v for k, v in cal.items()})
                 slope, intercept = cal["slope"], cal["intercept"]
             if self.task.enumerable:
@@ -186,19 +186,24 @@ def heldout_scores(res: Resolved, rm, sft, device) -> tuple[torch.Tensor, torch.
 
 
 def calibration(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
-    """The least-squares map of scores to gold units, ``gold ~ a * score + b``, over paired ``(n,)`` tensors:
+    """The map of scores to gold units, ``gold ~ a * score + b``, from pairs ``(n, 2)`` that share a prompt:
 
-        a = cov(s, g) / var(s),   b = mean(g) - a mean(s),   r2 = corr(s, g)^2
+        a  = sum_i ds_i dg_i / sum_i ds_i^2            ds_i = s_i1 - s_i2, dg_i = g_i1 - g_i2
+        b  = mean(g) - a mean(s)
+        r2 = (sum_i ds_i dg_i)^2 / (sum_i ds_i^2 sum_i dg_i^2)
 
-    (the regression of gold on score: the best affine predictor of the gold reward from the score, so noise
-    in the scores shrinks a). Returns ``{"slope": a, "intercept": b, "r2": r2}``; constant scores give a = 0,
-    b = mean(g) and r2 = nan.
+    A Bradley-Terry reward model is identified only up to a constant per prompt, c(x): the slope is
+    fitted within pairs, where c(x) cancels (a regression of gold on score pooled over prompts would
+    count c(x) as noise and shrink a towards 0). The intercept is then only an average over the
+    held-out prompts' constants: gains (differences of calibrated scores on one prompt) are in gold
+    units, levels are not. Returns ``{"slope": a, "intercept": b, "r2": r2}``; no score differences
+    give a = 0, b = mean(g) and r2 = nan.
     """
-    s, g = scores.double(), gold.double()
-    ds, dg = s - s.mean(), g - g.mean()
-    var_s, var_g, cov = (ds * ds).mean(), (dg * dg).mean(), (ds * dg).mean()
-    a = (cov / var_s).item() if var_s > 0 else 0.0
-    r2 = (cov * cov / (var_s * var_g)).item() if var_s > 0 and var_g > 0 else float("nan")
+    s, g = scores.double().reshape(-1, 2), gold.double().reshape(-1, 2)
+    ds, dg = s[:, 0] - s[:, 1], g[:, 0] - g[:, 1]
+    ss, gg, sg = (ds * ds).sum(), (dg * dg).sum(), (ds * dg).sum()
+    a = (sg / ss).item() if ss > 0 else 0.0
+    r2 = (sg * sg / (ss * gg)).item() if ss > 0 and gg > 0 else float("nan")
     return {"slope": a, "intercept": (g.mean() - a * s.mean()).item(), "r2": r2}
 
 
