@@ -22,6 +22,7 @@ VARIANTS = {
     "sequence": [{}, {"variant": "process"}, {"variant": "decisive", "decisive_position": 2}, {"threshold": 3}],
     "arithmetic": [{}, {"n_digits": 1}],
     "digit_sum": [{}, {"partial": True}, {"max_digit": 2, "max_len": 4, "max_target": 4}],
+    "scratch_add": [{}, {"demos": "answer", "max_scratch": 0}, {"n_digits": 3, "max_scratch": 8}],
 }
 CASES = [(name, kw) for name in TASKS for kw in VARIANTS.get(name, [{}])]
 

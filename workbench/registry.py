@@ -10,6 +10,7 @@ from __future__ import annotations
 from .algorithms import dpo, grpo, ppo, reinforce, reward_model, rft, rloo, sft
 from .algorithms.spec import AlgorithmSpec
 from .toy_tasks import Arithmetic, Bandit, DigitSum, Sequence, Task
+from .toy_tasks.scratch_add import ScratchAdd
 
 BUILT_IN = [
     sft.SPEC,
@@ -24,7 +25,7 @@ BUILT_IN = [
     rft.SPEC,
 ]
 ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in BUILT_IN}
-TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic, DigitSum]}
+TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic, DigitSum, ScratchAdd]}
 
 
 def register(spec: AlgorithmSpec, replace: bool = False) -> AlgorithmSpec:
