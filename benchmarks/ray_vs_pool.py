@@ -25,41 +25,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from study_timing import timed_run  # benchmarks/study_timing.py, beside this file
-
-STUDY = """
-name = "ray_bench"
-claims = ["C6"]
-seeds = [0, 1, 2, 3]
-description = "benchmark: Ray vs the process pool (benchmarks/ray_vs_pool.py)"
-
-[[tasks]]
-name = "bandit"
-n_arms = 16
-n_contexts = 8
-
-[budget]
-steps = {steps}
-batch_size = 64
-
-[settings]
-eval_every = 20
-model = {{ n_layer = 2, n_embd = 64, n_head = 4, impl = "native" }}
-
-[[algorithms]]
-name = "grpo"
-settings = {{ group_size = 8 }}
-
-[[algorithms]]
-name = "rloo"
-settings = {{ group_size = 8 }}
-
-[[algorithms]]
-name = "sft"
-
-[[algorithms]]
-name = "dpo"
-"""
+from study_timing import bandit_study, timed_run  # benchmarks/study_timing.py, beside this file
 
 
 def main() -> None:
@@ -94,7 +60,15 @@ def main() -> None:
                 study = Path(args.study).resolve()
             else:
                 study = tmp / "ray_bench.toml"
-                study.write_text(STUDY.format(steps=args.steps))
+                study.write_text(
+                    bandit_study(
+                        "ray_bench",
+                        [0, 1, 2, 3],
+                        "benchmark: Ray vs the process pool (benchmarks/ray_vs_pool.py)",
+                        args.steps,
+                        ["grpo", "rloo", "sft", "dpo"],
+                    )
+                )
             print(f"study {study.name}, --seeds {args.seeds}")
             for r in range(args.repeats):
                 for name, extra in variants.items():

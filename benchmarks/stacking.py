@@ -22,35 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from study_timing import timed_run  # benchmarks/study_timing.py, beside this file
-
-SEEDS_STUDY = """
-name = "stacking_bench"
-claims = ["C2"]
-seeds = [0, 1, 2, 3, 4, 5, 6, 7]
-description = "benchmark: 8 seeds of GRPO and RLOO on a bandit, native GPT-2 (benchmarks/stacking.py)"
-
-[[tasks]]
-name = "bandit"
-n_arms = 16
-n_contexts = 8
-
-[budget]
-steps = {steps}
-batch_size = 64
-
-[settings]
-eval_every = 20
-model = {{ n_layer = 2, n_embd = 64, n_head = 4, impl = "native" }}
-
-[[algorithms]]
-name = "grpo"
-settings = {{ group_size = 8 }}
-
-[[algorithms]]
-name = "rloo"
-settings = {{ group_size = 8 }}
-"""
+from study_timing import bandit_study, timed_run  # benchmarks/study_timing.py, beside this file
 
 
 def in_process(steps: int, eval_every: int, probe_every: int, n_seeds: int = 8) -> None:
@@ -96,7 +68,15 @@ def main() -> None:
             study = Path(args.study).resolve()
         else:
             study = tmp / "stacking_bench.toml"
-            study.write_text(SEEDS_STUDY.format(steps=args.steps))
+            study.write_text(
+                bandit_study(
+                    "stacking_bench",
+                    list(range(8)),
+                    "benchmark: 8 seeds of GRPO and RLOO on a bandit, native GPT-2 (benchmarks/stacking.py)",
+                    args.steps,
+                    ["grpo", "rloo"],
+                )
+            )
         seeds = ["--seeds", args.seeds]
         print(f"study {study.name}, --workers {args.workers}, --seeds {args.seeds}, os.cpu_count() {os.cpu_count()}")
         alone = timed_run(study, tmp / "alone", args.workers, [*seeds, "--no-stack"])

@@ -23,3 +23,31 @@ def timed_run(study: Path, results: Path, workers: int, extra: list[str]) -> flo
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-2000:]}")
     return wall
+
+
+def bandit_study(name: str, seeds: list[int], description: str, steps: int, algorithms: list[str]) -> str:
+    """The benchmarks' built-in study: a 16-arm, 8-context bandit, native GPT-2 (2 x 64), eval every 20 steps;
+    GRPO and RLOO with groups of 8, other algorithms at their defaults."""
+    algos = "\n".join(
+        f'[[algorithms]]\nname = "{a}"\n' + ("settings = { group_size = 8 }\n" if a in ("grpo", "rloo") else "")
+        for a in algorithms
+    )
+    return f"""name = "{name}"
+claims = ["C6"]
+seeds = {seeds}
+description = "{description}"
+
+[[tasks]]
+name = "bandit"
+n_arms = 16
+n_contexts = 8
+
+[budget]
+steps = {steps}
+batch_size = 64
+
+[settings]
+eval_every = 20
+model = {{ n_layer = 2, n_embd = 64, n_head = 4, impl = "native" }}
+
+{algos}"""

@@ -142,13 +142,18 @@ def free_reserve(results) -> bool:
 # -- atomic publishing ----------------------------------------------------------------------
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path, tolerant: bool = False) -> None:
+    """Make a directory's entries (a rename, a new file) durable. Platforms without directory fds are
+    skipped; ``tolerant``: a failing fsync is ignored too (filesystems that refuse it on directories)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:  # platforms without directory fds
         return
     try:
         os.fsync(fd)
+    except OSError:
+        if not tolerant:
+            raise
     finally:
         os.close(fd)
 
@@ -180,9 +185,9 @@ def publish(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

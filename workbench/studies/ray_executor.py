@@ -50,7 +50,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..results import storage_fault
+from ..results import fsync_dir, storage_fault
 from .execute import RunTask
 from .executors import WorkerDied, WorkerError, _MapMixin
 
@@ -299,12 +299,12 @@ def install(files: list[tuple[str, bytes | None]], run_dir: str | os.PathLike) -
             f.flush()
             os.fsync(f.fileno())
     for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-        _fsync_dir(d)
+        fsync_dir(d, tolerant=True)
     old = parent / f".{run_dir.name}{_UNPACK}old-{token}"
     if run_dir.exists():
         os.replace(run_dir, old)
     os.replace(tmp, run_dir)
-    _fsync_dir(parent)
+    fsync_dir(parent, tolerant=True)
     shutil.rmtree(old, ignore_errors=True)
     return run_dir
 
@@ -314,19 +314,6 @@ def _safe(rel: str) -> str:
     if not parts or Path(rel).is_absolute() or ".." in parts:
         raise ValueError(f"refusing a run file outside its folder: {rel!r}")
     return rel
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- the worker's side -------------------------------------------------------------------------------
