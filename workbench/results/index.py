@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import socket
 import sqlite3
 import threading
@@ -44,6 +45,7 @@ STATUSES = ("queued", "running", "done", "failed", "diverged")
 HEARTBEAT_S = 5.0  # how often an owner refreshes the heartbeat of the runs it holds
 LEASE_S = 60.0  # a 'running' run whose heartbeat is older than this is reclaimed
 BUSY_TIMEOUT_MS = 30_000
+_JITTER = random.Random()  # its own generator: the global one is left alone (seeded code may use it)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -326,12 +328,45 @@ def _last_line(path: Path) -> str:
     return lines[-1].strip()[:500] if lines else ""
 
 
+def _is_busy(e: BaseException) -> bool:
+    """SQLite's 'database is locked' (SQLITE_BUSY and its extended codes)."""
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF == 5
+    return "database is locked" in str(e)
+
+
+def _to_wal(db: sqlite3.Connection) -> None:
+    """``PRAGMA journal_mode=WAL``, waiting up to ``BUSY_TIMEOUT_MS`` for the lock it needs.
+
+    On an index already in WAL mode it writes nothing. On a brand-new index file (rollback mode)
+    it writes the file's header: a read transaction upgraded to a write one, and SQLite fails that
+    upgrade at once with SQLITE_BUSY, without calling the busy handler (waiting there could
+    deadlock), while another connection holds the write lock. Two ``workbench run`` processes
+    starting on one fresh results folder do exactly that: both switch the new file to WAL at once,
+    and the loser stopped with 'database is locked'. Its statement rolled back and released its
+    read lock, so the winner finishes the switch; here the loser tries again (which then finds WAL
+    mode and writes nothing) until the busy timeout has passed, then raises SQLite's error.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.002
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if not _is_busy(e) or time.monotonic() >= deadline:
+                raise
+        time.sleep(min(delay * _JITTER.uniform(0.5, 1.5), max(0.0, deadline - time.monotonic())))
+        delay = min(2 * delay, 0.05)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     try:
         db.row_factory = sqlite3.Row
         db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA journal_mode=WAL")
+        _to_wal(db)
         db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: a committed transaction survives a killed process
     except BaseException:
         db.close()
