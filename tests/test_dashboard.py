@@ -220,12 +220,14 @@ def app(results: Path, page: str | None = None, monkeypatch=None):
 
 
 def table(at, *columns: str) -> pd.DataFrame:
-    """The first table shown that has all of ``columns``."""
-    for d in at.dataframe:
-        df = d.value
+    """The first table shown (a data grid or a static table) that has all of ``columns``."""
+    shown = [d.value for d in at.dataframe] + [
+        t.value.reset_index() if t.value.index.name else t.value for t in at.table
+    ]
+    for df in shown:
         if all(c in df.columns for c in columns):
             return df
-    raise AssertionError(f"no table with columns {columns}; tables: {[list(d.value.columns) for d in at.dataframe]}")
+    raise AssertionError(f"no table with columns {columns}; tables: {[list(df.columns) for df in shown]}")
 
 
 def charts(at) -> list[pd.DataFrame]:
@@ -233,10 +235,16 @@ def charts(at) -> list[pd.DataFrame]:
     out = []
     for e in at.main:
         if getattr(e, "type", "") == "vega_lite_chart":
-            out.append(
-                pd.concat([pa.ipc.open_stream(d.data.data).read_pandas() for d in e.proto.datasets], ignore_index=True)
-            )
+            frames = [pa.ipc.open_stream(d.data.data).read_pandas() for d in e.proto.datasets]
+            # a lines chart also carries its hover table (one column per line): the marks' data have ``line``
+            marked = [f for f in frames if "line" in f] or frames
+            out.append(pd.concat(marked, ignore_index=True))
     return out
+
+
+def specs(at) -> list[dict]:
+    """The Vega-Lite spec of each chart on the page."""
+    return [json.loads(e.proto.spec) for e in at.main if getattr(e, "type", "") == "vega_lite_chart"]
 
 
 def texts(at) -> str:
@@ -252,6 +260,58 @@ def final(results: Path) -> pd.DataFrame:
         df = store.load_final(results, STUDY)
     df["coverage"] = [g.get("algo.coverage") for g in df["grid"]]
     return df
+
+
+# -- colours, smoothing, log scales (no Streamlit) ------------------------------------------------
+
+
+def board():
+    """The dashboard's ``board`` package (the app puts its folder on the path the same way)."""
+    sys.path.insert(0, str(ROOT / "dashboard"))
+    import board
+    import board.charts
+    import board.colours
+    import board.stats  # noqa: F401
+
+    return board
+
+
+def test_colour_table_covers_every_registered_algorithm_and_plugins_get_a_stable_colour():
+    import zlib
+
+    from workbench.registry import ALGORITHMS
+
+    colours = board().colours
+    assert set(ALGORITHMS) <= set(colours.FIXED), set(ALGORITHMS) - set(colours.FIXED)
+    assert len(set(colours.PALETTE)) == len(colours.PALETTE) == 20
+    assert len({colours.colour_of(a) for a in colours.ORDER}) == len(colours.ORDER)  # no two share a colour
+    assert colours.colour_of("sft") == "#4e79a7" and colours.colour_of("ppo") == "#f28e2b"
+    # a plugin's name: one of the slots the table leaves free, by CRC-32 (the same in every process)
+    spare = colours.PALETTE[len(colours.ORDER) :]
+    assert colours.colour_of("my_plugin") == spare[zlib.crc32(b"my_plugin") % len(spare)]
+    assert colours.colour_of("my_plugin") not in colours.FIXED.values()
+    assert colours.domain_range(["zeta_plugin", "dpo", "sft"])[0] == ["sft", "dpo", "zeta_plugin"]
+    assert colours.samples_title({"ppo": "completions", "dpo": "pairs"}) == (
+        "samples: completions (ppo); preference pairs (dpo)"
+    )
+    assert colours.titled("kl/exact") == "kl/exact (nats)" and colours.titled("reward/exact") == "reward/exact"
+
+
+def test_smoothing_log_scales_and_the_heatmap_colour_top():
+    b = board()
+    # EMA with the start-up bias removed, by hand: w = 0.5, x = [1, 3]: s = 0.5 -> 0.5 / 0.5 = 1;
+    # s = 0.25 + 1.5 = 1.75 -> 1.75 / 0.75 = 2.333...; a NaN neither moves nor counts
+    assert b.stats.smooth(np.array([1.0, np.nan, 3.0]), 0.5)[[0, 2]] == pytest.approx([1.0, 7 / 3])
+    assert b.stats.smooth(np.array([1.0, 3.0]), 0.0).tolist() == [1.0, 3.0]
+    curve = pd.DataFrame({"line": ["a", "a", "b"], "step": [0, 1, 0], "mean": [1.0, 3.0, 5.0]})
+    assert b.stats.smooth_curves(curve, "step", 0.5)["mean"].tolist() == pytest.approx([1.0, 7 / 3, 5.0])
+    # a log scale keeps the positive points, says how many it dropped, and lifts a band's end at 0 to the bottom
+    df = pd.DataFrame({"step": [0, 1, 2], "mean": [0.0, 0.5, 0.2], "lo": [0.0, 0.0, 0.1], "hi": [0.0, 1.0, 0.3]})
+    out, dropped = b.charts.log_ready(df, ["mean"], band=("lo", "hi"))
+    assert dropped == 1 and out["step"].tolist() == [1, 2] and out["lo"].tolist() == [0.1, 0.1]
+    # one outlier (5.05) does not set the colour scale; two comparable large values do
+    assert b.stats.colour_top([5.05, 0.1, 0.08, 0.05]) == (0.1, 1)
+    assert b.stats.colour_top([0.3, 0.2, 0.1]) == (0.3, 0)
 
 
 # -- every page ----------------------------------------------------------------------------------
@@ -271,7 +331,7 @@ def test_studies_page_lists_runs_with_status_and_budget_and_opens_a_run(results,
     assert (row["n_runs"], row["done"], row["failed"]) == (6, 6, 0)
     runs = table(at, "algorithm", "status", "consumed")
     assert len(runs) == 6 and set(runs["status"]) == {"done"}
-    assert set(runs["algorithm"]) == {"ppo", "dpo"} and set(runs["step"]) == {10}
+    assert set(runs["algorithm"]) == {"ppo", "dpo"} and set(runs["step"]) == {"10"}
     consumed = dict(zip(runs["algorithm"], runs["consumed"]))
     assert consumed["ppo"] == "160 completions"  # 10 rounds x 16 completions
     assert runs[runs["algorithm"] == "dpo"]["consumed"].str.endswith(" pairs").all()
@@ -328,7 +388,7 @@ def test_compare_page_mean_band_filters_and_scales(results, monkeypatch):
     assert sorted(trained["samples"]) == pytest.approx(
         sorted(m.groupby(["coverage", "step"])["samples"].mean())
     )  # pairs consumed
-    assert len(trained) == len(chart) - 2 or "non-positive points left out of the log scale" in texts(at)
+    assert len(trained) == len(chart) - 2 or "left out of the log scale" in texts(at)
     assert at.get("download_button")
 
 
@@ -514,7 +574,7 @@ def test_a_corrupt_and_a_running_run_show_warnings_and_the_rest_loads(copy_of, m
     at.switch_page("views/studies.py").run()
     assert not at.exception
     runs_shown = table(at, "algorithm", "status", "step")
-    assert runs_shown["status"].tolist() == ["running"] and runs_shown["step"].tolist() == [0]
+    assert runs_shown["status"].tolist() == ["running"] and runs_shown["step"].tolist() == ["0"]
     assert "live: refreshing every" in texts(at)
 
 
@@ -530,6 +590,50 @@ def test_switching_study_starts_the_filters_afresh(extended, monkeypatch):
     assert set(table(at, "line", "mean")["line"]) == {"dpo-b algo.coverage=0.5"}
     at.sidebar.selectbox(key="study").set_value(STUDY).run()  # and back: the first study's defaults again
     assert at.multiselect(key="compare_algo").value == ["ppo", "dpo"]
+
+
+def colour_scales(spec) -> dict[str, str]:
+    """algorithm -> colour from every colour scale of a chart spec with a fixed domain and range."""
+    out: dict[str, str] = {}
+    if isinstance(spec, dict):
+        scale = spec.get("scale") if isinstance(spec.get("scale"), dict) else {}
+        if spec.get("title") == "algorithm" and "domain" in scale and "range" in scale:
+            for a, c in zip(scale["domain"], scale["range"]):
+                assert out.setdefault(a, c) == c
+        for v in spec.values():
+            for a, c in colour_scales(v).items():
+                assert out.setdefault(a, c) == c, (a, out[a], c)
+    elif isinstance(spec, list):
+        for v in spec:
+            for a, c in colour_scales(v).items():
+                assert out.setdefault(a, c) == c
+    return out
+
+
+def test_an_algorithm_has_one_colour_on_compare_frontier_and_convergence_in_both_studies(extended, monkeypatch):
+    """The chart specs: DPO is the same colour on every page of both studies (in ``other`` it is labelled dpo-b,
+    with other tasks), PPO likewise, and both are the colours of the fixed table."""
+    colours = board().colours
+    seen: dict[tuple[str, str], dict[str, str]] = {}
+    for study in (STUDY, OTHER):
+        at = app(extended, monkeypatch=monkeypatch)
+        at.sidebar.selectbox(key="study").set_value(study).run()
+        for page in ("compare", "frontier", "convergence"):
+            at.switch_page(f"views/{page}.py").run()
+            assert not at.exception, [e.message for e in at.exception]
+            found = colour_scales(specs(at))
+            assert found, (study, page)
+            seen[study, page] = found
+    for (study, page), found in seen.items():
+        assert found["dpo"] == colours.colour_of("dpo"), (study, page, found)
+        assert set(found) == ({"ppo", "dpo"} if study == STUDY else {"dpo"}), (study, page, found)
+        if "ppo" in found:
+            assert found["ppo"] == colours.colour_of("ppo") != found["dpo"]
+    # the two DPO settings differ by dash on Compare, not by colour
+    at = app(extended, "compare", monkeypatch)
+    at.multiselect(key="compare_grid_algo.coverage").set_value([0.5, 1.0]).run()
+    (spec,) = specs(at)
+    assert "strokeDash" in json.dumps(spec) and set(colour_scales(spec)) == {"ppo", "dpo"}
 
 
 def test_the_run_query_parameter_opens_that_run(results, monkeypatch):
@@ -611,9 +715,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server(results):
-    """``workbench dashboard`` on a free loopback port; stopped (its process group) afterwards."""
+    """``workbench dashboard`` on a free loopback port, shared by this file's browser tests on the study's store;
+    stopped (its process group) afterwards."""
     yield from _serve(results)
 
 
@@ -657,6 +762,64 @@ def _serve(results: Path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def screenshots(name: str) -> Path:
+    """Where a browser test keeps its screenshots: ``$WORKBENCH_SCREENSHOTS/NAME``, else ``test-artifacts/dashboard/
+    NAME`` in the repository (ignored by git; kept after the run for CI to collect)."""
+    base = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or ROOT / "test-artifacts" / "dashboard")
+    out = base / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def settle(page, ready: str | None = None) -> None:
+    """Until the script run is over (and ``ready``, a text the page shows last, is there) and the page's text and
+    charts have stopped changing for two looks in a row."""
+    page.wait_for_timeout(400)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+    if ready:
+        page.get_by_text(ready).first.wait_for()
+    # no element still a placeholder, and every chart drawn into its SVG (a busy machine renders late)
+    page.wait_for_function(
+        """() => !document.querySelector('[data-testid^="stSkeleton"]') && Array.from(document.querySelectorAll(
+            '[data-testid="stVegaLiteChart"]')).every(c => c.querySelector('svg .role-mark'))""",
+        timeout=60_000,
+    )
+    shown, same = None, 0
+    for _ in range(40):
+        now = page.locator('[data-testid="stMain"]').inner_text() + str(drawn(page))
+        same = same + 1 if now == shown else 0
+        if same == 2:
+            break
+        shown = now
+        page.wait_for_timeout(250)
+
+
+DRAWN_JS = """(sel) => Array.from(document.querySelectorAll('[data-testid="stVegaLiteChart"]')).map(chart =>
+    Array.from(chart.querySelectorAll(sel)).filter(e => {
+        const d = e.getAttribute('d');
+        if (d !== null && (d === '' || d.includes('NaN'))) return false;
+        let g = e;
+        for (; g && g.tagName !== 'svg'; g = g.parentElement) {
+            const o = g.getAttribute('opacity') ?? g.getAttribute('fill-opacity');
+            if (o !== null && parseFloat(o) === 0) return false;
+        }
+        const b = e.getBBox();
+        return b.width > 0 && b.height > 0;
+    }).length)"""
+MARKS = ".role-mark:not([class*=voronoi]) > path, .role-mark:not([class*=voronoi]) > rect"
+
+
+def drawn(page, sel: str = MARKS) -> list[int]:
+    """For each chart on the page, its data marks drawn with an area (a visible box of width and height > 0): a
+    chart whose marks collapsed onto one edge (a log scale fed 0) or went NaN counts none."""
+    return page.evaluate(DRAWN_JS, sel)
+
+
+def assert_drawn(page, where: str) -> None:
+    counts = drawn(page)
+    assert all(n > 0 for n in counts), f"{where}: a chart drew no marks: {counts}"
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's Chromium and Playwright, or a skip that says what is missing (checked before the server starts)."""
@@ -664,9 +827,10 @@ def chromium() -> str:
     if path is None:
         pytest.skip("no Chromium: apt-get install -y chromium (.ci/run does), or set CHROMIUM=/path/to/chromium")
     try:
-        import playwright.sync_api  # noqa: F401
+        from playwright.sync_api import expect
     except ImportError:
         pytest.skip("playwright is not installed: pip install -e '.[dev]'")
+    expect.set_options(timeout=30_000)  # a first page load on 2 busy cores can take longer than the 5 s default
     return path
 
 
@@ -681,8 +845,7 @@ def test_browser_every_page(chromium, server, results, tmp_path):
     )
     assert not listening or all(line.split()[3].startswith("127.0.0.1:") for line in listening.splitlines())
 
-    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS") or tmp_path / "screenshots")
-    shots.mkdir(parents=True, exist_ok=True)
+    shots = screenshots("every_page")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 2200})  # tall: Streamlit scrolls an inner container
@@ -693,7 +856,8 @@ def test_browser_every_page(chromium, server, results, tmp_path):
             expect(page.get_by_role("heading", name=text, level=1)).to_be_visible()
 
         def shoot(name: str):
-            page.wait_for_timeout(800)  # charts and tables draw after their data arrives
+            settle(page)
+            assert_drawn(page, name)
             page.screenshot(path=str(shots / f"{name}.png"))
 
         def combo(label: str):
@@ -747,6 +911,150 @@ def test_browser_every_page(chromium, server, results, tmp_path):
         browser.close()
     assert sorted(f.stem for f in shots.glob("*.png")) == sorted(PAGES)
     print(f"screenshots: {shots}")
+
+
+def browser(p, chromium: str):
+    b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+    return b
+
+
+def new_page(b, url: str, ready: str | None = None):
+    page = b.new_context(viewport={"width": 1400, "height": 2200}).new_page()  # a fresh context: no state
+    page.set_default_timeout(30_000)
+    page.goto(url)
+    page.locator("h1").first.wait_for()
+    settle(page, ready)
+    return page
+
+
+def test_browser_a_log_scale_draws_the_lines_of_a_non_negative_metric_whose_band_touches_zero(chromium, server):
+    """kl/exact on a log y axis: at step 0 it is 0 (left out, and said so); with 2 seeds the t band of each later
+    mean reaches below 0 and is clipped there. Each line and its band must still draw (they drew flat at the top
+    edge before: a band at 0 on a log scale)."""
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        b = browser(p, chromium)
+        page = new_page(
+            b, f"{url}/compare?study={STUDY}&compare_metric=kl/exact&compare_log_y=true", "at the last logged step"
+        )
+        text = page.locator('[data-testid="stMain"]').inner_text()
+        assert "left out of the log scale" in text and "its band is clipped at 0" in text
+        lines = drawn(page, ".mark-line > path")
+        areas = drawn(page, ".mark-area > path")
+        page.screenshot(path=str(screenshots("log_scale") / "compare_kl_log_y.png"))
+        assert lines == [2] and areas == [2], (lines, areas)  # ppo and dpo coverage 0.5: both lines, both bands
+        b.close()
+
+
+@pytest.mark.timeout(600)
+def test_browser_a_shared_url_restores_the_page_state(chromium, server):
+    """Operate the widgets of Compare, Frontier, Gradients, Credit and the Convergence map; the URL then opens the
+    same view in a fresh browser context (no cookies, no session) and after a reload. Every chart draws."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, _ = server
+    shots = screenshots("shared_url")
+
+    def combo(page, label: str):
+        return page.get_by_role("combobox", name=label, exact=True)
+
+    def choose(page, label: str, option: str):
+        combo(page, label).click()
+        page.get_by_role("option", name=option, exact=True).click()
+        settle(page)
+
+    def tick(page, role: str, name: str):
+        page.get_by_role(role, name=name, exact=True).check(force=True)
+        settle(page)
+
+    def slide(page, name: str, presses: int):
+        page.get_by_role("slider", name=name).focus()
+        for _ in range(presses):
+            page.keyboard.press("ArrowRight")
+        settle(page)
+
+    def state(page) -> dict:
+        """The values of the page's widgets, as a user sees them."""
+        return page.evaluate("""() => ({
+            combos: Array.from(document.querySelectorAll('[data-testid="stMain"] input[role=combobox]'))
+                .map(e => e.value),
+            checked: Array.from(document.querySelectorAll('[data-testid="stMain"] input[type=checkbox],'
+                + '[data-testid="stMain"] input[type=radio]')).map(e => e.checked),
+            sliders: Array.from(document.querySelectorAll('[data-testid="stMain"] [role=slider]'))
+                .map(e => e.getAttribute('aria-valuenow')),
+            chips: Array.from(document.querySelectorAll('[data-testid="stMain"] [data-testid="stMultiSelect"]'))
+                .map(e => e.innerText),
+        })""")
+
+    with sync_playwright() as p:
+        b = browser(p, chromium)
+        views = {}  # page -> (its URL after the widgets were operated, a text it shows last, its state then)
+        page = new_page(b, f"{url}/compare?study={STUDY}")
+        combo(page, "Metric").fill("kl/exact")
+        page.get_by_role("option", name="kl/exact", exact=True).click()
+        settle(page)
+        tick(page, "radio", "samples")
+        tick(page, "checkbox", "log y")
+        slide(page, "smoothing", 30)
+        page.get_by_role("button", name="Remove dpo").first.click()
+        ready = "at the last logged step"
+        settle(page, ready)
+        assert "lines smoothed" in page.locator('[data-testid="stMain"]').inner_text()
+        views["compare"] = (page.url, ready, state(page))
+
+        ready = "Where each method ends"
+        page = new_page(b, f"{url}/frontier?study={STUDY}", ready)
+        tick(page, "checkbox", "training paths")
+        tick(page, "checkbox", "log x")  # KL = 0 at step 0: those path points are left out, the rest draws
+        assert "left out of the log scale" in page.locator('[data-testid="stMain"]').inner_text()
+        choose(page, "Reward (y)", "objective/exact")
+        settle(page, ready)
+        views["frontier"] = (page.url, ready, state(page))
+
+        ready = "Over training"
+        page = new_page(b, f"{url}/gradients?study={STUDY}", ready)
+        tick(page, "radio", "cosine to the true gradient")
+        expect(page.get_by_role("checkbox", name="log y", exact=True)).not_to_be_checked()  # its own log switch
+        choose(page, "Measurement", "grad/cos_dpo_rl")
+        settle(page, ready)
+        views["gradients"] = (page.url, ready, state(page))
+
+        ready = "Summary metrics over training"
+        page = new_page(b, f"{url}/credit?study={STUDY}", ready)
+        tick(page, "radio", "mean |A|")
+        tick(page, "radio", "all (mean)")
+        tick(page, "checkbox", "Summary metrics over training (credit/*)")
+        settle(page, ready)
+        views["credit"] = (page.url, ready, state(page))
+
+        ready = "vs each method"
+        page = new_page(b, f"{url}/convergence?study={STUDY}", ready)
+        slide(page, "Same policy when the total variation is below", 10)
+        settle(page, ready)
+        views["convergence"] = (page.url, ready, state(page))
+
+        def restored(page, want: dict, what: str) -> None:
+            """The page's widgets reach ``want`` (polled: a loaded page draws its widgets over a few hundred ms)."""
+            for _ in range(60):
+                if state(page) == want:
+                    break
+                page.wait_for_timeout(500)
+            assert state(page) == want, what
+
+        for name, (shared, ready, want) in views.items():
+            assert "_" in shared.split("?")[1], shared  # widget keys are in the URL (a study at its default is not)
+            again = new_page(b, shared, ready)  # a fresh context: the URL alone restores the view
+            restored(again, want, name)
+            settle(again)
+            assert_drawn(again, name)
+            again.screenshot(path=str(shots / f"{name}.png"))
+            if name == "compare":
+                again.reload()
+                again.locator("h1").first.wait_for()
+                restored(again, want, f"{name} after a reload")
+        b.close()
 
 
 APP_BUTTONS = (

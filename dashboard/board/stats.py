@@ -115,3 +115,53 @@ def match_pairs(final: pd.DataFrame, a: str, b: str, shared: list[str]) -> pd.Da
     left = final[final["method"] == a]
     right = final[final["method"] == b]
     return left.merge(right, on=keys, suffixes=("_a", "_b"))
+
+
+def smooth(values: np.ndarray, weight: float) -> np.ndarray:
+    """An exponential moving average with the start-up bias removed (TensorBoard's smoothing):
+
+    s_t = w s_{t-1} + (1 - w) x_t,  s_{-1} = 0;   shown: s_t / (1 - w^{t+1})   (t counts the points shown)
+
+    ``weight`` 0 returns the values unchanged; NaNs are skipped (they neither move nor count).
+    """
+    x = np.asarray(values, dtype=float)
+    if weight <= 0 or not len(x):
+        return x.copy()
+    out = np.full_like(x, np.nan)
+    s, k = 0.0, 0
+    for i, v in enumerate(x):
+        if np.isnan(v):
+            continue
+        s = weight * s + (1 - weight) * v
+        k += 1
+        out[i] = s / (1 - weight**k)
+    return out
+
+
+def smooth_curves(curve: pd.DataFrame, x: str, weight: float, cols=("mean", "lo", "hi")) -> pd.DataFrame:
+    """``smooth`` applied to each line of ``curve`` (in order of ``x``), to ``cols``: for charts only, never to a
+    table of exact values."""
+    if weight <= 0 or not len(curve):
+        return curve
+    out = curve.sort_values(["line", x]).copy()
+    for c in cols:
+        if c in out:
+            out[c] = out.groupby("line", observed=True, sort=False)[c].transform(lambda s: smooth(s.to_numpy(), weight))
+    return out
+
+
+def colour_top(values, factor: float = 3.0) -> tuple[float, int]:
+    """The top of a heatmap's colour scale and how many cells lie above it.
+
+    The largest value, unless it exceeds ``factor`` times the next largest: then that next value (repeated
+    while the condition holds), so that one outlier (5.05 among values below 0.1) does not push every other
+    cell to the dark end.
+    """
+    v = np.sort(np.asarray(pd.Series(values).dropna(), dtype=float))[::-1]
+    if not len(v):
+        return 1.0, 0
+    i = 0
+    while i + 1 < len(v) and v[i + 1] > 0 and v[i] > factor * v[i + 1] and i + 1 < len(v) / 2:
+        i += 1
+    top = float(v[i]) if v[i] > 0 else 1.0
+    return top, i

@@ -10,6 +10,7 @@ import streamlit as st
 
 from . import data
 
+URL = "query-params"  # every widget's value is kept in the URL under its key: a view can be shared and reloaded
 QUICKSTART = "workbench run studies/quickstart.toml --results {root}"
 
 
@@ -35,7 +36,7 @@ def sidebar() -> Context | None:
     if not len(studies):
         return None
     names = list(studies["name"])
-    study = st.sidebar.selectbox("Study", names, key="study", bind="query-params", help="the study every page shows")
+    study = st.sidebar.selectbox("Study", names, key="study", bind=URL, help="the study every page shows")
     st.sidebar.button("Reload", key="reload", help="read the store again (pages also reload when runs finish)")
     _forget_the_last_study(study)
     return Context(root, sig, study, studies)
@@ -54,7 +55,10 @@ def _forget_the_last_study(study: str) -> None:
                 del st.session_state[k]
         for k in list(st.query_params.keys()):
             if k != "study":
-                del st.query_params[k]  # ?run=... named a run of the last study
+                try:
+                    del st.query_params[k]  # ?run=... named a run of the last study
+                except Exception:  # noqa: BLE001 - bound to a widget: its reset above clears it
+                    pass
     st.session_state["_study_shown"] = study
 
 
@@ -91,10 +95,10 @@ def filters(runs: pd.DataFrame, prefix: str, first_only: bool = True) -> pd.Data
     out = runs
     cols = st.columns(2)
     tasks = sorted(runs["task_label"].dropna().unique())
-    pick = cols[0].multiselect("Task", tasks, default=tasks, key=f"{prefix}_task")
+    pick = cols[0].multiselect("Task", tasks, default=tasks, key=f"{prefix}_task", bind=URL)
     out = out[out["task_label"].isin(pick)]
     algos = list(dict.fromkeys(runs["algo_label"].dropna()))
-    pick = cols[1].multiselect("Algorithm", algos, default=algos, key=f"{prefix}_algo")
+    pick = cols[1].multiselect("Algorithm", algos, default=algos, key=f"{prefix}_algo", bind=URL)
     out = out[out["algo_label"].isin(pick)]
     keys = grid_keys(runs)
     if keys:
@@ -103,7 +107,7 @@ def filters(runs: pd.DataFrame, prefix: str, first_only: bool = True) -> pd.Data
             values = grid_values(runs, k)
             default = values[:1] if first_only and len(values) > 1 else values
             pick = gcols[i % len(gcols)].multiselect(
-                k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str
+                k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str, bind=URL
             )
             has = out["grid"].map(lambda g, k=k: k in g)
             out = out[~has | out["grid"].map(lambda g, k=k, pick=pick: g.get(k) in pick)]
@@ -135,6 +139,44 @@ def line_labels(runs: pd.DataFrame, split: list[str]) -> pd.Series:
 
     runs = runs.drop_duplicates("run_id")
     return pd.Series([label(r) for r in runs.to_dict("records")], index=runs["run_id"].to_numpy(), dtype=object)
+
+
+def line_table(runs: pd.DataFrame, split: list[str]) -> pd.DataFrame:
+    """One row per line of ``line_labels``: ``line``, its ``algorithm`` (the registry name: the colour) and
+    ``variant`` (the rest of the label: grid values, task; the dash or marker)."""
+    of = line_labels(runs, split)
+    algo = runs.drop_duplicates("run_id").set_index("run_id")["algo"]
+    t = pd.DataFrame({"line": of.to_numpy(), "algorithm": algo.reindex(of.index).to_numpy()}).drop_duplicates("line")
+    t["variant"] = [variant(line, a) for line, a in zip(t["line"], t["algorithm"])]
+    return t
+
+
+def variant(line: str, algo: str) -> str:
+    """What tells a line apart from the others of its algorithm: the label after the algorithm's name."""
+    line = str(line)
+    rest = line[len(algo) :].strip() if line.startswith(str(algo)) else line
+    return rest or "default"
+
+
+def with_algorithms(df: pd.DataFrame, lines: pd.DataFrame) -> pd.DataFrame:
+    """``df`` (a column ``line``) with the ``algorithm`` and ``variant`` of each line."""
+    return df.merge(lines[["line", "algorithm", "variant"]], on="line", how="left")
+
+
+def smoothing(prefix: str, container=None) -> float:
+    """The smoothing control (off by default): the weight of an exponential moving average over each line's
+    points, for charts only."""
+    c = container or st
+    return c.slider(
+        "smoothing",
+        0.0,
+        0.99,
+        0.0,
+        0.01,
+        key=f"{prefix}_smooth",
+        bind=URL,
+        help="exponential moving average of each line's points (0: off); tables always show the values as logged",
+    )
 
 
 def varying(runs: pd.DataFrame) -> list[str]:

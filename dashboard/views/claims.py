@@ -32,6 +32,12 @@ BADGE = {
     "not measured": ":gray-badge[not measured]",
 }
 PAGES = {"Compare": "views/compare.py"}
+MEANS = {  # what a verdict says: about the study's rules, not the claim's wording
+    "supported": "every rule of the study held",
+    "contradicted": "a rule of the study failed",
+    "inconclusive": "a rule's interval does not settle it",
+    "unstable": "too many runs of a rule failed to judge it",
+}
 
 ctx = ui.current()
 st.title("Claims")
@@ -60,7 +66,7 @@ for c, text in CLAIMS.items():
         }
     )
 overview = pd.DataFrame(rows)
-st.dataframe(overview, hide_index=True, key="claims_table")
+st.table(overview.set_index("claim"))  # a static table wraps the statements (a data grid truncates them)
 if len(verdicts):
     st.download_button(
         "Download all verdicts (CSV)",
@@ -99,6 +105,13 @@ for i, v in mine.reset_index(drop=True).iterrows():
     with st.container(border=True):
         st.markdown(f"**{v['claim']}** {BADGE.get(v['verdict'], v['verdict'])} {CLAIMS.get(v['claim'], '')}")
         rules = v["rules"] or []
+        said = "; ".join(r.get("statement") or r.get("metric") or "" for r in rules)
+        if rules and v["verdict"] in MEANS:
+            question = any(w in CLAIMS.get(v["claim"], "").lower() for w in ("remains open", "whether"))
+            st.caption(
+                ("The claim is an open question: " if question else "")
+                + f"{v['verdict']} means {MEANS[v['verdict']]}: {said}"
+            )
         if not rules:
             st.caption("No rule of the study measured this claim.")
         for j, r in enumerate(rules):
@@ -116,7 +129,8 @@ for i, v in mine.reset_index(drop=True).iterrows():
             )
             fig = r.get("figure")
             if fig and Path(fig).exists():
-                st.image(fig, width=480)
+                with st.expander("the report's figure (static); open the metric in Compare to explore it"):
+                    st.image(fig, width=480)
             if r.get("metric") and st.button(f"Open {r['metric']} in Compare", key=f"claims_goto_{i}_{j}"):
                 st.session_state["compare_goto"] = r["metric"]
                 # query_params={}: the default (None) clears every query parameter, and ?study= is bound to the

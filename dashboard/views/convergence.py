@@ -40,6 +40,7 @@ axis = c1.selectbox(
     axis_opts,
     index=axis_opts.index("beta") if "beta" in axis_opts else 0,
     key="conv_axis",
+    bind=ui.URL,
     help="the grid key along the map's columns; the other grid keys get their own rows",
 )
 final[axis] = [g.get(axis, b if axis == "beta" else None) for g, b in zip(final["grid"], final["beta"])]
@@ -51,17 +52,30 @@ final["method"] = [
     r["algo_label"] + "".join(f" {k}={r['grid'][k]}" for k in own if k in r["grid"]) for r in final.to_dict("records")
 ]
 final["kind"] = np.where(final["online"], "online (RL)", "offline (supervised)")
+several_tasks = final["task_label"].nunique() > 1  # a row per method and task: tasks are never pooled
+final["row"] = final["method"] + (" @" + final["task_label"].astype(str) if several_tasks else "")
 
 st.subheader("Distance to pi*")
-cell = stats.mean_band(final, ["method", "kind", axis], DIST)
+cell = stats.mean_band(final, ["row", "algo", "kind", axis], DIST)
 cell[axis] = cell[axis].astype(str)
-st.altair_chart(
-    charts.heatmap(cell, axis, "method", "mean", "E_x KL(pi || pi*)", scheme="viridis"),
+noise = int((cell["mean"] < 0).sum())
+cell["mean"] = cell["mean"].clip(lower=0)  # KL >= 0: a float32 -1.8e-8 is 0
+top, n_over = stats.colour_top(cell["mean"])
+charts.draw(
+    charts.heatmap(
+        cell, axis, "row", "mean", "E_x KL(pi || pi*) (nats)", scheme="viridis", domain=(0, top), algo="algo"
+    ),
     width="stretch",
     key="conv_optimal_map",
 )
 st.caption(
-    "Mean over seeds of the final exact KL(pi || pi*); 0 is the optimum itself."
+    "Mean over seeds of the final exact KL(pi || pi*) in nats; 0 is the optimum itself."
+    + (f" {noise} cell(s) came out below 0 by float rounding and show as 0." if noise else "")
+    + (
+        f" The colour scale ends at {top:.3g}: {n_over} larger cell(s) take its end colour (their numbers are exact)."
+        if n_over
+        else ""
+    )
     + (
         f" Methods without `{axis}` ({', '.join(dict.fromkeys(lacking['algo_label']))}) are repeated at "
         "each of its values."
@@ -76,8 +90,10 @@ if not online:
     st.info("No online (RL) method in this study to compare with.")
     st.stop()
 ref_default = next((m for m in online if m.split()[0] == "ppo"), online[0])
-ref = c2.selectbox("RL method to compare with", online, index=online.index(ref_default), key="conv_ref")
-threshold = st.slider("Same policy when the total variation is below", 0.0, 0.5, 0.05, 0.01, key="conv_threshold")
+ref = c2.selectbox("RL method to compare with", online, index=online.index(ref_default), key="conv_ref", bind=ui.URL)
+threshold = st.slider(
+    "Same policy when the total variation is below", 0.0, 0.5, 0.05, 0.01, key="conv_threshold", bind=ui.URL
+)
 
 grid_cols = sorted({k for g in final["grid"] for k in g})
 for k in grid_cols:
@@ -87,7 +103,7 @@ rows = []
 for method, b_runs in final[final["method"] != ref].groupby("method", sort=False):
     shared = [f"g:{k}" for k in grid_cols if a_runs[f"g:{k}"].notna().any() and b_runs[f"g:{k}"].notna().any()]
     pairs = a_runs.merge(b_runs, on=["task_label", "seed", *shared], suffixes=("_a", "_b"))
-    pairs = pairs.assign(method=method, kind=b_runs["kind"].iloc[0])
+    pairs = pairs.assign(method=method, kind=b_runs["kind"].iloc[0], algo=b_runs["algo"].iloc[0])
     rows.append(pairs)
 pairs = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 pairs = pairs[pairs[f"{axis}_a"] == pairs[f"{axis}_b"]] if len(pairs) else pairs  # one pair per grid point
@@ -106,7 +122,8 @@ bound = stats.pinsker_bound(pairs[f"{DIST}_a"], pairs[f"{DIST}_b"])
 pairs["distance"] = np.where(exact, pairs["tv"], bound)
 pairs[axis] = pairs[f"{axis}_a"].astype(str)
 n_exact = int(np.sum(exact))
-cell = stats.mean_band(pairs, ["method", "kind", axis], "distance")
+pairs["row"] = pairs["method"] + (" @" + pairs["task_label"].astype(str) if several_tasks else "")
+cell = stats.mean_band(pairs, ["row", "method", "algo", "kind", axis], "distance")
 apart = "part" if n_exact == len(pairs) else "not shown to agree"  # a large bound proves nothing
 cell["verdict"] = np.where(
     cell["hi"].fillna(cell["mean"]) < threshold,
@@ -115,8 +132,18 @@ cell["verdict"] = np.where(
 )
 
 what = "E_x TV(pi_RL, pi)" if n_exact == len(pairs) else "TV bound" if n_exact == 0 else "TV (exact or bound)"
-st.altair_chart(
-    charts.heatmap(cell, axis, "method", "mean", what, scheme="magma"), width="stretch", key="conv_pair_map"
+MARK = {"same policy": "= same", "part": "≠ part", "not shown to agree": "? bound", "unclear": "? unclear"}
+cell["shown"] = [f"{v:.3g} {MARK[k]}" for v, k in zip(cell["mean"], cell["verdict"])]
+top, n_over = stats.colour_top(cell["mean"])
+charts.draw(
+    charts.heatmap(cell, axis, "row", "mean", what, scheme="magma", domain=(0, top), label="shown", algo="algo"),
+    width="stretch",
+    key="conv_pair_map",
+)
+st.caption(
+    f"Each cell: the mean distance and the verdict at threshold {threshold:g} (= same policy: the 95% band lies "
+    "below it; ≠ part: above it; ? unclear: the band straddles it, or only a bound is known)."
+    + (f" The colour scale ends at {top:.3g}: {n_over} larger cell(s) take its end colour." if n_over else "")
 )
 if n_exact == len(pairs):
     st.caption(
@@ -132,7 +159,7 @@ else:
     )
 st.markdown(f"**{ref} vs each method** (mean and 95% band over seeds; same policy: band below {threshold:g})")
 st.dataframe(
-    cell.rename(columns={"mean": "distance"}),
+    cell.drop(columns=["shown", "row"] if not several_tasks else ["shown"]).rename(columns={"mean": "distance"}),
     hide_index=True,
     key="conv_table",
     column_config={c: st.column_config.NumberColumn(format="%.4f") for c in ("distance", "lo", "hi")},

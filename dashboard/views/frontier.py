@@ -3,7 +3,7 @@
 import altair as alt
 import pandas as pd
 import streamlit as st
-from board import charts, data, stats, ui
+from board import charts, colours, data, stats, ui
 
 ctx = ui.current()
 st.title("Frontier")
@@ -23,10 +23,14 @@ if not xs or not ys:
     ui.no_data(f"Study {ctx.study} logged no reward or KL metric yet.")
     st.stop()
 c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-x = c1.selectbox("KL (x)", xs, index=xs.index("kl/exact") if "kl/exact" in xs else 0, key="frontier_x")
-y = c2.selectbox("Reward (y)", ys, index=ys.index("reward/exact") if "reward/exact" in ys else 0, key="frontier_y")
-log_x = c3.checkbox("log x", key="frontier_log_x")
-paths = c4.checkbox("training paths", key="frontier_paths", help="the mean (KL, reward) at each evaluation")
+x = c1.selectbox("KL (x)", xs, index=xs.index("kl/exact") if "kl/exact" in xs else 0, key="frontier_x", bind=ui.URL)
+y = c2.selectbox(
+    "Reward (y)", ys, index=ys.index("reward/exact") if "reward/exact" in ys else 0, key="frontier_y", bind=ui.URL
+)
+log_x = c3.checkbox("log x", key="frontier_log_x", bind=ui.URL)
+paths = c4.checkbox(
+    "training paths", key="frontier_paths", bind=ui.URL, help="the mean (KL, reward) at each evaluation"
+)
 if not exact:
     st.info(
         "These runs' task is not enumerable: no exact frontier. Showing sampled estimates (`reward/eval`, the "
@@ -40,7 +44,7 @@ final, issues = data.final(ctx.root, ctx.study, cols, ctx.sig)
 ui.show_issues(issues)
 final = final.drop_duplicates("run_id")
 tasks = sorted(final["task_label"].dropna().unique())
-task = st.selectbox("Task", tasks, key="frontier_task") if len(tasks) > 1 else tasks[0]
+task = st.selectbox("Task", tasks, key="frontier_task", bind=ui.URL) if len(tasks) > 1 else tasks[0]
 final = final[final["task_label"] == task]
 final["beta"] = final["beta"].astype(float)
 other = [k for k in ui.varying(final) if k != "beta"]
@@ -53,9 +57,17 @@ if x not in pts or y not in pts:
     st.info(f"No run of {task} logged {x} and {y}.")
     st.stop()
 pts = pts.dropna(subset=[x, y])
+algo_of = dict(zip(final["method"], final["algo"]))
+pts["algorithm"] = pts["method"].map(algo_of)
+pts["setting"] = [ui.variant(m, a) for m, a in zip(pts["method"], pts["algorithm"])]
 pts["beta "] = pts["beta"].map(lambda b: f"beta={b:g}")
-layers = [charts.scatter(pts, x, y, color="method", shape="beta ", log_x=log_x, tooltip=["method", "beta ", x, y])]
-
+shape = "setting" if pts["setting"].nunique() > 1 else "beta "
+dropped = 0
+plot_pts = pts
+if log_x:
+    plot_pts, dropped = charts.log_ready(pts, [x], band=(f"{x}:lo", f"{x}:hi"))
+X_T, Y_T = colours.titled(x), colours.titled(y)
+layers = []
 front = pd.DataFrame()
 if {"optimal/kl", "optimal/reward"} <= set(final.columns) and x == "kl/exact" and y == "reward/exact":
     opt = final.dropna(subset=["optimal/kl", "optimal/reward"])
@@ -63,31 +75,46 @@ if {"optimal/kl", "optimal/reward"} <= set(final.columns) and x == "kl/exact" an
         front = opt.groupby("beta", as_index=False)[["optimal/kl", "optimal/reward", "optimal/objective"]].mean()
         front["label"] = front["beta"].map(lambda b: f"pi* beta={b:g}")
         plot = front.rename(columns={"optimal/kl": x, "optimal/reward": y})
-        layers.append(charts.frontier(plot[plot[x] > 0] if log_x else plot, x, y, log_x))
+        layers.append(charts.frontier(plot[plot[x] > 0] if log_x else plot, x, y, log_x))  # under the points
 if paths:
     m, issues = data.metrics(ctx.root, ctx.study, (x, y), ctx.sig)
     m = m[m["run_id"].isin(set(final["run_id"]))].dropna(subset=[x, y])
-    m = m.merge(final[["run_id", "method", "beta"]], on="run_id")
-    path = m.groupby(["method", "beta", "step"], as_index=False)[[x, y]].mean()
+    m = m.merge(final[["run_id", "method", "beta", "algo"]], on="run_id")
+    path = m.groupby(["method", "algo", "beta", "step"], as_index=False)[[x, y]].mean()
     path["track"] = path["method"] + " beta=" + path["beta"].map("{:g}".format)
-    X = alt.X(field=charts._q(x), type="quantitative", scale=alt.Scale(type="log") if log_x else alt.Scale(zero=False))
-    Y = alt.Y(field=charts._q(y), type="quantitative", scale=alt.Scale(zero=False))
+    if log_x:  # KL = 0 at step 0 (pi = pi_ref): no place on a log axis
+        n_path = len(path)
+        path = path[path[x] > 0]
+        dropped += n_path - len(path)
+    X = alt.X(field=charts._q(x), type="quantitative", title=X_T, scale=charts._scale(log_x))
+    Y = alt.Y(field=charts._q(y), type="quantitative", title=Y_T, scale=alt.Scale(zero=False))
     layers.insert(
         0,
         alt.Chart(path)
         .mark_line(opacity=0.35)
-        .encode(
-            x=X, y=Y, detail="track:N", order="step:Q", color=alt.Color("method:N", title=None, scale=charts.PALETTE)
-        ),
+        .encode(x=X, y=Y, detail="track:N", order="step:Q", color=charts.algo_colour(path["algo"], "algo", False)),
     )
-st.altair_chart(alt.layer(*layers).properties(height=460), width="stretch", key="frontier_chart")
+layers.append(
+    charts.scatter(
+        plot_pts, x, y, shape=shape, log_x=log_x, tooltip=["method", "beta ", x, y], x_title=X_T, y_title=Y_T
+    )
+)
+charts.draw(
+    alt.layer(*layers).properties(height=460),
+    width="stretch",
+    key="frontier_chart",
+)
+notes = ["Colour: the algorithm (the same on every page); marker: " + ("its setting" if shape == "setting" else "beta")]
+if dropped:
+    notes.append(f"{dropped} point(s) with KL = 0 (the reference policy itself, e.g. step 0) left out of the log scale")
+st.caption("; ".join(notes) + ".")
 if len(front):
     st.markdown("**The exact frontier** (pi*_beta, mean over seeds: each seed's reference policy differs slightly)")
     st.dataframe(
         front.drop(columns="label"),
         hide_index=True,
         key="frontier_optimum",
-        column_config={c: st.column_config.NumberColumn(format="%.4f") for c in front.columns if c != "beta"},
+        column_config={c: st.column_config.NumberColumn(format="%.4g") for c in front.columns if c != "beta"},
     )
 elif exact:
     st.caption("The frontier is drawn for KL = kl/exact and reward = reward/exact.")
@@ -102,13 +129,28 @@ if len(front):
     if "kl/exact_to_optimal" in pts:
         show["KL(pi || pi*)"] = pts["kl/exact_to_optimal"].to_numpy()
     show = show.drop(columns="optimal/objective")
+    for c in ("objective gap to pi*", "KL(pi || pi*)"):  # >= 0 exactly; float32 noise would print as -0.0000
+        if c in show:
+            show[c] = show[c].where(~((show[c] < 0) & (show[c] > -1e-6)), 0.0)
 st.markdown("**Where each method ends** (final values, mean and 95% band over seeds)")
+table = show.copy()
+for c in (x, y):  # each band in one column: the table fits the page
+    table[f"{c} 95% band"] = [f"[{lo:.4g}, {hi:.4g}]" for lo, hi in zip(table[f"{c}:lo"], table[f"{c}:hi"])]
+    table = table.drop(columns=[f"{c}:lo", f"{c}:hi"])
+order = ["method", "beta", x, f"{x} 95% band", y, f"{y} 95% band"]
+table = table[order + [c for c in table.columns if c not in order]]
 st.dataframe(
-    show,
+    table,
     hide_index=True,
     key="frontier_table",
+    width="stretch",
     column_config={
-        c: st.column_config.NumberColumn(format="%.4f") for c in show.columns if c not in ("method", "beta", "seeds")
+        "method": st.column_config.TextColumn(width="medium"),
+        **{
+            c: st.column_config.NumberColumn(format="%.4g")
+            for c in table.columns
+            if c not in ("method", "beta", "seeds") and "band" not in c
+        },
     },
 )
 st.download_button(

@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import streamlit as st
-from board import charts, data, stats, ui
+from board import charts, colours, data, stats, ui
 
 STATS = {  # statistic -> (in-training metric, probe column, log scale by default)
     "SNR  ||E g||^2 / tr Cov(g)": ("grad/snr", "snr", True),
@@ -40,26 +40,49 @@ ui.show_issues(probe_issues)
 
 st.subheader("Noise vs batch size")
 c1, c2 = st.columns([3, 1])
-label = c1.radio("Statistic", list(STATS), horizontal=True, key="grad_stat")
+label = c1.radio("Statistic", list(STATS), horizontal=True, key="grad_stat", bind=ui.URL)
 metric, col, log_default = STATS[label]
-log_y = c2.checkbox("log y", value=log_default, key="grad_log_y")
+# one log switch per statistic: a cosine (which can be negative) does not inherit the SNR's log scale
+log_y = c2.checkbox("log y", value=log_default, key=f"grad_log_y_{col}", bind=ui.URL)
+y_title = f"{label.split('  ')[0]} ({colours.unit_of(metric) or 'ratio'})"
+
+
+def batch_chart(agg, source: str) -> None:
+    """The statistic against batch size, one line per objective or algorithm; one batch size: said, no chart."""
+    if "cos" in col:  # a cosine lies in [-1, 1]: so does its band
+        agg = agg.assign(lo=agg["lo"].clip(-1, 1), hi=agg["hi"].clip(-1, 1))
+    sizes = sorted(int(b) for b in agg["batch size"].unique())
+    dropped = 0
+    if log_y:
+        agg, dropped = charts.log_ready(agg, ["mean"], band=("lo", "hi"))
+    if len(sizes) < 2:
+        st.info(
+            f"Every {source} in this study used one batch size ({sizes[0] if sizes else '-'}): a curve against batch "
+            "size needs two or more. The values at that size are in the table; for several sizes probe a checkpoint: "
+            "`workbench probe RUN_ID --what gradients`."
+        )
+    elif len(agg):
+        charts.draw(
+            charts.lines(agg, "batch size", y_title, log_x=True, log_y=log_y, x_title="batch size (samples)"),
+            width="stretch",
+            key="grad_batch_chart",
+        )
+    if dropped:
+        st.caption(f"{dropped} value(s) at or below 0 left out of the log scale.")
+
+
 if len(probe) and col in probe:
     p = probe[np.isfinite(probe[col].astype(float))]  # an SNR is infinite where the estimator has no variance
-    if log_y:
-        p = p[p[col] > 0]
     agg = stats.mean_band(p, ["objective", "batch_size"], col).rename(
         columns={"objective": "line", "batch_size": "batch size"}
     )
-    st.altair_chart(
-        charts.lines(agg, "batch size", label.split("  ")[0], log_x=True, log_y=log_y),
-        width="stretch",
-        key="grad_batch_chart",
-    )
+    agg["algorithm"] = agg["line"]
+    batch_chart(agg, "probe")
     st.caption(
         f"From `workbench probe --what gradients` on {p['run_id'].nunique()} checkpoint(s): every objective at "
         "the same parameters; mean and 95% band over the probed runs."
     )
-    st.dataframe(agg, hide_index=True, key="grad_batch_table")
+    st.dataframe(agg.drop(columns=["algorithm", "clipped"]), hide_index=True, key="grad_batch_table")
 elif metric in names:
     m, issues = data.metrics(ctx.root, ctx.study, (metric,), ctx.sig)
     ui.show_issues(issues)
@@ -67,22 +90,19 @@ elif metric in names:
     per_run = (
         m.groupby("run_id", as_index=False)[metric]
         .mean()
-        .merge(runs[["run_id", "algo_label", "batch_size"]], on="run_id")
+        .merge(runs[["run_id", "algo", "algo_label", "batch_size"]], on="run_id")
     )
-    if log_y:
-        per_run = per_run[per_run[metric] > 0]
-    agg = stats.mean_band(per_run, ["algo_label", "batch_size"], metric).rename(
-        columns={"algo_label": "line", "batch_size": "batch size"}
+    agg = stats.mean_band(per_run, ["algo_label", "algo", "batch_size"], metric).rename(
+        columns={"algo_label": "line", "algo": "algorithm", "batch_size": "batch size"}
     )
-    st.altair_chart(
-        charts.lines(agg, "batch size", metric, log_x=True, log_y=log_y), width="stretch", key="grad_batch_chart"
-    )
+    batch_chart(agg, "run")
+    sizes = ", ".join(str(int(b)) for b in sorted(agg["batch size"].unique()))
     st.caption(
         f"From the in-training probes: `{metric}` averaged over each run's probes, at the run's own batch size; "
-        f"mean and 95% band over seeds. Batch sizes in this study: {sorted(agg['batch size'].unique())}. "
+        f"mean and 95% band over seeds. Batch sizes in this study: {sizes}. "
         "For every objective at several batch sizes, probe a checkpoint: `workbench probe RUN_ID --what gradients`."
     )
-    st.dataframe(agg, hide_index=True, key="grad_batch_table")
+    st.dataframe(agg.drop(columns=["algorithm", "clipped"]), hide_index=True, key="grad_batch_table")
 else:
     st.info(f"No run logged `{metric}`.")
 
@@ -97,15 +117,25 @@ pick = st.selectbox(
     "Measurement",
     over,
     key="grad_over",
+    bind=ui.URL,
     help="grad/cos_sft_rl, grad/cos_dpo_rl: cosine between the true "
     "gradient of SFT's / DPO's loss and the exact RL gradient, at the run's parameters",
 )
+weight = ui.smoothing("grad")
 shown = ui.filters(runs, "grad")
 m, issues = data.metrics(ctx.root, ctx.study, (pick,), ctx.sig, tuple(sorted(set(shown["run_id"]))))
 ui.show_issues(issues)
-curve, _ = stats.curves(m, ui.line_labels(shown, ui.varying(runs)), pick)
+split = ui.varying(runs)
+curve, _ = stats.curves(m, ui.line_labels(shown, split), pick)
 if len(curve):
-    st.altair_chart(charts.lines(curve, "step", pick), width="stretch", key="grad_over_chart")
+    if pick.startswith("grad/cos"):
+        curve = curve.assign(lo=curve["lo"].clip(-1, 1), hi=curve["hi"].clip(-1, 1))
+    plot = ui.with_algorithms(stats.smooth_curves(curve, "step", weight), ui.line_table(shown, split))
+    charts.draw(
+        charts.lines(plot, "step", colours.titled(pick), x_title="step (update rounds)"),
+        width="stretch",
+        key="grad_over_chart",
+    )
     last = curve.sort_values("step").groupby("line").tail(1)
     st.dataframe(pd.DataFrame(last), hide_index=True, key="grad_over_table")
 else:

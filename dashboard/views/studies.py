@@ -63,7 +63,7 @@ def runs_table(runs: pd.DataFrame) -> pd.DataFrame:
                 "task": r["task_label"],
                 "seed": r["seed"],
                 "status": status,
-                "step": step,
+                "step": "-" if step is None or step != step else f"{int(step)}",  # not started: no step yet
                 "steps": r["steps"],
                 "progress": (step or 0) / max(r["steps"], 1) if step == step and step is not None else 0.0,
                 "consumed": f"{int(samples):,} {r['unit']}" if samples == samples and samples is not None else "-",
@@ -163,12 +163,11 @@ def run_view(rid: str, live: bool) -> None:
         default = [n for n in ("reward/exact", "kl/exact", "reward/mean", "loss/sft", "loss/dpo") if n in names][
             :3
         ] or names[:1]
-        pick = st.multiselect("Metrics", names, default=default, key="run_metrics")
+        pick = st.multiselect("Metrics", names, default=default, key="run_metrics", bind=ui.URL)
         if pick:
-            long = m.melt(id_vars=["step"], value_vars=pick, var_name="line", value_name="mean").dropna()
-            long["lo"] = long["hi"] = long["mean"]
-            long["n"] = 1
-            st.altair_chart(charts.lines(long, "step", "value", height=300), width="stretch")
+            long = m.melt(id_vars=["step"], value_vars=pick, var_name="metric", value_name="value").dropna()
+            # one small chart per metric, each with its own y axis and unit (KL and reward never share an axis)
+            charts.draw(charts.small_multiples(long, "step", r["algo"]), width="stretch", key="run_chart")
             last = {k: m[k].dropna().iloc[-1] for k in pick if m[k].notna().any()}
             st.dataframe(pd.DataFrame([last]), hide_index=True, key="run_last")
     else:

@@ -1,0 +1,188 @@
+"""Time every dashboard page in headless Chromium on a large store: 500 runs x 2,000 steps by default.
+
+    .venv/bin/python scripts/bench_dashboard.py [--runs 500] [--steps 2000] [--results DIR] [--repeat 3]
+        [--apptest]
+
+The store is synthesised by ``benchmarks/dashboard_render.py`` (through the store's own functions: the index,
+atomic publishing; no training). For each repetition a fresh ``workbench dashboard`` server starts on a loopback
+port (Streamlit's caches empty), and each view is opened in a fresh browser context: its time runs from the
+navigation to the moment the script run is over and every chart on the page has drawn its marks (SVG elements
+with a box; the time of the first look at the final page, not of the looks that confirm it). Besides each
+page at its defaults, the heavier states: Compare with log y and smoothing, the Frontier with training paths
+on a log x axis. Printed: the best and the median first render per view (cold caches), and a second visit
+(caches full). The limit is 2 s a view. ``--apptest`` also runs ``benchmarks/dashboard_render.py`` (the
+server-side render alone, AppTest) on the same store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_S = 2.0
+STUDY = "bench"
+VIEWS = {  # name -> (path and query, a text the page shows when it is complete)
+    "studies": ("?study=bench", "Open a run"),
+    "compare": ("compare?study=bench", "at the last logged step"),
+    "compare log y, smoothed": (
+        "compare?study=bench&compare_metric=kl/exact&compare_log_y=true&compare_smooth=0.6",
+        "at the last logged step",
+    ),
+    "frontier": ("frontier?study=bench", "Where each method ends"),
+    "frontier paths, log x": (
+        "frontier?study=bench&frontier_paths=true&frontier_log_x=true",
+        "Where each method ends",
+    ),
+    "gradients": ("gradients?study=bench", "Over training"),
+    "credit": ("credit?study=bench", "Over training"),
+    "convergence": ("convergence?study=bench", "vs each method"),
+    "claims": ("claims?study=bench", "Study bench"),
+}
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
+CHROMIUM_ARGS.append("--disable-dev-shm-usage")
+MARKS_JS = """() => Array.from(document.querySelectorAll('[data-testid="stVegaLiteChart"]')).map(chart =>
+    Array.from(chart.querySelectorAll('.role-mark > path, .role-mark > rect'))
+        .filter(e => { const b = e.getBBox(); return b.width > 0 && b.height > 0; }).length)"""
+
+
+def render_module():
+    spec = importlib.util.spec_from_file_location("dashboard_render", ROOT / "benchmarks" / "dashboard_render.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(results: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "workbench.cli", "dashboard", "--results", str(results), "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    stop(proc)
+    raise RuntimeError("workbench dashboard did not start")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def timed_visit(browser, url: str, ready: str) -> tuple[float, list[int], bool]:
+    """Seconds from navigation to the final page (script done, ``ready`` shown, every chart drawn and unchanged
+    over three looks 150 ms apart); the marks per chart; whether a Streamlit exception showed."""
+    ctx = browser.new_context(viewport={"width": 1400, "height": 2200})
+    page = ctx.new_page()
+    page.set_default_timeout(120_000)
+    t0 = time.perf_counter()
+    page.goto(url)
+    page.get_by_text(ready).first.wait_for()
+    last, since, t_final = None, 0, None
+    while since < 3:
+        page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
+        now = (page.locator('[data-testid="stMain"]').inner_text(), page.evaluate(MARKS_JS))
+        if now == last and all(n > 0 for n in now[1]):
+            since += 1
+        else:
+            last, since, t_final = now, 0, time.perf_counter()
+        page.wait_for_timeout(150)
+    failed = page.locator('[data-testid="stException"]').count() > 0
+    ctx.close()
+    return t_final - t0, last[1], failed
+
+
+def browser_bench(results: Path, repeat: int, chromium: str) -> int:
+    from playwright.sync_api import sync_playwright
+
+    first: dict[str, list[float]] = {v: [] for v in VIEWS}
+    again: dict[str, list[float]] = {v: [] for v in VIEWS}
+    marks: dict[str, list[int]] = {}
+    errors: set[str] = set()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        for _ in range(repeat):
+            proc, url = serve(results)
+            try:
+                timed_visit(browser, f"{url}/claims", "Claims")  # the server's imports, on a page that reads little
+                for name, (path, ready) in VIEWS.items():
+                    t, marks[name], failed = timed_visit(browser, f"{url}/{path}", ready)
+                    first[name].append(t)
+                    if failed:
+                        errors.add(name)
+                for name, (path, ready) in VIEWS.items():
+                    again[name].append(timed_visit(browser, f"{url}/{path}", ready)[0])
+            finally:
+                stop(proc)
+        browser.close()
+    print(
+        f"headless Chromium, a fresh server per repetition ({repeat}), a fresh browser context per visit; "
+        f"limit {LIMIT_S:g} s; os.cpu_count() = {os.cpu_count()}, load average now {os.getloadavg()[0]:.1f}"
+    )
+    print(f"{'view':<26} {'first (s)':>10} {'median':>8} {'again (s)':>10}  marks per chart")
+    over = 0
+    for name in VIEWS:
+        f = sorted(first[name])
+        best, median = f[0], f[len(f) // 2]
+        flag = "  ERROR" if name in errors else "" if best < LIMIT_S else "  OVER"
+        over += bool(flag)
+        print(f"{name:<26} {best:>10.2f} {median:>8.2f} {min(again[name]):>10.2f}  {marks[name]}{flag}")
+    return 1 if over else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--results", default=None, help="store to write (if empty) and read; default: a temporary folder")
+    ap.add_argument("--repeat", type=int, default=3, help="fresh servers; the best first render is judged")
+    ap.add_argument("--apptest", action="store_true", help="also time the server-side render alone (AppTest)")
+    ap.add_argument("--chromium", default=os.environ.get("CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium")
+    args = ap.parse_args(argv)
+    render = render_module()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_dashboard_"))
+    results = Path(args.results) if args.results else tmp / "results"
+    try:
+        if not (results / "index.sqlite").exists():
+            t0 = time.perf_counter()
+            render.synthesize(results, args.runs, args.steps, study=STUDY)
+            size = sum(f.stat().st_size for f in results.rglob("*") if f.is_file()) / 2**20
+            print(f"store: {args.runs} runs x {args.steps} steps in {time.perf_counter() - t0:.1f} s ({size:.0f} MiB)")
+        rc = browser_bench(results, args.repeat, args.chromium)
+        if args.apptest:
+            rc |= render.main(["--results", str(results), "--repeat", str(args.repeat)])
+        return rc
+    finally:
+        if not args.results:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
