@@ -12,6 +12,9 @@ from workbench.training import train
 
 POLICY_ALGOS = [spec.name for spec in BUILT_IN if spec.trains == "policy"]  # not the test plugins
 SMALL = {"model.n_layer": 1, "model.n_embd": 32, "batch_size": 32, "lr": 3e-3, "save_checkpoint": False}
+# SimPO and ORPO learn slowly here at their paper defaults (beta_s 2; lambda 0.1 on Bradley-Terry-noisy labels):
+# the settings of tests/test_objectives.py, whose reasons docs/objectives.md gives
+LEARNING_SETS = {"simpo": {"algo.beta": 1.0}, "orpo": {"algo.bt_temperature": 0.0, "algo.lam": 1.0}}
 
 
 def rows(path):
@@ -31,14 +34,16 @@ def run(tmp_path, algo, steps=30, task=None, **overrides):
 
 
 def test_every_policy_algorithm_is_tested():
-    assert set(POLICY_ALGOS) == {"sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft"}
+    assert set(POLICY_ALGOS) - {"bon"} == {  # bon: a policy measured, not trained (tests/test_best_of_n.py)
+        *("sft", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft", "kto", "simpo", "orpo")
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("algo", POLICY_ALGOS)
 def test_algorithm_raises_gold_reward(algo, tmp_path):
     """Same starting policy (seed 0), 30 updates: the exact expected gold reward rises by > 0.15 (from ~0.26)."""
-    m, _ = run(tmp_path, algo)
+    m, _ = run(tmp_path, algo, **LEARNING_SETS.get(algo, {}))
     start, end = m[0]["reward/exact"], m[-1]["reward/exact"]
     assert start == pytest.approx(0.2574, abs=2e-3)  # every algorithm starts from the same policy
     assert end > start + 0.15, (algo, start, end)

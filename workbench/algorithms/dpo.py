@@ -4,6 +4,15 @@ With h = [log pi(y_c|x) - log pi_ref(y_c|x)] - [log pi(y_r|x) - log pi_ref(y_r|x
 
     DPO (sigmoid, Rafailov et al. 2023, arXiv 2305.18290):
         L = -[ p log sigmoid(beta h) + (1 - p) log sigmoid(-beta h) ]
+    cDPO, label smoothing eps (Mitchell 2023, "A note on DPO with noisy preferences"; the
+    smoothed sigmoid loss of TRL's CPOTrainer, which TRL 1.16's DPOTrainer no longer applies):
+    the label is taken as flipped with probability eps,
+        p_eps = (1 - eps) p + eps (1 - p)      in place of p above
+    robust DPO (rDPO, Chowdhury et al. 2024, arXiv 2403.00409; TRL's loss_type "robust"): the
+    unbiased loss under labels flipped with probability eps,
+        l(h) = [ -(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h) ] / (1 - 2 eps)
+        L    = p l(h) + (1 - p) l(-h)  =  DPO's loss with p replaced by (p - eps) / (1 - 2 eps)
+    so rDPO undoes exactly the flips cDPO assumes (cDPO's p_eps in, p out).
     IPO (Azar et al. 2023, arXiv 2310.12036), token-averaged log-ratios as in TRL:
         L = (h_avg - 1 / (2 beta))^2
 
@@ -70,8 +79,23 @@ def pair_policy(cfg: PreferenceOptions) -> str | None:
 
 
 class DPOConfig(AlgoConfig, PreferenceOptions):
-    loss_type: Literal["sigmoid", "ipo"] = Field("sigmoid", description="DPO (sigmoid) or IPO (squared)")
+    loss_type: Literal["sigmoid", "ipo", "robust"] = Field(
+        "sigmoid", description="DPO (sigmoid), IPO (squared) or robust DPO (rDPO, flip rate label_smoothing)"
+    )
     batch_size: int = Field(64, ge=1, le=100_000_000, description="preference pairs per gradient step (offline)")
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="eps, the label flip rate: with loss_type 'sigmoid' cDPO's smoothing, with 'robust' rDPO's "
+        "correction (TRL's DPOConfig.label_smoothing); 0: plain DPO",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_has_a_loss(self):
+        if self.label_smoothing and self.loss_type == "ipo":
+            raise ValueError("label_smoothing applies to loss_type 'sigmoid' (cDPO) or 'robust' (rDPO), not 'ipo'")
+        return self
 
 
 class OnlineDPOConfig(AlgoConfig):
@@ -97,7 +121,17 @@ def dpo_loss(
     lr_r = ((logp_r - ref_logp_r) * mask_r).sum(-1)  # log pi/pi_ref (y_r)
     h = lr_c - lr_r
     if cfg.loss_type == "sigmoid":
+        eps = getattr(cfg, "label_smoothing", 0.0)
+        if eps:  # cDPO: p_eps = (1 - eps) p + eps (1 - p); eps = 0 leaves the plain DPO sums untouched
+            p_chosen = (1 - eps) * p_chosen + eps * (1 - p_chosen)
         per_seq = -(p_chosen * F.logsigmoid(beta * h) + (1 - p_chosen) * F.logsigmoid(-beta * h))
+    elif cfg.loss_type == "robust":
+        eps = cfg.label_smoothing
+
+        def robust(h):  # l(h) = [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)
+            return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+        per_seq = p_chosen * robust(h) + (1 - p_chosen) * robust(-h)
     else:
         h_avg = lr_c / mask_c.sum(-1).clamp(min=1) - lr_r / mask_r.sum(-1).clamp(min=1)
         per_seq = (h_avg - 1 / (2 * beta)) ** 2
@@ -163,8 +197,8 @@ def masked_preference_dataset(task, cfg: PreferenceOptions, generator: torch.Gen
     data = preference_dataset(task, cfg, generator, ref)
     return {
         **data,
-        "mask_chosen": task.completion_mask(data["chosen"]),
-        "mask_rejected": task.completion_mask(data["rejected"]),
+        "mask_chosen": task.action_mask(data["chosen"]),  # 0 after an EOS and at observations (tool_use)
+        "mask_rejected": task.action_mask(data["rejected"]),
     }
 
 
@@ -213,7 +247,15 @@ def online_dpo_loss(
 
 
 def offline_regulariser(cfg: DPOConfig, beta: float) -> str:
-    return f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on {cfg.labels} Bradley-Terry labels, beta {beta:g}"
+    smooth = f", label smoothing {cfg.label_smoothing:g} (cDPO)" if cfg.label_smoothing else ""
+    if cfg.loss_type == "robust":
+        return (
+            f"robust DPO loss (flip rate {cfg.label_smoothing:g}) on {cfg.labels} Bradley-Terry labels, beta {beta:g}"
+        )
+    return (
+        f"{'DPO' if cfg.loss_type == 'sigmoid' else 'IPO'} loss on {cfg.labels} Bradley-Terry labels, "
+        f"beta {beta:g}{smooth}"
+    )
 
 
 def online_regulariser(cfg: OnlineDPOConfig, beta: float) -> str:

@@ -1,14 +1,24 @@
-"""GRPO (Shao et al. 2024, arXiv 2402.03300), with the Dr. GRPO options (arXiv 2503.20783).
+"""GRPO (Shao et al. 2024, arXiv 2402.03300), with the Dr. GRPO options (arXiv 2503.20783) and GSPO's
+sequence-level ratio (Zheng et al. 2025, arXiv 2507.18071).
 
     A_i    = (r_i - mean_g(r)) / (std_g(r) + eps)      group-relative advantage, (B,)
              (std over the group, the batch, or not at all: ``scale_rewards``)
-    rho_it = exp(log pi(y_it) - log pi_old(y_it))      importance ratio, (B, T)
+    rho_it = exp(log pi(y_it) - log pi_old(y_it))      importance ratio, (B, T)    importance_sampling_level "token"
+    s_i    = exp((1/|y_i|) sum_t m_it (log pi(y_it) - log pi_old(y_it)))
+                                                        GSPO's sequence ratio, (B,) "sequence"; rho_it = s_i
     kl_it  = pi_ref/pi - log(pi_ref/pi) - 1             k3 estimator, in the loss
     L_it   = -min(rho_it A_i, clip(rho_it, 1 - eps_low, 1 + eps_high) A_i) + beta kl_it
 
 aggregated as ``sequence_mean`` (the paper, TRL "grpo"), ``token_mean`` (TRL
 "bnpo"/"dapo") or ``constant`` (Dr. GRPO: divide by B x max length). std is the unbiased
 group std and eps = 1e-4, as in TRL.
+
+GSPO (``importance_sampling_level = "sequence"``) is TRL 1.16's ``importance_sampling_level="sequence"``:
+|y_i| = sum_t m_it (at least 1), the gradient flows through s_i into every token of row i (no stop-gradient:
+TRL 1.16's ``_compute_loss`` has none), the whole sequence is clipped at once, and with
+``kl_ratio_correction`` the KL is multiplied by s_i. With ``aggregation = "sequence_mean"`` (TRL
+``loss_type="grpo"``) the loss is the paper's -1/B sum_i min(s_i A_i, clip(s_i) A_i) (+ the KL's row means);
+GSPO's paper clips with small ranges (eps 3e-4 / 4e-4), set through ``clip_eps_low`` / ``clip_eps_high``.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ class GRPOConfig(AlgoConfig):
     eps: float = Field(1e-4, gt=0, description="eps added to the std")
     epochs: int = Field(1, ge=1, le=10_000, description="passes over each rollout (TRL num_iterations)")
     minibatches: int = Field(1, ge=1, le=100_000, description="minibatches per pass")
+    importance_sampling_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: rho_it per token (GRPO); sequence: GSPO's length-normalised s_i per row (arXiv 2507.18071, "
+        "TRL importance_sampling_level)",
+    )
 
 
 def grpo_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
@@ -69,7 +84,11 @@ def prepare(roll: Rollout, cfg: GRPOConfig, beta: float) -> GRPOBatch:
 def grpo_loss(out: PolicyOutput, batch: GRPOBatch, cfg: GRPOConfig, beta: float) -> tuple[Tensor, Tensor, dict]:
     """``out.logp`` and the batch's tensors ``(B, T)``. Returns ``(loss, per_token_loss (B, T), stats)``."""
     logp, old_logp, advantages, mask = out.logp, batch.old_logp, batch.advantages, batch.mask
-    ratio = torch.exp(logp - old_logp)  # rho_it
+    if cfg.importance_sampling_level == "sequence":
+        log_s = ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,) log s_i
+        ratio = torch.exp(log_s)[:, None].expand_as(logp)  # (B, T) rho_it = s_i
+    else:
+        ratio = torch.exp(logp - old_logp)  # rho_it
     clipped = torch.clamp(ratio, 1 - cfg.clip_eps_low, 1 + cfg.clip_eps_high)
     per_token = -torch.min(ratio * advantages, clipped * advantages)  # -min(rho A, clip(rho) A)
     stats = {}
@@ -80,11 +99,23 @@ def grpo_loss(out: PolicyOutput, batch: GRPOBatch, cfg: GRPOConfig, beta: float)
         per_token = per_token + beta * kl  # + beta kl_it
         stats[f"kl/{cfg.kl_estimator}_loss"] = ((kl * mask).sum(-1)).mean().item()
     loss = aggregate(per_token, mask, cfg.aggregation)
-    low = (ratio < 1 - cfg.clip_eps_low) & (advantages < 0)
-    high = (ratio > 1 + cfg.clip_eps_high) & (advantages > 0)
     stats["loss/policy"] = loss.item()
-    stats["clip/ratio"] = ((low | high).float() * mask).sum().item() / mask.sum().clamp(min=1).item()
+    stats.update(clip_stats(ratio.detach(), advantages, mask, cfg.clip_eps_low, cfg.clip_eps_high))
     return loss, per_token * mask, stats
+
+
+def clip_stats(ratio: Tensor, advantages: Tensor, mask: Tensor, eps_low: float, eps_high: float) -> dict:
+    """Shares of the counted tokens ``(B, T)`` whose clip is active: low (rho < 1 - eps_low, A < 0), high
+    (rho > 1 + eps_high, A > 0), and either (``clip/ratio``), as TRL's ``clip_ratio/low_mean``, ``high_mean``,
+    ``region_mean`` (which, at the sequence level, are shares of sequences: ours stay shares of tokens)."""
+    low = (ratio < 1 - eps_low) & (advantages < 0)
+    high = (ratio > 1 + eps_high) & (advantages > 0)
+    n = mask.sum().clamp(min=1).item()
+    return {
+        "clip/ratio": ((low | high).float() * mask).sum().item() / n,
+        "clip/low_ratio": (low.float() * mask).sum().item() / n,
+        "clip/high_ratio": (high.float() * mask).sum().item() / n,
+    }
 
 
 def regulariser(cfg: GRPOConfig, beta: float) -> str:

@@ -85,6 +85,10 @@ def ppo_loss(out: PolicyOutput, batch: PPOBatch, cfg: PPOConfig, beta: float) ->
     pg2 = -advantages * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps)
     per_token = torch.max(pg1, pg2)  # L^clip
     stats = {"clip/ratio": (((pg2 > pg1).float() * mask).sum() / mask.sum().clamp(min=1)).item()}
+    with torch.no_grad():  # the split of clip/ratio: rho below 1 - eps with A < 0, above 1 + eps with A > 0
+        n = mask.sum().clamp(min=1)
+        stats["clip/low_ratio"] = ((((ratio < 1 - cfg.clip_eps) & (advantages < 0)).float() * mask).sum() / n).item()
+        stats["clip/high_ratio"] = ((((ratio > 1 + cfg.clip_eps) & (advantages > 0)).float() * mask).sum() / n).item()
     if values is not None and cfg.use_value_head:
         v_clip = old_values + torch.clamp(values - old_values, -cfg.clip_value, cfg.clip_value)
         vf = 0.5 * torch.max((values - returns) ** 2, (v_clip - returns) ** 2)  # L^V

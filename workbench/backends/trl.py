@@ -5,7 +5,9 @@ same task, model (weights of the same seed), tokenizer, prompts, batch, step cou
 learning-rate schedule and KL coefficient, trained by
 
     sft -> SFTTrainer    rm -> RewardTrainer    dpo, ipo -> DPOTrainer
-    grpo -> GRPOTrainer  rloo -> RLOOTrainer
+    grpo -> GRPOTrainer  rloo -> RLOOTrainer    kto -> KTOTrainer
+    simpo -> trl.experimental.cpo.CPOTrainer (loss_type "simpo", cpo_alpha 0)
+    orpo -> trl.experimental.orpo.ORPOTrainer (its NLL term also counts the prompt tokens)
 
 The run folder has the same files as a workbench run (``config.json``, ``metrics.jsonl``,
 ``samples.jsonl``, ``status.json``, ``checkpoint/``), and TRL's logged metrics are renamed
@@ -83,6 +85,9 @@ TRL_TRAINERS = {
     "ipo": "DPOTrainer",
     "grpo": "GRPOTrainer",
     "rloo": "RLOOTrainer",
+    "kto": "KTOTrainer",
+    "simpo": "CPOTrainer",
+    "orpo": "ORPOTrainer",
 }
 NO_COUNTERPART = {
     "ppo": "TRL 1.16 has no PPO in its core (PPOTrainer moved to trl.experimental and is being removed)",
@@ -116,6 +121,16 @@ METRIC_NAMES = {
     "rm": {**_COMMON, "loss": "loss/rm", "accuracy": "rm/accuracy", "margin": "rm/margin"},
 }
 METRIC_NAMES["ipo"] = METRIC_NAMES["dpo"]
+_PAIRWISE = {k: v for k, v in METRIC_NAMES["dpo"].items() if k.startswith("rewards/")}
+METRIC_NAMES["kto"] = {**_COMMON, **_PAIRWISE, "loss": "loss/kto", "kl": "kto/kl"}
+METRIC_NAMES["simpo"] = {**_COMMON, **_PAIRWISE, "loss": "loss/simpo"}
+METRIC_NAMES["orpo"] = {
+    **_COMMON,
+    **_PAIRWISE,
+    "loss": "loss/orpo",
+    "nll_loss": "orpo/nll",
+    "log_odds_chosen": "orpo/log_odds_ratio",
+}
 _DROPPED = (
     "learning_rate",
     "epoch",
@@ -151,9 +166,17 @@ def check_config(res: Resolved) -> None:
         problems.append("model.impl 'native' is GPT-2 only")
     if res.task.eos_action is not None and name == "rm":
         problems.append("the TRL backend's reward model reads fixed-length completions: set task.eos = false")
-    if name in ("dpo", "ipo", "rm") and acfg.labels == "soft":
+    if res.task.has_observations:  # TRL samples and trains on every completion token
+        problems.append(f"task {res.task.name!r} has observation tokens the environment writes; TRL cannot mask them")
+    if name in ("dpo", "ipo", "rm", "kto", "simpo", "orpo") and acfg.labels == "soft":
         problems.append(f"TRL's {TRL_TRAINERS[name]} takes hard preference labels: set algo.labels = 'sampled'")
-    if name in ("dpo", "ipo") and acfg.pairs == "reference":  # the pairs come from the workbench policy's sampler
+    if name == "dpo" and acfg.loss_type == "sigmoid" and acfg.label_smoothing:
+        problems.append(
+            "TRL 1.16's DPOTrainer ignores label_smoothing with loss_type 'sigmoid' (cDPO): use the workbench backend, "
+            "or loss_type 'robust'"
+        )
+    preference_algos = ("dpo", "ipo", "kto", "simpo", "orpo")
+    if name in preference_algos and acfg.pairs == "reference":  # the pairs come from the workbench policy's sampler
         problems.append("pairs sampled from pi_ref are the workbench backend's: set algo.pairs to 'all' or 'random'")
     if name == "grpo":
         if acfg.kl_estimator != "k3":
@@ -169,6 +192,8 @@ def check_config(res: Resolved) -> None:
             problems.append(
                 "RLOOTrainer's loss is a mean over sequences of summed log-probs: algo.aggregation = 'sequence_sum'"
             )
+    if name == "kto" and (acfg.batch_size < 2):
+        problems.append("KTOTrainer estimates z_ref from a batch: algo.batch_size >= 2")
     if name == "sft" and acfg.aggregation != "token_mean":
         problems.append("SFTTrainer's loss is a mean over completion tokens: algo.aggregation = 'token_mean'")
     if problems:
@@ -287,6 +312,14 @@ def offline_dataset(res: Resolved, codec: Codec):
                 "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in rows],
             }
         )
+    if res.spec.name == "kto":  # unpaired rows: prompt, completion, label
+        return datasets.Dataset.from_dict(
+            {
+                "prompt": [codec.prompt_text(p) for p in data["prompts"]],
+                "completion": [codec.completion_text(c) for c in data["completions"]],
+                "label": [bool(d) for d in data["desirable"]],
+            }
+        )
     return datasets.Dataset.from_dict(
         {
             "prompt": [codec.prompt_text(p) for p in data["prompts"]],
@@ -369,7 +402,7 @@ def _callback_class():
             for k, v in logs.items():
                 if k in _DROPPED or k.startswith("rewards/task_reward/") or not isinstance(v, (int, float)):
                     continue
-                if k == "kl":
+                if k == "kl" and k not in self.names:  # KTO's kl is its z_ref, a sequence sum as ours (kto/kl)
                     # TRL: mean per completion token of the batch; ours: sum over each completion, mean over the
                     # batch = TRL's x the mean completion length (T for fixed-length completions)
                     length = logs.get("completions/mean_length", self.T)
@@ -491,10 +524,59 @@ def build_trainer(res: Resolved, work: Path, callbacks=(), rm=None):
         )
     elif name in ("dpo", "ipo"):
         ref_model, _ = _hf_model(task, run.model, run.seed)
-        args = trl.DPOConfig(**trl_args(res, out_dir, acfg.batch_size), beta=run.beta, loss_type=acfg.loss_type)
+        args = trl.DPOConfig(
+            **trl_args(res, out_dir, acfg.batch_size),
+            beta=run.beta,
+            loss_type=acfg.loss_type,
+            label_smoothing=acfg.label_smoothing,
+        )
         trainer = trl.DPOTrainer(
             model=model,
             ref_model=ref_model.requires_grad_(False),
+            args=args,
+            train_dataset=offline_dataset(res, codec),
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
+    elif name == "kto":
+        ref_model, _ = _hf_model(task, run.model, run.seed)
+        dataset = offline_dataset(res, codec)
+        # TRL rotates the KL completions in dataset order within each batch: shuffle the rows once (the run's
+        # seed) so the rotated pairs are independent rows, as the workbench draws them
+        dataset = dataset.shuffle(seed=run.seed)
+        args = trl.KTOConfig(
+            **trl_args(res, out_dir, acfg.batch_size),
+            beta=run.beta,
+            desirable_weight=acfg.desirable_weight,
+            undesirable_weight=acfg.undesirable_weight,
+        )
+        trainer = trl.KTOTrainer(
+            model=model,
+            ref_model=ref_model.requires_grad_(False),
+            args=args,
+            train_dataset=dataset,
+            processing_class=tok,
+            callbacks=list(callbacks),
+        )
+    elif name in ("simpo", "orpo"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # trl.experimental warns on import
+            from trl.experimental.cpo import CPOConfig, CPOTrainer
+            from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+        if name == "simpo":
+            args = CPOConfig(
+                **trl_args(res, out_dir, acfg.batch_size),
+                loss_type="simpo",
+                cpo_alpha=0.0,
+                beta=acfg.beta,
+                simpo_gamma=acfg.gamma,
+            )
+            cls = CPOTrainer
+        else:
+            args = ORPOConfig(**trl_args(res, out_dir, acfg.batch_size), beta=acfg.lam)
+            cls = ORPOTrainer
+        trainer = cls(
+            model=model,
             args=args,
             train_dataset=offline_dataset(res, codec),
             processing_class=tok,
