@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install the workbench with its test dependencies (and the `ray` extra, so that
-# tests/test_ray_executor.py runs rather than skips).
+# tests/test_ray_executor.py runs rather than skips; the tracker extras but trackio for tests/test_export.py).
 # torch comes first: the CPU build on a machine without a GPU (never a multi-GB CUDA
 # build), the default build where `nvidia-smi` sees a GPU. The project's torch range
 # (pyproject.toml) is satisfied by it, so `pip install -e .` adds nothing heavier.
@@ -17,5 +17,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     $PIP install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$PIP install -q -e ".[dev,ray]" 2>&1 | grep -v "is ignored" || true
+$PIP install -q -e ".[dev,ray,tensorboard,wandb,mlflow]" 2>&1 | grep -v "is ignored" || true  # trackers: tests/test_export.py
 .venv/bin/python -c "import torch, transformers, trl, workbench; print('workbench', workbench.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"

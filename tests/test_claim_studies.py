@@ -20,7 +20,7 @@ from workbench.studies import load_study, run_study
 from workbench.studies.executors import InlineExecutor
 
 STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*.toml"))
-CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14)}  # C10, C11 need tasks that do not exist yet
+CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)}
 DECIDED = {"supported", "contradicted", "inconclusive", "unstable"}
 TINY_MODEL = {"n_layer": 1, "n_embd": 16, "n_head": 2}
 
@@ -38,7 +38,7 @@ def shrink(raw: dict, steps: int = 4) -> dict:
     s["eval_every"] = 2
     if s.get("probe_every", 100):  # keep probes on where the study has them: step 0, 2, 4
         s["probe_every"], s["probe_minibatches"] = 2, 2
-    for key, small in (("rm_steps", 5), ("rm_pairs", 32), ("sft_warmup_steps", 2)):
+    for key, small in (("rm_steps", 5), ("rm_pairs", 32), ("sft_warmup_steps", 2), ("pretrain_steps", 2)):
         for settings in [s] + [a.get("settings", {}) for a in raw["algorithms"]]:
             if key in settings:
                 settings[key] = min(settings[key], small)

@@ -68,7 +68,7 @@ def test_every_logged_metric_is_documented(tmp_path):
     [
         (
             ["--task", "bandt", "--algo", "ppo"],
-            ["unknown task 'bandt'", "allowed: arithmetic, bandit, digit_sum, scratch_add, sequence"],
+            ["unknown task 'bandt'", "allowed: arithmetic, bandit, digit_sum, scratch_add, sequence, tool_use"],
         ),
         (["--task", "bandit", "--algo", "ppx"], ["unknown algorithm 'ppx'", "grpo", "ppo"]),
         (

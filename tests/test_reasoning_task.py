@@ -158,3 +158,82 @@ def test_sft_trains_on_either_demonstration(demos, tmp_path):
     assert train(res, tmp_path / "run", progress=False)["status"] == "done"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+
+
+# -- the scratch-ablation evaluation (workbench.analysis.reasoning) -------------------------------
+
+
+class HandPolicy:
+    """A hand-written policy for teacher-forced scoring: pi(intended token) = 0.9, each other action 0.1 / 11.
+
+    ``reads_scratch``: after the ``=`` it intends the answer derived from the scratch in the context
+    (``derive_from_scratch``), in the scratch the worked solution; otherwise it intends the right answer
+    after the first ``=`` whatever came before (it ignores its scratch)."""
+
+    def __init__(self, t: ScratchAdd, reads_scratch: bool):
+        self.t, self.reads = t, reads_scratch
+
+    def __call__(self, prompts, comps, values=False):
+        t, n, T = self.t, self.t.cfg.n_digits, comps.shape[1]
+        if self.reads:
+            intended = derive_from_scratch(t, comps)
+            intended[:, : 2 * n] = t.worked_scratch(prompts)
+        else:
+            k = t.scratch_length(comps)
+            target, _ = t.answer_target(prompts)
+            pos = torch.arange(T)[None, :]
+            ans = target.gather(1, (pos - k[:, None] - 1).clamp(0, target.shape[1] - 1))
+            intended = torch.where(pos > k[:, None], ans, comps)
+        logp = torch.where(comps == intended, math.log(0.9), math.log(0.1 / 11))
+        return type("Out", (), {"logp": logp})
+
+
+def test_with_answer_by_hand():
+    from workbench.analysis.reasoning import with_answer
+
+    t = task()
+    scratch = torch.tensor([row(5, 1, 8, 0, S, 8, 5), row(1, 2, 3, 4, 5, 6, 7, 8, 9)])
+    target, n_target = t.answer_target(torch.tensor([[4, 7, 10, 3, 8], [9, 9, 10, 9, 9]]))  # 85, 198
+    assert target.tolist() == [[8, 5, E, E], [1, 9, 8, E]] and n_target.tolist() == [3, 4]
+    comps, fits = with_answer(t, scratch, torch.tensor([2, 4]), target, n_target)
+    assert comps.tolist() == [row(5, 1, S, 8, 5), [1, 2, 3, 4, S, 1, 9, 8, E]] and fits.tolist() == [True, True]
+    comps, fits = with_answer(t, scratch, torch.tensor([0, 5]), target, n_target)
+    assert comps[0].tolist() == row(S, 8, 5) and fits.tolist() == [True, False]  # 5 + 1 + 4 > 9: no room
+
+
+def test_ablation_of_a_policy_that_reads_its_scratch():
+    from workbench.analysis.reasoning import scratch_ablation
+
+    t = task(n_digits=3, max_scratch=6)
+    prompts = t.sample_prompts(256, torch.Generator().manual_seed(0))
+    own = scripted_policy(t, prompts)  # what the scripted policy writes: worked scratch, derived answer
+    _, n_target = t.answer_target(prompts)
+    m = scratch_ablation(HandPolicy(t, True), t, prompts, own, torch.Generator().manual_seed(1))
+    by_hand = (0.9 ** n_target.double()).mean().item()  # every answer token and the EOS intended: 0.9 each
+    assert m["reasoning/accuracy"] == pytest.approx(by_hand, rel=1e-5)
+    assert m["reasoning/answered"] == 1.0 and m["reasoning/scratch_length"] == 6.0
+    assert m["reasoning/accuracy_corrupted"] < 0.05 * by_hand  # the answer derived from random digits is wrong
+    assert m["reasoning/accuracy_stripped"] < 0.05 * by_hand
+    assert m["reasoning/scratch_use"] == pytest.approx(by_hand - m["reasoning/accuracy_corrupted"])
+    assert m["reasoning/scratch_use"] > 0.5
+
+
+def test_ablation_of_a_policy_that_ignores_its_scratch():
+    from workbench.analysis.reasoning import scratch_ablation
+
+    t = task(n_digits=2, max_scratch=4)
+    prompts = t.sample_prompts(128, torch.Generator().manual_seed(0))
+    k = torch.arange(128) % 3  # scratch of 0, 1, 2 random digits, then the right answer; row 5: never answers
+    comps = torch.randint(0, 10, (128, t.completion_len), generator=torch.Generator().manual_seed(2))
+    target, n_target = t.answer_target(prompts)
+    from workbench.analysis.reasoning import with_answer
+
+    comps, _ = with_answer(t, comps, k, target, n_target)
+    comps[5] = torch.tensor(row(1, 2, 3))  # no "=": not answered, counts 0
+    m = scratch_ablation(HandPolicy(t, False), t, prompts, comps, torch.Generator().manual_seed(1))
+    q = 0.9 ** n_target.double()
+    q[5] = 0
+    assert m["reasoning/accuracy"] == pytest.approx(q.mean().item(), rel=1e-5)
+    assert m["reasoning/accuracy_corrupted"] == m["reasoning/accuracy"] == m["reasoning/accuracy_stripped"]
+    assert m["reasoning/scratch_use"] == 0.0 and m["reasoning/answered"] == 127 / 128
+    assert m["reasoning/scratch_length"] == pytest.approx((k.sum().item() - k[5].item() + 3) / 128)

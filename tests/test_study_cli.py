@@ -67,7 +67,10 @@ CASES = {
     "out of range": (bad("steps = 2", "steps = 0"), ["budget.steps: Input should be greater than or equal to 1"]),
     "unknown task": (
         bad('name = "bandit"', 'name = "bandt"'),
-        ["tasks[0].name: unknown task 'bandt'", "allowed: arithmetic, bandit, digit_sum, scratch_add, sequence"],
+        [
+            "tasks[0].name: unknown task 'bandt'",
+            "allowed: arithmetic, bandit, digit_sum, scratch_add, sequence, tool_use",
+        ],
     ),
     "unknown algorithm": (
         bad('name = "grpo"', 'name = "grpx"'),

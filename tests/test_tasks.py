@@ -23,6 +23,7 @@ VARIANTS = {
     "arithmetic": [{}, {"n_digits": 1}],
     "digit_sum": [{}, {"partial": True}, {"max_digit": 2, "max_len": 4, "max_target": 4}],
     "scratch_add": [{}, {"demos": "answer", "max_scratch": 0}, {"n_digits": 3, "max_scratch": 8}],
+    "tool_use": [{}, {"n_keys": 2, "n_values": 4, "call_cost": 0.0}, {"max_calls": 2}],
 }
 CASES = [(name, kw) for name in TASKS for kw in VARIANTS.get(name, [{}])]
 

@@ -71,10 +71,19 @@ def cmd_train(args) -> int:
     if args.device:
         raw["device"] = args.device
     res = resolve(raw, overrides)
+    if res.run.report_to:  # a missing tracker package is said before training, not after
+        from .results.export import require  # per command: importing every layer doubles start-up
+
+        require(res.run.report_to)
     _prepare_out(Path(args.out), args.overwrite)
     from .training import train  # per command: importing every layer doubles start-up
 
     result = train(res, args.out, progress=not args.quiet)
+    if res.run.report_to and result["status"] in ("done", "diverged"):  # from the finished run's files
+        from .results.export import export_runs, folder_run  # per command: importing every layer doubles start-up
+
+        for tracker in res.run.report_to:
+            export_runs([folder_run(args.out)], tracker, Path(args.out) / "trackers" / tracker)
     final = {k: v for k, v in result["final"].items() if k.split("/")[0] in ("reward", "kl", "objective", "entropy")}
     summary = {"status": result["status"], "step": result["step"], "out": args.out, **final}
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -364,12 +373,12 @@ def cmd_list(args) -> int:
 
 def cmd_probe(args) -> int:
     from .analysis.probe import probe  # per command: importing every layer doubles start-up
-    from .training.pipeline import sft_warmup  # per command: importing every layer doubles start-up
+    from .training.pretrain import start_phases  # per command: importing every layer doubles start-up
 
     result = probe(
         args.target,
         args.what,
-        sft_phase=sft_warmup,
+        sft_phase=start_phases,
         batch_sizes=args.batch_sizes,
         minibatches=args.minibatches,
         objectives=args.objectives,
@@ -548,7 +557,38 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--results", default=None, help=results_help)
     rp.add_argument("--out", default=None, help="output folder (default: <results>/reports/<study>)")
     rp.set_defaults(func=cmd_report)
+
+    ex = sub.add_parser(
+        "export", help="export a study's finished runs to TensorBoard, W&B, MLflow or trackio (offline, local files)"
+    )
+    ex.add_argument("study", help="study name (as in `workbench list`) or its study file")
+    ex.add_argument("dest", metavar="DIR", help="folder the tracker's files are written to (created)")
+    ex.add_argument("--to", required=True, choices=TRACKERS, help="the tracker (needs: pip install 'workbench[TO]')")
+    ex.add_argument("--results", default=None, help=results_help)
+    ex.set_defaults(func=cmd_export)
     return p
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")  # workbench.results.export.TRACKERS (not imported here)
+
+
+def cmd_export(args) -> int:
+    from .results import results_dir  # per command: importing every layer doubles start-up
+    from .results.export import MissingExtra, export_study  # per command: importing every layer doubles start-up
+
+    study = _study_name(args.study)  # a study file: its `name`, not its file name
+    root = results_dir(args.results)
+    if not (root / "index.sqlite").exists():
+        print(f"workbench export: no results at {root}; run the study first (workbench run)", file=sys.stderr)
+        return 2
+    try:
+        out = export_study(root, study, args.to, Path(args.dest))
+    except (MissingExtra, ValueError) as e:
+        print(f"workbench export: {e}", file=sys.stderr)
+        return 2
+    before = f" ({len(out['skipped'])} exported there before, skipped)" if out["skipped"] else ""
+    print(f"study {study}: {len(out['exported'])} run(s) exported to {args.to} in {out['dest']}{before}")
+    return 0
 
 
 def cmd_report(args) -> int:
@@ -575,7 +615,7 @@ def cmd_report(args) -> int:
     return 0
 
 
-INDEX_COMMANDS = ("run", "status", "list", "report")  # commands that read or write the results index
+INDEX_COMMANDS = ("run", "status", "list", "report", "export")  # commands that read or write the results index
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -106,6 +106,14 @@ class RunConfig(BaseModel):
         le=MAX_STEPS,
         description="online runs: SFT steps on demonstrations first (phase 1 of RLHF); the result is pi_ref",
     )
+    pretrain_steps: int = Field(
+        0,
+        ge=0,
+        le=MAX_STEPS,
+        description="policy runs: steps of NLL on the task's pretraining text first (no solutions, no answer "
+        "information; workbench/training/pretrain.py), seeded by the run seed alone: the base policy, the "
+        "same for every method, is the starting policy and pi_ref",
+    )
     eval_every: int = Field(10, ge=1, le=MAX_STEPS, description="steps between exact/eval measurements")
     probe_every: int = Field(
         100,
@@ -129,6 +137,11 @@ class RunConfig(BaseModel):
         1, ge=1, le=4096, description="torch threads on CPU; tiny models run fastest on one (parallelise runs instead)"
     )
     save_checkpoint: bool = Field(True, description="write the final model to checkpoint/")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list,
+        description="trackers each finished run is exported to, offline, from its metrics.jsonl "
+        "(workbench/results/export.py; the training never sees them); not part of the run id",
+    )
     backend: Literal["workbench", "trl"] = Field(
         "workbench",
         description="who trains: the workbench loops, or TRL's own trainer for the same run (sft, rm, "
@@ -161,6 +174,7 @@ _HASH_EXEMPT_DEFAULTS = {
     ("rm_steps",): 200,
     ("rm_pairs",): 1024,
     ("sft_warmup_steps",): 0,
+    ("pretrain_steps",): 0,  # the base policy pretrained inside the run (issue 15)
     ("rm_pairs_from",): "uniform",  # the in-run reward model's pairs from the SFT policy (issue 16)
     ("rm_calibrate",): "off",  # the in-run reward model calibrated to gold units (issue 16)
     ("probe_every",): 100,
@@ -171,7 +185,11 @@ _HASH_EXEMPT_DEFAULTS = {
     ("task", "prior_spread"): 1.0,
     ("algo", "pairs_from"): None,  # preference pairs sampled from a checkpoint's policy (issue 16)
     ("task", "eos"): False,  # the end-of-sequence action of sequence and arithmetic (issue 14)
+    ("algo", "label_smoothing"): 0.0,  # cDPO's label smoothing on DPO (issue 17)
+    ("algo", "importance_sampling_level"): "token",  # GRPO's GSPO switch (issue 17)
+    ("report_to",): [],  # trackers a finished run is exported to (issue 18); left out of the hash at any value below
 }
+NOT_HASHED = ("report_to",)  # where a run is reported, not how it trains: never part of its id
 
 
 def _without_new_defaults(d: dict) -> dict:
@@ -182,6 +200,8 @@ def _without_new_defaults(d: dict) -> dict:
             parent = parent.get(k, {})
         if parent.get(path[-1], default) == default:
             parent.pop(path[-1], None)
+    for key in NOT_HASHED:
+        d.pop(key, None)
     return d
 
 
@@ -280,10 +300,22 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
             f"reward_model='fit' and sft_warmup_steps (workbench/training/pipeline.py) need an online algorithm on the "
             f"workbench backend; got {algo_name!r} on {run.backend!r}"
         )
+    if run.pretrain_steps and not task.has_pretraining_text:
+        raise ConfigError(f"pretrain_steps: task {task_name!r} has no pretraining text (Task.pretraining_text)")
+    if run.pretrain_steps and (spec.trains != "policy" or run.backend != "workbench" or run.model.path):
+        raise ConfigError(
+            f"pretrain_steps (workbench/training/pretrain.py) trains a fresh policy on the workbench backend; "
+            f"got {algo_name!r} on {run.backend!r}" + (f" from model.path {run.model.path!r}" if run.model.path else "")
+        )
     if (run.rm_pairs_from != "uniform" or run.rm_calibrate != "off") and run.reward_model != "fit":
         raise ConfigError(
             f"rm_pairs_from and rm_calibrate set up the reward model the run fits: set reward_model = 'fit'; "
             f"got reward_model {run.reward_model!r}"
+        )
+    if spec.best_of is not None and (run.reward_model or run.sft_warmup_steps or run.backend != "workbench"):
+        raise ConfigError(
+            f"{algo_name!r} ranks the starting policy's samples by the gold reward on the workbench backend: "
+            f"reward_model, sft_warmup_steps and backend {run.backend!r} are not supported for it"
         )
     if run.precision != "fp32" and run.backend != "workbench":
         raise ConfigError(

@@ -7,10 +7,11 @@ outside the package, one ``register(SPEC)`` call); a new task is one file in
 
 from __future__ import annotations
 
-from .algorithms import dpo, grpo, ppo, reinforce, reward_model, rft, rloo, sft
+from .algorithms import bon, dpo, grpo, kto, orpo, ppo, reinforce, reward_model, rft, rloo, sft, simpo
 from .algorithms.spec import AlgorithmSpec
 from .toy_tasks import Arithmetic, Bandit, DigitSum, Sequence, Task
 from .toy_tasks.scratch_add import ScratchAdd
+from .toy_tasks.tool_use import ToolUse
 
 BUILT_IN = [
     sft.SPEC,
@@ -23,9 +24,13 @@ BUILT_IN = [
     dpo.IPO_SPEC,
     dpo.ONLINE_SPEC,
     rft.SPEC,
+    kto.SPEC,
+    simpo.SPEC,
+    orpo.SPEC,
+    bon.SPEC,
 ]
 ALGORITHMS: dict[str, AlgorithmSpec] = {s.name: s for s in BUILT_IN}
-TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic, DigitSum, ScratchAdd]}
+TASKS: dict[str, type[Task]] = {t.name: t for t in [Bandit, Sequence, Arithmetic, DigitSum, ScratchAdd, ToolUse]}
 
 
 def register(spec: AlgorithmSpec, replace: bool = False) -> AlgorithmSpec:

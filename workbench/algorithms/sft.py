@@ -32,7 +32,7 @@ def sft_loss(logp: Tensor, mask: Tensor, cfg: SFTConfig) -> tuple[Tensor, Tensor
 def dataset(task, cfg: SFTConfig, generator: torch.Generator, ref=None):
     prompts = task.sample_prompts(cfg.n_demos, generator)
     demos = task.demonstrations(prompts)
-    return {"prompts": prompts, "completions": demos, "mask": task.completion_mask(demos)}  # mask: 0 after an EOS
+    return {"prompts": prompts, "completions": demos, "mask": task.action_mask(demos)}  # 0 after EOS, at observations
 
 
 def forward(policy, ref, batch) -> dict:

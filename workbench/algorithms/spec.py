@@ -88,6 +88,9 @@ class AlgorithmSpec:
     # what keeps the policy near pi_ref, in words, from the algorithm's config and the run's beta. Two runs
     # whose regularisers read differently are not compared on raw reward or KL (workbench.studies checks rules)
     regulariser: Callable[[Any, float], str] = lambda cfg, beta: "none"
+    # a method that does not train: best-of-n of the starting policy, n = best_of(cfg) (``workbench.algorithms.bon``).
+    # The loop makes no parameter updates and the evaluation measures that transformed policy; no prepare/loss
+    best_of: Callable[[Any], int] | None = None
 
     def __post_init__(self) -> None:
         if self.kind == "offline" and self.step is None and self.forward is not None and self.loss is not None:
@@ -96,6 +99,7 @@ class AlgorithmSpec:
                 self, "step", lambda model, ref, batch, cfg, beta: loss(forward(model, ref, batch), batch, cfg, beta)
             )
         need = ("prepare", "loss") if self.kind == "online" else ("dataset", "step")
+        need = () if self.best_of is not None else need  # nothing to train
         missing = [n for n in need if getattr(self, n) is None]
         if missing:
             raise TypeError(f"algorithm {self.name!r} ({self.kind}) must give {', '.join(missing)}")

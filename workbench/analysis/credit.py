@@ -19,7 +19,9 @@ With an end-of-sequence action the states after a completion's first EOS are ter
 DP runs on the full grid of A ** T token sequences, where the policy's probability of a grid
 row is pi(canonical row) x (1/A) per padding position: the padding is drawn uniformly and
 pays nothing, so V = 0 after the EOS, Q(s_t, EOS) = E[R_t | s_t, EOS] (the episode ends) and
-the advantage of any padding token is 0. A sampled (canonical) completion is read at its
+the advantage of any padding token is 0. An observation position (``tool_use``) is drawn the same
+way: ``task.canonical`` writes the environment's token over any grid token there, so its
+advantage is 0 too. A sampled (canonical) completion is read at its
 own row of the grid (``completion_index``). Needs A ** T <= 100,000.
 
 Each method's per-token advantages (``spec.prepare(rollout).advantages``, ``(B, T)``:
@@ -207,7 +209,7 @@ class ExactCredit:
                 raise ValueError(f"exact credit with EOS walks the full grid: A ** T = {A**T} > {MAX_ENUMERABLE}")
             full = task.canonical(task.full_grid())
             idx = torch.searchsorted(completion_index(comps, A), completion_index(full, A))
-            self.grid = (idx, (T - task.lengths(full)).double())
+            self.grid = (idx, (T - task.action_mask(full).sum(-1)).double())  # padding and observations: 1/A each
             comps = full
             ref_logp = self.on_grid(ref_logp)
         self.dense = task.dense_reward if dense is None else dense

@@ -22,7 +22,7 @@ from ..models.precision import full_precision
 from ..results import publish_policy
 from ..results.run_writer import RunWriter
 from ..runtime.context import Measure
-from .exact import ExactEvaluator, exact_logprobs
+from .exact import ExactEvaluator, best_of_n_kl_bound, best_of_n_logprobs, exact_logprobs
 
 
 class Evaluator:
@@ -34,6 +34,7 @@ class Evaluator:
         self.exact = ExactEvaluator(task, ref, res.run.beta) if (ref is not None and task.enumerable) else None
         self.prompts = task.eval_prompts().to(device)
         self.device = device
+        self.n = res.spec.best_of(res.algo_cfg) if res.spec.best_of is not None else None  # bon: the measured policy
 
     @torch.no_grad()
     def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:
@@ -46,11 +47,15 @@ class Evaluator:
             return self._reward_model_metrics(model)
         out = {"model/n_params": sum(p.numel() for p in model.parameters())} if step == 0 else {}  # with a value head
         if self.exact is not None:
-            out.update(self.exact.measure(model))
+            out.update(self.exact.metrics(self.exact_policy(model)) if self.n else self.exact.measure(model))
             if step == 0:
                 out.update(self.exact.optimum())
-        comps, _ = model.sample(self.prompts, gen)
-        gold = task.reward(self.prompts, comps)
+        if self.n:  # best-of-n (workbench.algorithms.bon): n draws per prompt, the best by the gold reward kept
+            comps, gold = self._best_of_n(model, gen)
+            out.update({"bon/n": self.n, "bon/kl_bound": best_of_n_kl_bound(self.n)})
+        else:
+            comps, _ = model.sample(self.prompts, gen)
+            gold = task.reward(self.prompts, comps)
         out["reward/eval"] = gold.float().mean().item()
         n = min(run.n_logged_samples, len(comps))
         writer.log_samples(
@@ -60,6 +65,24 @@ class Evaluator:
             ]
         )
         return out
+
+    def exact_policy(self, model) -> torch.Tensor:
+        """``(P, N)`` log-probabilities of the measured policy: the model's, or best-of-n of it (``self.n``)."""
+        logp = exact_logprobs(model, self.res.task, self.exact.prompts).cpu()
+        if not self.n:
+            return logp
+        logq = best_of_n_logprobs(logp, self.exact.rewards, self.n)  # float64, -inf where never kept
+        return logq.clamp(min=-1e30).float()  # finite: 0 * (log q - log pi_ref) stays 0 in the KL sums
+
+    def _best_of_n(self, model, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """n samples per eval prompt, the first of the best by the gold reward kept: ``(P, T)`` and their rewards."""
+        P, n = len(self.prompts), self.n
+        prompts = self.prompts.repeat_interleave(n, 0)  # (P n, Tp)
+        comps, _ = model.sample(prompts, gen)  # (P n, T)
+        gold = self.res.task.reward(prompts, comps).float().view(P, n)
+        best = gold.argmax(dim=1)  # the first maximal draw: a tie is broken without looking at y
+        rows = torch.arange(P, device=best.device)
+        return comps.view(P, n, -1)[rows, best.to(comps.device)], gold[rows, best]
 
     def _reward_model_metrics(self, rm) -> dict:
         task = self.res.task
@@ -97,4 +120,4 @@ class Evaluation(Measure):
         """The final policy's exact log pi(y|x) for exact distances between runs (``load_policies``)."""
         if self.exact is not None:
             with torch.no_grad():
-                publish_policy(out, exact_logprobs(model, self.res.task, self.exact.prompts).cpu().numpy())
+                publish_policy(out, self.evaluator.exact_policy(model).numpy())  # best-of-n's where the run is bon

@@ -17,8 +17,10 @@ policy with a native GPT-2 walks a KV-cached prefix tree instead (``Policy.compl
 With an end-of-sequence action the completions are the task's canonical ones (every answer
 ended by EOS and padded with it, and every truncated one; ``task.all_completions``), scored by
 one teacher-forced pass each: log pi(y|x) = sum_t m_t log pi(y_t | s_t), m the completion mask
-(the padding after EOS is no choice of the policy). A native GPT-2 walks the prefix tree instead,
-an EOS node being terminal (``Policy._expand_eos``). Those tasks also get
+(the padding after EOS is no choice of the policy). A task with observations (``tool_use``) lists its
+feasible episodes only, and its action mask is also 0 at the observations: the environment writes them
+with probability 1. A native GPT-2 walks the prefix tree instead, an EOS node being terminal
+(``Policy._expand_eos``; not for a task with observations). Those tasks also get
 
     length/exact                E_x sum_y pi(y|x) |y|       |y| = counted tokens (answer + EOS)
     length/exact_correct        E[|y| | correct], correct = gold reward 1 (over all prompts)
@@ -26,15 +28,21 @@ an EOS node being terminal (``Policy._expand_eos``). Those tasks also get
     length/exact_truncated_frac E_x sum_y pi(y|x) 1[y has no EOS]
     optimal/length              length/exact of pi*
 
+A task with observations (``tool_use``) adds its episode metrics (``Task.episode_stats``) under pi as
+``tool/exact_*``, ``episode/exact_*`` and under pi* as ``tool/optimal_*``, ``episode/optimal_*``.
+
 Always in float32: ``exact_logprobs`` turns autocast off (``full_precision``), so a run with
 ``precision = "bf16"`` is measured exactly as its fp32 twin with the same weights would be.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from ..core.types import PolicyOutput
 from ..models.precision import full_precision
 
 
@@ -48,6 +56,7 @@ def exact_logprobs(policy, task, prompts: Tensor | None = None, chunk: int = 409
 def _exact_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
     tree = getattr(policy, "has_prefix_tree", False)
     if task.eos_action is not None:  # variable length: the canonical completions
+        tree = tree and not task.has_observations  # the tree knows no forced tokens: tool_use is teacher-forced
         if tree and getattr(policy, "eos_action", None) == task.eos_action:  # prefix tree with terminal EOS nodes
             return policy.completion_logprobs(prompts.to(policy.device), chunk)
         return _canonical_logprobs(policy, task, prompts, chunk)  # else one teacher-forced pass (HF models)
@@ -73,7 +82,7 @@ def _canonical_logprobs(policy, task, prompts: Tensor, chunk: int) -> Tensor:
     """``(P, N)`` log pi(y|x) = sum_t m_t log pi(y_t | s_t) over the canonical completions of a task with EOS."""
     dev = policy.device
     comps = task.all_completions().to(dev)  # (N, T)
-    mask = task.completion_mask(comps)  # (N, T) m_t
+    mask = task.action_mask(comps)  # (N, T) m_t (0 at observations too: the environment's, probability 1)
     out = []
     for p in prompts.to(dev):
         rows = []
@@ -117,10 +126,16 @@ class ExactEvaluator:
             gold = task.reward(self.prompts.repeat_interleave(N, 0), comps.repeat(P, 1)).view(P, N)
             self.correct = (gold >= 1.0).float()
             self.truncated = task.truncated(comps).float()
+        self.episodes = None  # a task with observations: every (prompt, episode) pair, for its exact episode metrics
+        if task.has_observations:
+            self.episodes = (self.prompts.repeat_interleave(N, 0), comps.repeat(P, 1))
 
     @torch.no_grad()
     def measure(self, policy) -> dict[str, float]:
-        logp = exact_logprobs(policy, self.task, self.prompts).cpu()
+        return self.metrics(exact_logprobs(policy, self.task, self.prompts).cpu())
+
+    def metrics(self, logp: Tensor) -> dict[str, float]:
+        """The metrics above of the policy whose log pi(y|x) over the eval prompts' completions is ``logp (P, N)``."""
         p = logp.exp()
         reward = (p * self.rewards).sum(-1).mean().item()
         kl_ref = kl(logp, self.ref_logp).mean().item()
@@ -135,7 +150,16 @@ class ExactEvaluator:
             out["kl/exact_to_optimal"] = kl(logp, self.opt_logp).mean().item()
         if self.lengths is not None:
             out.update(self.length_metrics(p))
+        out.update(self.episode_metrics(p, "exact_"))
         return out
+
+    def episode_metrics(self, p: Tensor, tag: str) -> dict[str, float]:
+        """The task's episode metrics (``tool/*``, ``episode/*``) under ``p (P, N)``, each name's last part
+        prefixed by ``tag`` (``tool/exact_calls_mean``); none for a task without observations."""
+        if self.episodes is None:
+            return {}
+        stats = self.task.episode_stats(*self.episodes, weights=(p / len(p)).flatten())  # prompts weighted uniformly
+        return {k.replace("/", f"/{tag}", 1): v for k, v in stats.items()}
 
     def length_metrics(self, p: Tensor) -> dict[str, float]:
         """``length/exact*`` of the distribution ``p (P, N)`` over the canonical completions (tasks with EOS)."""
@@ -159,6 +183,7 @@ class ExactEvaluator:
         out = {"optimal/reward": r, "optimal/kl": k, "optimal/objective": r - self.beta * k}
         if self.lengths is not None:
             out["optimal/length"] = (p * self.lengths).sum(-1).mean().item()
+        out.update(self.episode_metrics(p, "optimal_"))
         return out
 
 
@@ -233,3 +258,136 @@ def best_of_n_frontier(logp: Tensor, rewards: Tensor, ns: list[int]) -> list[dic
             }
         )
     return out
+
+
+# -- fixed points of the offline objectives (issue 17) ------------------------------------------
+#
+# KTO, SimPO, ORPO, cDPO and robust DPO do not minimise E[r] - beta KL, so pi* is not their answer.
+# On an enumerable task their answer is the fixed point of full-batch training in the space of all
+# distributions over completions (a table log pi(y|x), ``TabularPolicy``): every one of these losses
+# reads pi only through log pi(y|x) of whole completions (and SimPO/ORPO through |y|), and an
+# autoregressive policy with full support can represent any such table, so the table's fixed point
+# is the policy's. Closed forms where they exist:
+#
+#     DPO, soft Bradley-Terry labels (temperature tau) on every pair:  pi* with beta tau (C6)
+#     SimPO, gamma = 0, the same data, completions of one length T:  softmax(T r / (beta_s tau)),
+#         whatever pi_ref: pi* with pi_ref uniform and beta_s tau / T in place of beta (``simpo_bandit_optimum``)
+#     two completions, chosen with probability p (a pair's loss alone), x = exp(beta h):
+#         cDPO   sigmoid(beta h) = (1 - eps) p + eps (1 - p)
+#         rDPO   sigmoid(beta h) = (p - eps) / (1 - 2 eps)          (p > eps; else no minimiser)
+#         SimPO  (1 - p) x^2 + e^gamma (1 - 2p) x - p = 0, beta -> beta_s, h on average log-probs
+#
+# KTO's fixed point has none: its reference point z_ref is detached, so training follows a
+# semi-gradient, and ``population_optimum`` iterates it (z_ref recomputed at every iterate) to its
+# stationary point; its gradient norm there certifies it.
+
+
+class TabularPolicy(torch.nn.Module):
+    """A policy given by a table ``logits (P, N)`` over the eval prompts and ``task.all_completions()``.
+
+    Called as ``Policy`` is (``policy(prompts, completions).logp``), it returns per-token log-probs
+    ``(B, T)`` whose masked sum is log pi(y|x): log pi(y|x) / |y| at each of y's counted tokens
+    (``task.action_mask``), so sums, token means and SimPO's average read the table exactly.
+    """
+
+    def __init__(self, task, logits: Tensor, trainable: bool = True):
+        super().__init__()
+        self.task = task
+        self.logits = torch.nn.Parameter(logits.clone().double(), requires_grad=trainable)
+        prompts, comps = task.eval_prompts(), task.all_completions()
+        self._pbase = int(prompts.max()) + 1
+        self._prompt_row = torch.full((self._pbase ** prompts.shape[-1],), -1, dtype=torch.long)
+        self._prompt_row[self._encode(prompts, self._pbase)] = torch.arange(len(prompts))
+        self._comp_row = torch.full((task.n_actions**task.completion_len,), -1, dtype=torch.long)
+        self._comp_row[self._encode(comps, task.n_actions)] = torch.arange(len(comps))
+
+    @staticmethod
+    def _encode(x: Tensor, base: int) -> Tensor:
+        w = base ** torch.arange(x.shape[-1] - 1, -1, -1, dtype=torch.long)
+        return (x.long() * w).sum(-1)
+
+    def index(self, prompts: Tensor, completions: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows ``(B,)`` of the eval prompts and of ``all_completions`` (after ``task.canonical``)."""
+        p = self._prompt_row[self._encode(prompts.cpu(), self._pbase)]
+        c = self._comp_row[self._encode(self.task.canonical(completions.cpu()), self.task.n_actions)]
+        if (p < 0).any() or (c < 0).any():
+            raise ValueError("a prompt outside the eval prompts or a completion outside all_completions()")
+        return p, c
+
+    def log_table(self) -> Tensor:
+        return torch.log_softmax(self.logits, dim=-1)  # (P, N) log pi(y|x)
+
+    def forward(self, prompts: Tensor, completions: Tensor, values: bool | None = None) -> PolicyOutput:
+        p, c = self.index(prompts, completions)
+        mask = self.task.action_mask(completions.cpu()).double()  # (B, T)
+        seq = self.log_table()[p, c]  # (B,) log pi(y|x)
+        logp = seq[:, None] * mask / mask.sum(-1, keepdim=True).clamp(min=1)
+        return PolicyOutput(logp=logp, logits=None, values=None)
+
+
+def population_optimum(
+    task,
+    spec,
+    cfg,
+    beta: float,
+    ref_logp: Tensor,
+    batch: dict,
+    method: str = "lbfgs",
+    steps: int = 200,
+    lr: float = 0.1,
+) -> tuple[Tensor, float]:
+    """The fixed point of full-batch training of the offline objective ``spec`` on ``batch`` over tables.
+
+    ``batch``: the objective's whole dataset (``spec.dataset(task, cfg, generator)``; with ``pairs='all'``
+    and soft labels the exact population). Starts from ``ref_logp (P, N)`` (pi_ref, which is also the
+    reference of the loss) and minimises ``spec.forward`` + ``spec.loss`` (what training computes) in
+    float64: ``method='lbfgs'`` (``steps`` iterations) for a loss that is a function of the table, ``'adam'``
+    (``steps`` steps of size ``lr``) for KTO, whose detached reference point makes training a
+    semi-gradient iteration with no loss to line-search. Returns ``(logp (P, N), gradient norm at the
+    end)``; a norm near 0 certifies the fixed point.
+    """
+    policy = TabularPolicy(task, ref_logp)
+    ref = TabularPolicy(task, ref_logp, trainable=False)
+
+    def closure():
+        opt.zero_grad()
+        loss, _, _ = spec.loss(spec.forward(policy, ref, batch), batch, cfg, beta)
+        loss.backward()
+        return loss
+
+    if method == "lbfgs":
+        opt = torch.optim.LBFGS(
+            policy.parameters(), max_iter=steps, tolerance_grad=1e-12, tolerance_change=0, line_search_fn="strong_wolfe"
+        )
+        opt.step(closure)
+    elif method == "adam":
+        opt = torch.optim.Adam(policy.parameters(), lr=lr)
+        for _ in range(steps):
+            closure()
+            opt.step()
+    else:
+        raise ValueError(f"method must be 'lbfgs' or 'adam', got {method!r}")
+    closure()
+    return policy.log_table().detach(), policy.logits.grad.norm().item()
+
+
+def simpo_bandit_optimum(rewards: Tensor, beta_s: float, length: int = 1, tau: float = 1.0) -> Tensor:
+    """SimPO's minimiser with gamma = 0 on soft Bradley-Terry labels over every pair, completions of one
+    length: log pi(y|x) = log softmax(length r / (beta_s tau)), ``rewards (P, N)`` -> ``(P, N)``; pi_ref plays
+    no part. (sigmoid(beta_s h) = sigmoid(dr / tau) pair by pair, h the difference of average log-probs.)"""
+    return torch.log_softmax(rewards.double() * length / (beta_s * tau), dim=-1)
+
+
+def pairwise_optimum(p: float, beta: float, loss: str, eps: float = 0.0, gamma: float = 0.0) -> float:
+    """beta h at the minimiser of one pair's loss, chosen winning with probability ``p``; ``loss`` one of
+    'dpo', 'cdpo', 'rdpo' (flip rate ``eps``) or 'simpo' (margin ``gamma``; h on average log-probs)."""
+    if loss in ("dpo", "cdpo", "rdpo"):
+        q = {"dpo": p, "cdpo": (1 - eps) * p + eps * (1 - p), "rdpo": (p - eps) / (1 - 2 * eps)}[loss]
+        if not 0 < q < 1:
+            raise ValueError(f"no finite minimiser: the effective label {q} is not in (0, 1)")
+        return math.log(q / (1 - q))
+    if loss == "simpo":  # (1 - p) x^2 + c (1 - 2p) x - p = 0, x = exp(beta h), c = exp(gamma)
+        a, b, c = 1 - p, math.exp(gamma) * (1 - 2 * p), -p
+        x = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
+        return math.log(x)
+    raise ValueError(f"loss must be 'dpo', 'cdpo', 'rdpo' or 'simpo', got {loss!r}")

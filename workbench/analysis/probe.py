@@ -43,7 +43,7 @@ from ..algorithms.spec import AlgorithmSpec
 from ..config import ConfigError, Resolved, RunConfig, resolve
 from ..core import seeds
 from ..core.kl import ESTIMATORS
-from ..core.stats import cosine, mean_se
+from ..core.stats import cosine, mean_se, pearson
 from ..models.policy import build_policy, resolve_device
 from ..models.precision import full_precision
 from ..registry import ALGORITHMS
@@ -266,7 +266,28 @@ class Prober(Measure):
         method = torch.cat([b.advantages for b in batches])
         mask = torch.cat([r.mask for r in rolls])
         exact = torch.cat([self.credit.at(adv, r.prompts, r.completions) for r in rolls])
-        return compare(method, exact, mask, self.credit.decisive)
+        summary, rows = compare(method, exact, mask, self.credit.decisive)
+        if self.res.task.has_observations:  # multi-turn episodes (tool_use): credit per turn
+            summary.update(turn_credit(self.res.task, torch.cat([r.completions for r in rolls]), method, exact, mask))
+        return summary, rows
+
+
+def turn_credit(task, comps, method, exact, mask) -> dict[str, float]:
+    """``turn{k}_corr`` (method vs exact advantages over the policy's tokens of turn k: before the first
+    observation k = 1, after it 2, ...), ``turn{k}_share`` and ``turn{k}_share_exact`` (turn k's share of the
+    total |A| mass), from ``(B, T)`` advantages, the mask and ``task.turns`` of the completions."""
+    turns = task.turns(comps.cpu())  # (B, T) 0 at observations and padding
+    m, e, w = method.double().cpu(), exact.double().cpu(), mask.double().cpu()
+    out = {}
+    for k in range(1, int(turns.max()) + 1):
+        sel = (turns == k) & (w > 0)
+        if sel.sum() < 2:
+            continue
+        out[f"turn{k}_corr"] = pearson(m[sel], e[sel])
+        for name, x in (("share", m), ("share_exact", e)):
+            total = (x.abs() * w).sum()
+            out[f"turn{k}_{name}"] = ((x.abs() * sel).sum() / total).item() if total > 0 else math.nan
+    return out
 
 
 def _finite(d: dict) -> dict:
@@ -308,8 +329,8 @@ def locate(target: str, results: str | None = None) -> tuple[Path, Path]:
 def load(target: str, results: str | None = None, device: str = "cpu", sft_phase: Callable | None = None):
     """``(Resolved, policy, ref, run_dir)``: the run's config, its checkpointed policy and its reference.
 
-    A run with an SFT phase (``sft_warmup_steps``) has that phase's result as its reference:
-    ``sft_phase(res, policy, device)`` replays it (``workbench.training.pipeline.sft_warmup``,
+    A run with an SFT phase (``sft_warmup_steps``) or a base policy (``pretrain_steps``) has their result
+    as its reference: ``sft_phase(res, policy, device)`` replays them (``workbench.training.pretrain.start_phases``,
     which ``workbench probe`` passes; the training layer sits above this one).
     """
     from transformers.utils import logging as hf_logging  # heavy; only for a probe of a saved run
@@ -329,9 +350,9 @@ def load(target: str, results: str | None = None, device: str = "cpu", sft_phase
     policy = build_policy(res.task, ckpt_cfg, run.seed, value_head, dev, run.precision)
     # the run's starting policy, rebuilt from its seed; its SFT phase replays in the run's precision
     start = build_policy(res.task, run.model, run.seed, False, dev, run.precision)
-    if run.sft_warmup_steps:  # its reference is the result of its SFT phase, deterministic
+    if run.sft_warmup_steps or run.pretrain_steps:  # its reference: its base policy and/or SFT phase, deterministic
         if sft_phase is None:
-            raise ConfigError(f"{run_dir}: the run's reference is its SFT phase; pass sft_phase to replay it")
+            raise ConfigError(f"{run_dir}: the run's reference is its start phases; pass sft_phase to replay them")
         sft_phase(res, start, dev)
     ref = start.frozen_copy()
     policy.requires_grad_(True)

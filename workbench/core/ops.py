@@ -56,7 +56,13 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         R_t     = A_t + V(s_t)                           value targets
 
     rewards, values, mask: ``(B, T)``. Returns ``(advantages, returns)``, each ``(B, T)``.
+
+    A mask with holes (observation tokens written by the environment inside an episode, ``tool_use``)
+    is a multi-turn episode: the masked positions are no step of the agent, so ``gae_skipping`` steps
+    from each counted token to the next counted one (s_{t+1} is the next state the policy acts in).
     """
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 followed by a 1 in some row
+        return gae_skipping(rewards, values, mask, gamma, lam)
     B, T = rewards.shape
     adv = torch.zeros_like(rewards)
     last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
@@ -68,6 +74,30 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
         last = delta + gamma * lam * last  # A_t
         adv[:, t] = last
     adv = adv * mask
+    return adv, adv + values
+
+
+def gae_skipping(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """GAE over the counted tokens only: with n(t) the next counted position after t (none: the end),
+
+        delta_t = r_t + gamma V(s_n(t)) - V(s_t),   A_t = delta_t + gamma lam A_n(t)      (m_t = 1)
+        A_t = 0, R_t = 0                                                                    (m_t = 0)
+
+    Rewards on masked positions are dropped, as in ``gae``. On a mask without holes it equals ``gae``.
+    """
+    B, T = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)  # A at the next counted position
+    next_v = torch.zeros_like(last)  # V at the next counted position
+    values = values * mask
+    rewards = rewards * mask
+    for t in reversed(range(T)):
+        m = mask[:, t] > 0
+        delta = rewards[:, t] + gamma * next_v - values[:, t]  # delta_t
+        a = delta + gamma * lam * last  # A_t
+        adv[:, t] = torch.where(m, a, torch.zeros_like(a))
+        last = torch.where(m, a, last)
+        next_v = torch.where(m, values[:, t], next_v)
     return adv, adv + values
 
 

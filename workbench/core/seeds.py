@@ -11,6 +11,8 @@ that seeds a generator takes its offset from here.
     evaluation    seed + 1_592_649_633       reward/eval samples, samples.jsonl
     probe         seed * 1_000_003 + step + 7  gradient and credit probes at ``step``
     pipeline      seed + 3_000_017           SFT demonstrations (x1) and reward-model pairs (x2) of the RLHF phases
+    pretraining   seed + 5_000_011           the base policy's pretraining text (``pretrain_steps``)
+    scratch       seed + 6_000_023           the scratch-ablation evaluation's samples and corruption
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ SHUFFLE_OFFSET = 2_000_003
 EVAL_OFFSET = 1_592_649_633
 PROBE_STRIDE = 1_000_003
 PIPELINE_OFFSET = 3_000_017
+PRETRAIN_OFFSET = 5_000_011
+SCRATCH_OFFSET = 6_000_023
 
 
 def sampling(seed: int, device="cpu") -> torch.Generator:
@@ -49,3 +53,13 @@ def evaluation(seed: int, device="cpu") -> torch.Generator:
 def probe_seed(seed: int, step: int) -> int:
     """The seed of the probe at ``step`` (its rollouts and minibatches)."""
     return seed * PROBE_STRIDE + step + 7
+
+
+def pretraining(seed: int) -> torch.Generator:
+    """The base policy's pretraining text (``workbench.training.pretrain``): the same for every method of a seed."""
+    return torch.Generator().manual_seed(seed + PRETRAIN_OFFSET)
+
+
+def scratch_ablation(seed: int, device="cpu") -> torch.Generator:
+    """The scratch-ablation evaluation's samples and corrupted scratch (``workbench.analysis.reasoning``)."""
+    return torch.Generator(device=device).manual_seed(seed + SCRATCH_OFFSET)

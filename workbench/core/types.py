@@ -34,6 +34,7 @@ class Rollout:
     group_size: int
     old_values: Tensor | None = None  # (B, T) V_old(s_t) with a value head
     eos_action: int | None = None  # the task's end-of-sequence action (mask: 1 up to and including the first EOS)
+    episode: dict | None = None  # the task's episode metrics of this rollout (``Task.episode_stats``; tool/*)
 
 
 B_ = TypeVar("B_", bound="Batch")

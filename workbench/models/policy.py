@@ -180,6 +180,7 @@ class Policy(nn.Module):
         self.tokenizer = tokenizer
         self.completion_len = task.completion_len
         self.eos_action = task.eos_action  # sampling stops per row at this action (None: fixed length)
+        self.observe = task.observe if task.has_observations else None  # the environment's forced tokens (tool_use)
         bos = tokenizer.bos_token_id
         self.register_buffer(
             "prefix_ids", torch.tensor([] if bos is None else [bos], dtype=torch.long), persistent=False
@@ -235,7 +236,8 @@ class Policy(nn.Module):
         """Sample ``completion_len`` tokens with a KV cache. Returns ``(completions, logp)``, each ``(B, T)``.
 
         With an EOS action (``task.eos_action``) a row stops at its first EOS: its later tokens are
-        padding (the EOS action, log-prob 0), and sampling ends once every row has stopped.
+        padding (the EOS action, log-prob 0), and sampling ends once every row has stopped. A task with
+        observations (``task.observe``) writes its forced tokens in place of the draw (log-prob 0).
 
         ``logp`` is log pi at temperature 1 (the policy's own probabilities), whatever
         ``temperature`` was used to draw the tokens. A stacked model (seeds as a batch
@@ -274,6 +276,9 @@ class Policy(nn.Module):
             z = logits if temperature == 1.0 else logits / temperature
             y = (z + gumbel[..., t, :]).argmax(-1, keepdim=True)  # (B, 1) y_t ~ softmax(z)
             lp = logits.gather(-1, y)
+            if self.observe is not None:  # an observation: the environment writes it (log-prob 0, no choice)
+                forced = self.observe(torch.cat(comps, dim=-1) if comps else y[..., :0])[..., None]  # (B, 1)
+                y, lp = torch.where(forced >= 0, forced, y), lp.masked_fill(forced >= 0, 0.0)
             if eos is not None:
                 if done is not None:  # after EOS: padding, which is no choice (log-prob 0)
                     y = y.masked_fill(done, eos)

@@ -40,6 +40,8 @@ from .. import __version__
 from ..core.stats import difference_interval, is_non_negative, t_half_width
 from ..results import load_final, load_metrics, load_studies, results_dir
 from ..studies import load_study
+from .overoptimisation import ABOUT as OVER_ABOUT
+from .overoptimisation import overoptimisation_section
 from .verdicts import (
     FAILED,
     Statistics,
@@ -48,6 +50,7 @@ from .verdicts import (
     claim_verdicts,
     evaluate_rule,
     pairwise,
+    peak_frame,
     rule_groups,
     summarise,
 )
@@ -194,7 +197,7 @@ def curve_figure(
 def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path, stats: Statistics) -> dict | None:
     """Final ``metric`` of the rule's groups (at ``step`` for a rule with one): each seed, the mean and its interval."""
     plt = _matplotlib()
-    m = result["metric"]
+    m = result.get("figure_metric") or result["metric"]  # a peaks rule: its per-run drop
     groups = [
         (name, g.loc[g["status"] == "done", m].dropna().to_numpy(float) if m in g else np.array([]))
         for name, g in rule_groups(final, result)
@@ -212,8 +215,9 @@ def rule_figure(final: pd.DataFrame, result: dict, index: int, figdir: Path, sta
                 ax.errorbar([i], [x.mean()], yerr=[[x.mean() - lo], [hi - x.mean()]], fmt="o", color="k", capsize=5)
             else:
                 ax.plot([i], [x.mean()], "o", color="k")
-    if result.get("threshold") is not None:
-        ax.axhline(result["threshold"], ls="--", color=VERDICT_COLOURS["inconclusive"], lw=1)
+    line = result.get("margin") if result.get("kind") == "peaks" else result.get("threshold")
+    if line is not None:
+        ax.axhline(line, ls="--", color=VERDICT_COLOURS["inconclusive"], lw=1)
     ax.set_xticks(range(len(groups)), [name for name, _ in groups], fontsize=8)
     ax.set_ylabel(m if result.get("step") is None else f"{m} at step {result['step']}")
     ax.set_title(
@@ -317,6 +321,9 @@ def _rule_text(r: dict) -> str:
         core = f"|{r['metric']}({side['a']}) - {r['metric']}({side['b']})| < {r['margin']}"
     elif r["kind"] == "noninferior":
         core = f"{r['metric']}: {side['a']} > {side['b']} - {r['margin']}"
+    elif r["kind"] == "peaks":
+        core = f"{r['metric']} of {side['a']}: max - final > {r['margin']}"
+        core += f", {r['proxy']} final > at the peak" if r.get("proxy") else ""
     else:
         core = f"{r['metric']}: {side['a']} {'>' if r['kind'] == 'greater' else '<'} {side['b']}"
     at = f", at step {r['step']}" if r.get("step") is not None else ""
@@ -369,9 +376,10 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     decide = set(spec.confirm_seeds) or set(spec.seeds)
     rules = list(spec.verdicts)
     frames = {r.step: final if r.step is None else at_step(final, metrics, r.step) for r in rules}
-    rule_results = [evaluate_rule(frames[r.step][frames[r.step]["seed"].isin(decide)], r, stats) for r in rules]
+    frames = [peak_frame(final, metrics, r) if r.kind == "peaks" else frames[r.step] for r in rules]  # per rule
+    rule_results = [evaluate_rule(f[f["seed"].isin(decide)], r, stats) for f, r in zip(frames, rules)]
     explore = (
-        [evaluate_rule(frames[r.step][frames[r.step]["seed"].isin(set(spec.seeds))], r, stats) for r in rules]
+        [evaluate_rule(f[f["seed"].isin(set(spec.seeds))], r, stats) for f, r in zip(frames, rules)]
         if spec.confirm_seeds
         else []
     )
@@ -400,11 +408,18 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     # figures
     figures = [f for m in metric_names if (f := curve_figure(metrics, finished, m, figdir, stats.level))]
     for i, r in enumerate(rule_results):
-        fr = frames[r["step"]]
+        fr = frames[i]
         f = rule_figure(fr[fr["seed"].isin(decide)], r, i, figdir, stats)
         r["figure"] = f["png"] if f else None
         if f:
             figures.append(f)
+    over = (
+        overoptimisation_section(metrics, finished, figdir, tabdir, decide)
+        if spec.report.overoptimisation and len(metrics)
+        else None
+    )
+    if over and over["figure"]:
+        figures.append(over["figure"])
 
     content = (
         summary.to_csv(index=False, float_format="%.6g") + json.dumps(rule_results, sort_keys=True, default=str)
@@ -458,6 +473,7 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
         bib,
         issues,
         deviations,
+        over,
     )
     (out / "report.md").write_text(doc.markdown())
     page = doc.html(out)
@@ -603,6 +619,7 @@ class _Document:
         bib,
         issues,
         deviations,
+        over=None,
     ):
         self.__dict__.update(locals())
         del self.__dict__["self"]
@@ -672,6 +689,12 @@ class _Document:
         for name, df in self.aggregates.items():
             parts.append(f"\n## {AGGREGATE_TITLES[name]}\n")
             parts.append(_md_table(df))
+        if self.over:
+            parts.append("\n## Over-optimisation: gold and proxy reward against d = sqrt(KL)\n")
+            parts.append(OVER_ABOUT.format(seeds=", ".join(map(str, self.over["seeds"]))) + "\n")
+            parts.append(_md_table(self.over["fits"]))
+            parts.append("\nEach run's gold gain at its peak and at the end, and the proxy gain at both:\n")
+            parts.append(_md_table(self.over["peaks"]))
         parts.append("\n## Figures\n")
         parts += [f"![{f['name']}]({f['png']})\n" for f in self.figures]
         if self.issues:
@@ -734,6 +757,14 @@ class _Document:
             else ""
         )
         aggs = "".join(f"<h2>{e(AGGREGATE_TITLES[k])}</h2>{table(v)}" for k, v in self.aggregates.items())
+        if self.over:
+            aggs += (
+                "<h2>Over-optimisation: gold and proxy reward against d = sqrt(KL)</h2>"
+                f"<p>{e(OVER_ABOUT.format(seeds=', '.join(map(str, self.over['seeds']))))}</p>"
+                f"{table(self.over['fits'])}"
+                f"<p>Each run's gold gain at its peak and at the end, and the proxy gain at both:</p>"
+                f"{table(self.over['peaks'])}"
+            )
         lv = self.stats.level
         return f"""<!doctype html><html><head><meta charset="utf-8"><title>workbench report: {e(self.study)}</title>
 <style>body{{font-family:sans-serif;max-width:60em;margin:2em auto;font-size:11pt}} \

@@ -8,6 +8,9 @@ TOML; the rules and ``[statistics]`` are declared by ``VerdictRule`` and ``Stati
     greater / less    mean_a - mean_b > 0 (< 0), seeds paired when both groups have the same seeds
     equivalent        |mean_a - mean_b| < margin
     noninferior       mean_a - mean_b > -margin (a is at most ``margin`` worse than b)
+    peaks             mean over runs of max_t m(t) - m(T) > margin (T: the last step that logged m), and with
+                      ``proxy`` also mean of proxy(T) - proxy(t*) > 0 (t*: the step of m's maximum): the
+                      metric rose and fell back while the proxy kept rising (over-optimisation, claim C7)
 
 Each gets an interval of its statistic from ``workbench.core.stats.difference_interval``
 (Student t for a mean, paired t for seed-paired differences, Welch otherwise; or a BCa
@@ -314,6 +317,71 @@ def side_values(runs: pd.DataFrame, rule: VerdictRule) -> dict:
     }
 
 
+def peak_columns(rule: VerdictRule) -> tuple[str, str]:
+    """The per-run columns a ``peaks`` rule reads (``peak_frame``): the metric's drop and the proxy's rise."""
+    return f"{rule.metric} (max - final)", f"{rule.proxy} (final - at peak)"
+
+
+def peak_frame(runs: pd.DataFrame, metrics: pd.DataFrame, rule: VerdictRule) -> pd.DataFrame:
+    """``runs`` with the two columns of ``peak_columns``, from each run's whole curve in ``metrics`` (the long frame
+    of ``workbench.results.load_metrics``):
+
+        drop = max_t m(t) - m(T)          T: the last step that logged m
+        rise = proxy(T) - proxy(t*)       t* = the first step of m's maximum (nan without ``proxy``)
+
+    over the steps that logged m (and the proxy, when the rule names one). A run that logged m fewer than twice
+    gets nan (no curve to peak)."""
+    drop_col, rise_col = peak_columns(rule)
+    out = runs.copy()
+    out[drop_col], out[rise_col] = math.nan, math.nan
+    need = [rule.metric] + ([rule.proxy] if rule.proxy else [])
+    if not len(metrics) or any(m not in metrics for m in need):
+        return out
+    curves = metrics[["run_id", "step", *need]].dropna(subset=need).sort_values(["run_id", "step"])
+    drop, rise = {}, {}
+    for run_id, c in curves.groupby("run_id", sort=False):
+        m = c[rule.metric].to_numpy(float)
+        if len(m) < 2:
+            continue
+        i = int(np.argmax(m))
+        drop[run_id] = m[i] - m[-1]
+        if rule.proxy:
+            p = c[rule.proxy].to_numpy(float)
+            rise[run_id] = p[-1] - p[i]
+    out[drop_col] = out["run_id"].map(drop).astype(float)
+    out[rise_col] = out["run_id"].map(rise).astype(float)
+    return out
+
+
+def _evaluate_peaks(final: pd.DataFrame, rule: VerdictRule, stats: Statistics, out: dict) -> dict:
+    """A ``peaks`` rule on ``peak_frame``'s columns: the drop's interval against ``margin`` and, with ``proxy``,
+    the rise's interval against 0; supported when both lie wholly above, contradicted when either lies wholly
+    below."""
+    drop_col, rise_col = peak_columns(rule)
+    runs = rule_groups(final, rule)[0][1]
+    drop = side_values(runs, rule.model_copy(update={"metric": drop_col}))
+    sides = [drop] + ([side_values(runs, rule.model_copy(update={"metric": rise_col}))] if rule.proxy else [])
+    out.update(n=len(drop["values"]), n_a=len(drop["values"]), failed_a=drop["failed"], runs_a=drop["runs"])
+    out.update(figure_metric=drop_col, proxy=rule.proxy)
+    nan = {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    if any(s["finished"] == 0 or (s["measured"] == 0 and s["finished"] > s["failed"]) for s in sides):
+        return {**out, **nan, "verdict": "not measured"}
+    est, lo, hi = difference_interval(drop["values"], level=stats.level, method=stats.interval)
+    out.update(estimate=est, ci_low=lo, ci_high=hi)
+    verdicts = [_decide(rule.model_copy(update={"kind": "above", "threshold": rule.margin}), lo, hi)]
+    if rule.proxy:
+        pe, plo, phi = difference_interval(sides[1]["values"], level=stats.level, method=stats.interval)
+        out.update(proxy_estimate=pe, proxy_ci_low=plo, proxy_ci_high=phi)
+        verdicts.append(_decide(rule.model_copy(update={"kind": "above", "threshold": 0.0}), plo, phi))
+    if rule.failures == "exclude" and drop["failed"] > MAX_FAILED_SHARE * drop["runs"]:
+        return {**out, "verdict": "unstable"}
+    if any(s["distinct"] < stats.min_seeds for s in sides):
+        return {**out, "verdict": "insufficient seeds"}
+    if all(v == "supported" for v in verdicts):
+        return {**out, "verdict": "supported"}
+    return {**out, "verdict": "contradicted" if "contradicted" in verdicts else "inconclusive"}
+
+
 def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | None = None) -> dict:
     """The rule's statistic, its interval and the verdict it implies.
 
@@ -350,6 +418,8 @@ def evaluate_rule(final: pd.DataFrame, rule: VerdictRule, stats: Statistics | No
         "runs_a": sides[0]["runs"],
         "runs_b": sides[1]["runs"] if len(sides) > 1 else None,
     }
+    if rule.kind == "peaks":  # the final frame carries peak_frame's per-run columns
+        return _evaluate_peaks(final, rule, stats, out)
     nan = {"estimate": math.nan, "ci_low": math.nan, "ci_high": math.nan}
     if any(s["finished"] == 0 or (s["measured"] == 0 and s["finished"] > s["failed"]) for s in sides):
         return {**out, **nan, "verdict": "not measured"}

@@ -316,6 +316,22 @@ def load_run(results, run_id: str) -> dict:
     }
 
 
+def load_run_metrics(run_dir) -> pd.DataFrame:
+    """One run folder's metrics by step, without an index (``workbench train --out``): ``step``, ``samples``,
+    metrics. From ``metrics.parquet`` when published, else ``metrics.jsonl``; ``ValueError`` naming the file
+    when neither can be read."""
+    d = Path(run_dir)
+    if (d / "metrics.parquet").exists():
+        try:
+            return pd.read_parquet(d / "metrics.parquet")
+        except Exception as e:  # noqa: BLE001  (pyarrow's many errors: damaged, truncated)
+            raise ValueError(f"{d / 'metrics.parquet'}: unreadable ({e})") from None
+    rows, problem = _read_jsonl(d / "metrics.jsonl")
+    if problem:
+        raise ValueError(f"{d / 'metrics.jsonl'}: {problem}")
+    return _metrics_frame(rows)
+
+
 VERDICTS = "verdicts.json"  # <results>/reports/<study>/verdicts.json, written by `workbench report STUDY`
 
 

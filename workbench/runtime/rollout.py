@@ -59,7 +59,7 @@ def rollout(
     roll = Rollout(
         prompts=prompts,
         completions=comps,
-        mask=res.task.completion_mask(comps),  # 1 up to and including the first EOS (all ones without EOS)
+        mask=res.task.action_mask(comps),  # 1 up to and including the first EOS, 0 at observations (tool_use)
         old_logp=old_logp,
         ref_logp=ref_logp,
         scores=scores,
@@ -68,6 +68,7 @@ def rollout(
         group_size=group_size,
         old_values=old_values,
         eos_action=res.task.eos_action,
+        episode=res.task.episode_stats(prompts, comps),  # tool/*, episode/* (tasks with observations)
     )
     return roll, out
 
@@ -96,6 +97,7 @@ def rollout_stats(roll: Rollout, batch: Batch) -> dict:
             out["adv/std"] = adv.std().item() if adv.numel() > 1 else 0.0
     if roll.eos_action is not None:
         out.update(length_stats(roll))
+    out.update(roll.episode or {})
     return out
 
 
@@ -112,4 +114,23 @@ def length_stats(roll: Rollout) -> dict:
         out["length/correct_mean"] = lengths[correct].mean().item()
     if (~correct).any():
         out["length/incorrect_mean"] = lengths[~correct].mean().item()
+    return out
+
+
+def sampling_stats(roll: Rollout, logits: torch.Tensor | None) -> dict:
+    """Diagnostics of the sampling policy on a rollout, computed without gradients (they change no number):
+
+    - ``entropy/sampled``: mean over counted tokens of H(pi_old(. | s_t)), from ``logits (B, T, A)``, the
+      sampling pass's log-distribution over the action set (TRL's ``entropy``, over its whole vocabulary);
+    - ``reward/frac_zero_std`` (groups of 2 or more): share of groups whose scores are all equal, so that a
+      group-relative baseline gives them zero advantage (TRL's ``frac_reward_zero_std``).
+    """
+    out = {}
+    with torch.no_grad():
+        if logits is not None:
+            h = -(logits.exp() * logits).sum(-1)  # (B, T) H_t
+            out["entropy/sampled"] = ((h * roll.mask).sum() / roll.mask.sum().clamp(min=1)).item()
+        if roll.group_size > 1:
+            r = roll.scores.view(-1, roll.group_size)  # (B/G, G)
+            out["reward/frac_zero_std"] = (r == r[:, :1]).all(-1).float().mean().item()
     return out

@@ -214,6 +214,10 @@ def _run(
     keep = {"all": set(cfg.all_seeds), "explore": set(cfg.seeds), "confirm": set(cfg.confirm_seeds)}[seeds]
     plan = [p for p in plan if p.seed in keep]
     outcome = StudyOutcome(study.name, len(plan))
+    if trackers := sorted({t for p in plan for t in p.res.run.report_to}):  # report_to: say a missing extra now
+        from ..results.export import require  # per command: the trackers are optional and heavy
+
+        require(trackers)
     attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
     todo = {p.run_id: p for p in plan}
     in_flight: dict[Future, list[PlannedRun]] = {}
@@ -314,10 +318,26 @@ def _finish(store: Store, owner: Owner, p: PlannedRun, fut: Future, outcome: Stu
             except OSError as write_error:
                 raise (storage_fault(write_error, err) or write_error) from e
     store.finish(p.run_id, owner, status, step, samples, reason)
+    if status in ("done", "diverged") and p.res.run.report_to:
+        _report(store, outcome.study, p)
     outcome.executed.append(p.run_id)
     outcome.statuses[p.run_id] = status
     detail = {"done": "", "diverged": f" at step {step}: {reason}", "failed": f": {reason}"}[status]
     bars.finished(p, status, status + detail)
+
+
+def _report(store: Store, study: str, p: PlannedRun) -> None:
+    """``report_to``: export the finished run, from its published files, to ``<results>/trackers/<tracker>``.
+
+    Never fails the run or the study: a failed export is said on stderr (``workbench export`` redoes it).
+    """
+    from ..results.export import export_study  # per command: the trackers are optional and heavy
+
+    for tracker in p.res.run.report_to:
+        try:
+            export_study(store.root, study, tracker, store.root / "trackers" / tracker, [p.run_id])
+        except Exception as e:  # noqa: BLE001  (a tracker's own failure, whatever it is)
+            print(f"warning: run {p.run_id}: export to {tracker} failed: {e}", file=sys.stderr)
 
 
 class _Bars:

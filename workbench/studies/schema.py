@@ -108,7 +108,7 @@ class VerdictRule(BaseModel):
 
     claim: str = Field(description="claim id from docs/claims.md, e.g. 'C6'")
     metric: str = Field(description="metric name (docs/metrics.md), final value per run")
-    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior"] = Field(
+    kind: Literal["below", "above", "greater", "less", "equivalent", "noninferior", "peaks"] = Field(
         description="what supports the claim"
     )
     a: str = Field(description="group label: an algorithm label of the study")
@@ -125,7 +125,15 @@ class VerdictRule(BaseModel):
     step: int | None = Field(None, ge=0, description="read the metric at this update step instead of its final value")
     threshold: float | None = Field(None, description="for below/above")
     margin: float | None = Field(
-        None, gt=0, description="for equivalent: |difference| below this; noninferior: a worse than b by less"
+        None,
+        gt=0,
+        description="for equivalent: |difference| below this; noninferior: a worse than b by less; peaks: the "
+        "metric's maximum over the run above its final value by more",
+    )
+    proxy: str | None = Field(
+        None,
+        description="for peaks: a metric that must keep rising after the peak (its final value above its value at "
+        "the step where 'metric' peaked), e.g. reward/proxy_gain",
     )
     statement: str = Field("", description="what the rule checks, in words, for the report")
     failures: Literal["exclude", "worst"] = Field(
@@ -146,8 +154,12 @@ class VerdictRule(BaseModel):
             raise ValueError(f"a '{self.kind}' rule needs 'threshold'")
         if self.kind in ("greater", "less", "equivalent", "noninferior") and self.b is None:
             raise ValueError(f"a '{self.kind}' rule needs 'b'")
-        if self.kind in ("equivalent", "noninferior") and self.margin is None:
+        if self.kind in ("equivalent", "noninferior", "peaks") and self.margin is None:
             raise ValueError(f"an '{self.kind}' rule needs 'margin'")
+        if self.kind == "peaks" and (self.b is not None or self.step is not None):
+            raise ValueError("a 'peaks' rule reads one group's whole curve: no 'b', no 'step'")
+        if self.proxy is not None and self.kind != "peaks":
+            raise ValueError("'proxy' belongs to a 'peaks' rule")
         if self.b is None and self.b_where:
             raise ValueError("'b_where' needs 'b'")
         if (self.failures == "worst") != (self.worst is not None):
@@ -218,6 +230,11 @@ class ReportOptions(BaseModel):
     metrics: list[str] = Field(
         default_factory=lambda: ["reward/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval"],
         description="metrics tabulated (final values) and drawn over steps; absent ones are skipped",
+    )
+    overoptimisation: bool = Field(
+        False,
+        description="add the over-optimisation section: gold and proxy gain against d = sqrt(kl/exact), the fits "
+        "d (alpha - beta log d) and d (alpha - beta d) (workbench/reporting/overoptimisation.py)",
     )
 
 

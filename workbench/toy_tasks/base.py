@@ -72,6 +72,7 @@ class Task(ABC):
     Config: type[TaskConfig] = TaskConfig
     process_is_split: bool = True  # process_reward sums to reward
     run_defaults: dict = {}  # run-level defaults for this task, dotted keys (e.g. {"steps": 300})
+    has_observations: bool = False  # the environment writes some completion tokens (``observe``; tool_use)
 
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
@@ -152,6 +153,23 @@ class Task(ABC):
     def demonstrations(self, prompts: Tensor) -> Tensor:
         """``(B, T)`` a best completion for each prompt: the SFT targets."""
 
+    @property
+    def has_pretraining_text(self) -> bool:
+        """Whether the task defines ``pretraining_text`` (a base policy can be pretrained on it: ``pretrain_steps``)."""
+        return type(self).pretraining_text is not Task.pretraining_text
+
+    def pretraining_text(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(n, Tp)`` prompts and ``(n, T)`` completions in the task's tokens that carry no solution: the text a
+        base policy is pretrained on (``pretrain_steps``; issue 15). Tasks without one raise."""
+        raise NotImplementedError(f"task {self.name!r} has no pretraining text (pretrain_steps needs one)")
+
+    @property
+    def sep_action(self) -> int | None:
+        """The separator between a scratch and the answer, or ``None``: the task has no scratch. A task with one
+        defines ``scratch_length``, ``corrupt_scratch`` and ``answer_target`` (the scratch-ablation evaluation,
+        ``workbench.analysis.reasoning``)."""
+        return None
+
     # -- end of sequence ----------------------------------------------------------------------
     def completion_mask(self, completions: Tensor) -> Tensor:
         """``(B, T)`` float: 1 up to and including the first EOS, 0 after; all ones without EOS."""
@@ -160,6 +178,21 @@ class Task(ABC):
         is_eos = (completions == self.eos_action).long()
         before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before t
         return (before == 0).float()
+
+    def action_mask(self, completions: Tensor) -> Tensor:
+        """``(B, T)`` float: 1 at the tokens the policy chose (the loss, KL and advantage mask); the completion
+        mask, less the observation tokens the environment writes in a task with observations (``tool_use``)."""
+        return self.completion_mask(completions)
+
+    def observe(self, prefix: Tensor) -> Tensor | None:
+        """``(..., t)`` completion prefixes -> ``(...)`` the token the environment forces at position t (-1 where
+        the policy samples), or ``None``: the policy samples every token (every task without observations)."""
+        return None
+
+    def episode_stats(self, prompts: Tensor, completions: Tensor, weights: Tensor | None = None) -> dict[str, float]:
+        """Task-specific episode metrics over ``(B, Tp)``, ``(B, T)`` (``weights (B,)``: a distribution over the
+        rows, else uniform); none by default."""
+        return {}
 
     def lengths(self, completions: Tensor) -> Tensor:
         """``(B,)`` long: counted tokens of each completion (the answer plus its EOS; T when truncated)."""

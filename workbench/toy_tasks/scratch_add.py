@@ -34,7 +34,12 @@ Demonstrations (the SFT references of study C10), chosen by ``demos``:
   scratch, so a policy that writes the carries only has local steps to take (``47 + 38``:
   ``5 1 8 0 = 8 5 <end>``). ``max_scratch`` must be at least 2n with worked demonstrations.
 
-For the scratch-ablation evaluation: ``corrupt_scratch`` replaces every scratch token by a uniform random
+The base policy (``pretrain_steps``, ``workbench.training.pretrain``) is pretrained on ``pretraining_text``:
+``scratch = answer <end>`` with a random scratch of 0..S digits and an answer drawn uniformly from the range of
+a + b independently of the prompt, so it learns the format and nothing about the sum.
+
+For the scratch-ablation evaluation (``workbench.analysis.reasoning``; ``answer_target``: the right answer's
+tokens): ``corrupt_scratch`` replaces every scratch token by a uniform random
 digit (the ``=``, the answer and the EOS kept) and ``strip_scratch`` removes the scratch (the ``=`` moved to
 the start); the prefix up to and including the ``=`` of either is the context on which a policy re-answers.
 """
@@ -189,6 +194,43 @@ class ScratchAdd(Task):
         row = torch.cat([scratch, torch.full((B, 1), SEP, device=prompts.device), ans], 1)
         pad = torch.full((B, self.completion_len - row.shape[1]), EOS, device=prompts.device)
         return torch.cat([row, pad], 1)
+
+    # -- pretraining text (the base policy) -------------------------------------------------
+    def pretraining_text(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """``(n, 2n + 1)`` prompts and ``(n, T)`` texts ``scratch = answer <end>`` that carry no solution.
+
+        Drawn in this order from ``generator``: the prompts (``sample_prompts``), the scratch length
+        k ~ U{0..S}, S scratch digits ~ U{0..9} (the first k kept), and the answer's value
+        v ~ U{0..2(10^n - 1)} (the range of a + b), written without leading zeros. Every draw is
+        independent of the prompt, so the text holds the format (scratch, ``=``, an answer of the
+        right length range, ``<end>``) and no information about the sum: its answers are right by
+        chance only (1 in 2 (10^n - 1) + 1). (Answers drawn to be always wrong would carry
+        information: a policy that fitted them would learn to avoid the sum.) A scratch that
+        happens to equal the worked solution (k = 2n, chance 10^-2n) has its first digit changed, so
+        the text has no worked solution.
+        """
+        S, T, cap = self.cfg.max_scratch, self.completion_len, 2 * (10**self.cfg.n_digits - 1)
+        prompts = self.sample_prompts(n, generator)
+        k = torch.randint(0, S + 1, (n,), generator=generator)  # (n,) scratch lengths
+        digits = torch.randint(0, 10, (n, S), generator=generator)  # (n, S)
+        values = torch.randint(0, cap + 1, (n,), generator=generator)  # (n,) answers, independent of the prompt
+        w = 2 * self.cfg.n_digits
+        if w <= S:  # no worked solution: a coincidental one gets its first digit changed
+            worked = (k == w) & (digits[:, :w] == self.worked_scratch(prompts)).all(-1)
+            digits[:, 0] = torch.where(worked, (digits[:, 0] + 1) % 10, digits[:, 0])
+        ans, _ = self.answer_tokens(values)  # (n, n + 1) EOS after the digits
+        pos = torch.arange(T)[None, :]  # (1, T)
+        scratch = torch.cat([digits, torch.full((n, T - S), EOS)], 1)  # (n, T)
+        after = ans.gather(1, (pos - k[:, None] - 1).clamp(0, self.cfg.n_digits))  # the answer from k + 1 on
+        text = torch.where(pos < k[:, None], scratch, torch.where(pos == k[:, None], SEP, after))
+        text = torch.where(pos > k[:, None] + self.cfg.n_digits + 1, EOS, text)
+        return prompts, text
+
+    def answer_target(self, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B, n + 2)`` the right answer's tokens then ``<end>`` (EOS padding after), and ``(B,)`` their count
+        (digits + 1): the tokens after the ``=`` that score 1 (the scratch-ablation evaluation)."""
+        ans, length = self.answer_tokens(self.totals(prompts))
+        return torch.cat([ans, torch.full((len(prompts), 1), EOS, device=prompts.device)], 1), length + 1
 
     # -- scratch ablations ------------------------------------------------------------------
     def corrupt_scratch(self, completions: Tensor, generator: torch.Generator) -> Tensor:

@@ -21,7 +21,7 @@ from ..core import seeds
 from ..core.errors import Diverged
 from ..runtime.context import RunContext, diverged, done
 from ..runtime.data import offline_dataset
-from ..runtime.rollout import rollout, rollout_stats
+from ..runtime.rollout import rollout, rollout_stats, sampling_stats
 from ..runtime.update import make_optimizer, make_schedule, update
 
 
@@ -29,6 +29,8 @@ def run_loop(ctx: RunContext, model, ref, rm, progress: bool = True) -> dict:
     """Train ``model`` for ``run.steps`` update rounds, measuring through ``ctx``. Returns ``ctx.finish``'s dict."""
     res, device = ctx.res, ctx.device
     run, task, spec = res.run, res.task, res.spec
+    if spec.best_of is not None:  # nothing to train (best-of-n): the evaluation measures the transformed policy
+        return measure_only(ctx, model, spec.best_of(res.algo_cfg) * len(task.eval_prompts()))
     gen = seeds.sampling(run.seed, device)  # sampling
     data_gen = seeds.data(run.seed)  # the prompt stream and fixed datasets
     shuffle_gen = seeds.shuffle(run.seed)  # minibatch order
@@ -63,6 +65,16 @@ def run_loop(ctx: RunContext, model, ref, rm, progress: bool = True) -> dict:
     return ctx.finish(status, model, save=model.save)
 
 
+def measure_only(ctx: RunContext, model, drawn: int) -> dict:
+    """A method without updates (``AlgorithmSpec.best_of``): rows at step 0 and ``steps``, the same parameters.
+
+    ``samples`` is ``drawn``, the completions its measured policy samples (n per eval prompt)."""
+    steps = ctx.res.run.steps
+    for step in sorted({0, steps}):
+        ctx.log({"step": step, **ctx.measure(model, step), "samples": drawn})
+    return ctx.finish(done(steps), model, save=model.save)
+
+
 def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, shuffle_gen, device, step: int) -> tuple[dict, int]:
     """One rollout and ``epochs x minibatches`` updates on it. Returns ``(stats, completions sampled)``."""
     run, task, spec, acfg = res.run, res.task, res.spec, res.algo_cfg
@@ -89,6 +101,7 @@ def online_step(res: Resolved, policy, ref, rm, opt, gen, data_gen, shuffle_gen,
             stats.update(s)
             stats["grad/norm"] = update(policy, opt, loss, run.max_grad_norm, step)
     stats.update(rollout_stats(roll, batch))
+    stats.update(sampling_stats(roll, live.logits))
     return stats, B
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from ..analysis.evaluate import Evaluation
 from ..analysis.probe import Prober
+from ..analysis.reasoning import ScratchAblation
 from ..config import Resolved, load_backend
 from ..models.policy import build_policy, build_reward_model, describe
 from ..runtime.context import Measure, RunContext, setup_device
 from .loop import run_loop
 from .pipeline import Pipeline
+from .pretrain import PretrainStats, pretrain
 from .stacked import stack_key, train_stacked
 
 __all__ = ["measures", "stack_key", "train", "train_seeds"]
@@ -34,6 +36,7 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         model, ref = build_reward_model(task, run.model, run.seed).to(device), None
     else:
         model = build_policy(task, run.model, run.seed, spec.value_head(acfg), device, run.precision)
+        base_loss = pretrain(res, model, device) if run.pretrain_steps else None  # the base policy (issue 15)
         ref = model.frozen_copy()
     pipe = None
     if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first
@@ -42,6 +45,8 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     ctx = RunContext(res, out, device)
     ctx.write_config(describe(model) if ref is not None else {})
     ctx.add(*measures(ctx, ref, pipe))
+    if run.pretrain_steps and ref is not None:
+        ctx.add(PretrainStats(base_loss))
     rm = pipe.rm if pipe is not None else None
     if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
@@ -49,11 +54,18 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
 
 
 def measures(ctx: RunContext, ref, pipe: Pipeline | None = None) -> list[Measure | None]:
-    """A run's measurement hooks, in the order they fill a row: evaluation, the RLHF pipeline's, probes."""
+    """A run's measurement hooks, in the order they fill a row: evaluation, the RLHF pipeline's, probes, and on a
+    task with a scratch the scratch ablation (``reasoning/*``)."""
     res = ctx.res
     evaluation = Evaluation(res, ref, ctx.device, ctx.writer)
-    probe = res.run.probe_every and ref is not None
-    return [evaluation, pipe, Prober(res, ref, evaluation.exact, ctx.device, ctx.out) if probe else None]
+    probe = res.run.probe_every and ref is not None and res.spec.best_of is None  # best-of-n has no loss to probe
+    ablation = ScratchAblation(res, ctx.device) if ref is not None and res.task.sep_action is not None else None
+    return [
+        evaluation,
+        pipe,
+        Prober(res, ref, evaluation.exact, ctx.device, ctx.out) if probe else None,
+        ablation,
+    ]
 
 
 def train_seeds(reses: list[Resolved], outs: list[str | Path], progress: bool = False) -> list[dict]:

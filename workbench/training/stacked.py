@@ -22,7 +22,8 @@ diverged at that step, as ``train`` marks it, and the others go on.
 Stacks: online algorithms (every epoch and minibatch of PPO, its value head included) and
 offline algorithms that split their step into ``forward`` and ``loss`` (SFT, DPO, IPO), on the
 workbench backend with a GPT-2 built for the task (no checkpoint ``model.path``), without the
-in-run RLHF phases (``reward_model = "fit"``, ``sft_warmup_steps``). A run with
+in-run RLHF phases (``reward_model = "fit"``, ``sft_warmup_steps``); a base policy (``pretrain_steps``)
+is pretrained run by run before the stack is built, as ``train`` pretrains it. A run with
 ``model.impl = "hf"`` stacks as the native GPT-2 of the same weights
 (``workbench.models.native_gpt2``: the same function, checked against the Hugging Face model in
 ``tests/test_native_gpt2.py``); its ``config.json`` says so under ``"stacked"``. Anything else
@@ -45,8 +46,9 @@ from ..models.native_gpt2 import NativeGPT2, StackedLinear
 from ..models.policy import Policy, build_policy, build_reward_model, describe
 from ..runtime.context import Measure, RunContext, diverged, done, setup_device
 from ..runtime.data import offline_dataset
-from ..runtime.rollout import rollout_stats, score
+from ..runtime.rollout import rollout_stats, sampling_stats, score
 from ..runtime.update import StackedAdamW, make_optimizer, make_schedule
+from .pretrain import PretrainStats, pretrain
 
 # run settings that may differ inside a stack: each run applies its own
 PER_RUN = ("seed", "lr", "beta", "max_grad_norm", "weight_decay")
@@ -93,6 +95,8 @@ def check_batchable(reses: list[Resolved]) -> None:
         problems.append("a policy algorithm (an offline one with forward and loss)")
     if run.reward_model == "fit" or run.sft_warmup_steps:
         problems.append("no in-run RLHF phases (reward_model 'fit', sft_warmup_steps)")
+    if spec.best_of is not None:
+        problems.append("an algorithm that trains (best-of-n only measures)")
     if problems:
         raise ConfigError(f"runs stack only with {'; '.join(problems)}; {spec.name!r} runs: use train() per run")
 
@@ -121,7 +125,8 @@ def train_stacked(
     native = run.model.model_copy(update={"impl": "native"})  # an "hf" GPT-2 stacks as the native one
     value_head = spec.value_head(r0.algo_cfg)
     singles = [build_policy(task, native, s, value_head, device, run.precision) for s in seed_list]
-    refs = [p.frozen_copy() for p in singles]
+    base_losses = [pretrain(r, p, device) for r, p in zip(reses, singles, strict=True)] if run.pretrain_steps else []
+    refs = [p.frozen_copy() for p in singles]  # the base policies when pretrained (issue 15), each alone as train's
     tok = singles[0].tokenizer
     policy = Policy(NativeGPT2.stack([p.model for p in singles]), tok, task, precision=run.precision).to(
         device
@@ -146,6 +151,8 @@ def train_stacked(
     for ctx, p, rf in zip(ctxs, singles, refs, strict=True):
         ctx.write_config(describe(p), batched_seeds=seed_list, stacked=stacked)
         ctx.add(*measures(ctx, rf))
+    for ctx, loss in zip(ctxs, base_losses):
+        ctx.add(PretrainStats(loss))
     rm = None
     if run.reward_model and spec.kind == "online":
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
@@ -231,7 +238,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
         roll = Rollout(
             prompts=prompts[s],
             completions=comps[s],
-            mask=task.completion_mask(comps[s]),
+            mask=task.action_mask(comps[s]),
             old_logp=old,
             ref_logp=ref_logp[s],
             scores=scores[s],
@@ -240,6 +247,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
             group_size=G,
             old_values=live.values[s].detach() if live.values is not None else None,
             eos_action=task.eos_action,
+            episode=task.episode_stats(prompts[s], comps[s]),
         )
         with torch.no_grad():
             batches.append(spec.prepare(roll, r.algo_cfg, r.run.beta))
@@ -269,6 +277,7 @@ def stacked_online_step(reses, policy, ref, rm, opt, gens, data_gens, shuffle_ge
     for s in range(S):
         if s not in dead:
             stats[s].update(rollout_stats(rolls[s], batches[s]))
+            stats[s].update(sampling_stats(rolls[s], live.logits[s] if live.logits is not None else None))
     return stats, B
 
 
