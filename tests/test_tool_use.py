@@ -312,3 +312,27 @@ def test_the_trl_backend_refuses_observation_tokens():
 
     with pytest.raises(ConfigError, match="observation tokens"):
         resolve({"task": {"name": "tool_use"}, "algo": {"name": "grpo"}}, {"backend": "trl", "group_size": 2})
+
+
+def test_a_truncated_episode_ending_on_an_observation_pays_its_reward_at_the_last_own_token(task):
+    """``v0 v0 call k0 [obs]``: truncated (no EOS), a call and no answer: reward -c, paid at position 3 (the key),
+    not at the observation (masked), where GAE and returns-to-go would drop it."""
+    from workbench.analysis.credit import step_rewards_all
+
+    k = task.first_key
+    y = task.canonical(torch.tensor([[0, 0, task.call_action, k, 0]]))  # the observation written in at t = 4
+    ps = task.eval_prompts()[:1]
+    assert task.action_mask(y).tolist() == [[1.0, 1.0, 1.0, 1.0, 0.0]]
+    assert task.last_action(y).tolist() == [3]
+    r = task.reward(ps, y).item()
+    assert r == pytest.approx(-task.cfg.call_cost)
+    steps = step_rewards_all(task, ps, y, dense=False)[0, 0]  # (T,)
+    assert steps.tolist() == pytest.approx([0.0, 0.0, 0.0, r, 0.0])
+    adv, _ = gae(steps[None], torch.zeros(1, 5), task.action_mask(y), gamma=1.0, lam=1.0)
+    assert adv[0, :4].tolist() == pytest.approx([r] * 4)  # every own token sees the -c (it was 0 before)
+    # a task without observations pays where it always did: the last counted token
+    from workbench.toy_tasks import Sequence
+
+    seq = Sequence(Sequence.Config(vocab_size=3, length=3, n_prompts=2, eos=True))
+    z = torch.tensor([[0, 1, 3], [3, 3, 3], [0, 1, 2]])
+    assert torch.equal(seq.last_action(z), seq.lengths(z) - 1)

@@ -54,7 +54,7 @@ def step_rewards_all(task, prompts: Tensor, comps: Tensor, dense: bool) -> Tenso
         r = task.process_reward(pr, cr).float()
     else:
         r = torch.zeros(cr.shape)
-        r[torch.arange(len(cr)), task.lengths(cr) - 1] = task.reward(pr, cr).float()  # at the last counted token
+        r[torch.arange(len(cr)), task.last_action(cr)] = task.reward(pr, cr).float()  # at the last own token
     return r.view(P, N, -1)
 
 

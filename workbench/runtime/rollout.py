@@ -25,7 +25,7 @@ def score(res: Resolved, rm, prompts, comps) -> tuple[torch.Tensor, torch.Tensor
     """
     task = res.task
     gold = task.reward(prompts, comps).float()
-    rows, last = torch.arange(comps.shape[0], device=comps.device), task.lengths(comps) - 1  # (B,) the final step
+    rows, last = torch.arange(comps.shape[0], device=comps.device), task.last_action(comps)  # (B,) the final own step
     if rm is not None:
         scores = rm(prompts, comps)
         steps = torch.zeros(comps.shape, device=comps.device)

@@ -198,6 +198,11 @@ class Task(ABC):
         """``(B,)`` long: counted tokens of each completion (the answer plus its EOS; T when truncated)."""
         return self.completion_mask(completions).sum(-1).long()
 
+    def last_action(self, completions: Tensor) -> Tensor:
+        """``(B,)`` long: the position of each completion's last own token, where its outcome reward is paid (the
+        EOS, or the last token when truncated); a task with observations ends there, never on an observation."""
+        return self.lengths(completions) - 1
+
     def truncated(self, completions: Tensor) -> Tensor:
         """``(B,)`` bool: the completion has no EOS in its T tokens (always false without EOS)."""
         if self.eos_action is None:

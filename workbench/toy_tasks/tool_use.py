@@ -165,6 +165,13 @@ class ToolUse(Task):
         y, obs = self._observed(completions)
         return super().completion_mask(y) * (~obs).float()
 
+    def last_action(self, completions: Tensor) -> Tensor:
+        """``(B,)`` the last position the policy chose (a truncated episode may end on an observation, which is
+        masked: its reward would be lost to every loss that reads the per-step rewards through the mask)."""
+        m = self.action_mask(completions)  # (B, T)
+        T = m.shape[-1]
+        return (T - 1 - m.flip(-1).argmax(-1)).long()  # the last t with m_t = 1 (every episode has one: t = 0)
+
     def truncated(self, completions: Tensor) -> Tensor:
         return super().truncated(self._observed(completions)[0])
 
