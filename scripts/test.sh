@@ -14,6 +14,8 @@ if [ ! -x .venv-tools/bin/cffconvert ]; then
   ${PYTHON:-python3} -m venv .venv-tools && .venv-tools/bin/python -m pip install -q cffconvert 2>&1 | grep -v "is ignored" || true
 fi
 # the code style is part of the tests: ruff (configured in pyproject.toml) formats and lints the tree
-.venv/bin/ruff format --check --quiet . && .venv/bin/ruff check --quiet .
+# (two commands, not an && list: set -e ignores a failure before the last command of a list)
+.venv/bin/ruff format --check --quiet .
+.venv/bin/ruff check --quiet .
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

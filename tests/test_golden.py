@@ -31,7 +31,22 @@ TASKS = {
     "digit_sum": {"name": "digit_sum", "max_digit": 2, "max_len": 4, "max_target": 4},
     "tool_use": {"name": "tool_use", "n_keys": 1, "n_values": 2},
 }
-ALGOS = ["sft", "rm", "reinforce", "rloo", "ppo", "grpo", "dpo", "ipo", "online_dpo", "rft", "kto", "simpo", "orpo", "bon"]
+ALGOS = [
+    "sft",
+    "rm",
+    "reinforce",
+    "rloo",
+    "ppo",
+    "grpo",
+    "dpo",
+    "ipo",
+    "online_dpo",
+    "rft",
+    "kto",
+    "simpo",
+    "orpo",
+    "bon",
+]
 SMALL = {
     "model.n_layer": 1,
     "model.n_embd": 16,
