@@ -274,7 +274,7 @@ def best_of_n_frontier(logp: Tensor, rewards: Tensor, ns: list[int]) -> list[dic
 #         whatever pi_ref: pi* with pi_ref uniform and beta_s tau / T in place of beta (``simpo_bandit_optimum``)
 #     two completions, chosen with probability p (a pair's loss alone), x = exp(beta h):
 #         cDPO   sigmoid(beta h) = (1 - eps) p + eps (1 - p)
-#         rDPO   sigmoid(beta h) = (p - eps) / (1 - 2 eps)          (p > eps; else no minimiser)
+#         rDPO   sigmoid(beta h) = (p - eps) / (1 - 2 eps)          (eps < p < 1 - eps; else no minimiser)
 #         SimPO  (1 - p) x^2 + e^gamma (1 - 2p) x - p = 0, beta -> beta_s, h on average log-probs
 #
 # KTO's fixed point has none: its reference point z_ref is detached, so training follows a
