@@ -30,7 +30,7 @@ from pydantic import Field
 from torch import Tensor
 
 from .dpo import PreferenceOptions, masked_preference_dataset, pair_policy
-from .simpo import average_logp
+from .simpo import average_logp, forward, pair_views
 from .spec import AlgoConfig, AlgorithmSpec
 
 
@@ -88,19 +88,9 @@ def orpo_loss(
     return loss, per_seq[:, None], stats
 
 
-def forward(policy, ref, batch) -> dict:
-    """One policy pass over chosen and rejected together, ``(..., 2B, T)``; no reference pass."""
-    prompts = torch.cat([batch["prompts"], batch["prompts"]], dim=-2)
-    comps = torch.cat([batch["chosen"], batch["rejected"]], dim=-2)
-    return {"logp": policy(prompts, comps, values=False).logp}
-
-
 def loss(outputs: dict, batch, cfg: ORPOConfig, beta: float):
-    logp = outputs["logp"]
-    B = batch["prompts"].shape[0]
-    ones = torch.ones_like(logp[:B])
-    mask_c, mask_r = batch.get("mask_chosen", ones), batch.get("mask_rejected", ones)  # (B, T) 0 after an EOS
-    return orpo_loss(logp[:B], logp[B:], mask_c, mask_r, batch["p_chosen"], cfg)
+    """On ``forward``'s pass (SimPO's: one policy pass over chosen and rejected, no reference pass)."""
+    return orpo_loss(*pair_views(outputs, batch), batch["p_chosen"], cfg)
 
 
 def regulariser(cfg: ORPOConfig, beta: float) -> str:

@@ -80,12 +80,17 @@ def forward(policy, ref, batch) -> dict:
     return {"logp": policy(prompts, comps, values=False).logp}
 
 
-def loss(outputs: dict, batch, cfg: SimPOConfig, beta: float):
+def pair_views(outputs: dict, batch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``forward``'s log-probs split into the chosen and rejected halves, with their masks: each ``(B, T)``."""
     logp = outputs["logp"]
     B = batch["prompts"].shape[0]
     ones = torch.ones_like(logp[:B])
     mask_c, mask_r = batch.get("mask_chosen", ones), batch.get("mask_rejected", ones)  # (B, T) 0 after an EOS
-    return simpo_loss(logp[:B], logp[B:], mask_c, mask_r, batch["p_chosen"], cfg)
+    return logp[:B], logp[B:], mask_c, mask_r
+
+
+def loss(outputs: dict, batch, cfg: SimPOConfig, beta: float):
+    return simpo_loss(*pair_views(outputs, batch), batch["p_chosen"], cfg)
 
 
 def regulariser(cfg: SimPOConfig, beta: float) -> str:
