@@ -151,5 +151,41 @@ def test_cli_trains_bon_and_bad_configs_name_the_key(tmp_path, capsys):
         resolve({"task": "bandit", "algo": {"name": "bon", "m": 4}})
     with pytest.raises(ConfigError, match="algo.n"):
         resolve({"task": "bandit", "algo": {"name": "bon", "n": 0}})
-    with pytest.raises(ConfigError, match="reward_model"):
-        resolve({"task": "bandit", "algo": "bon", "sft_warmup_steps": 3})
+    with pytest.raises(ConfigError, match="backend 'trl' is not supported"):
+        resolve({"task": "bandit", "algo": "bon", "backend": "trl"})
+
+
+@pytest.mark.parametrize("calibrate", ["off", "report", "optimise"])
+def test_bon_ranked_by_a_fitted_reward_model_is_the_exact_best_of_n_under_its_scores(tmp_path, calibrate):
+    """Gao et al.'s best-of-n: the draws ranked by the proxy (the fitted reward model, calibrated or not), the gold
+    reward only measured; its gold and proxy gains are P_bon's over the starting policy pi."""
+    from workbench.training.pipeline import Pipeline, all_scores
+
+    task = {"name": "sequence", "vocab_size": 2, "length": 3, "n_prompts": 1}
+    n = 3
+    res = _res(task, n, seed=1, reward_model="fit", rm_steps=3, rm_pairs=64, rm_calibrate=calibrate)
+    out = tmp_path / "run"
+    assert train(res, out, progress=False)["status"] == "done"
+    rows = _rows(out)
+    logp, gold = _start(res)
+    device = torch.device("cpu")
+    policy = build_policy(res.task, res.run.model, res.run.seed, False, device)
+    pipe = Pipeline(res, policy, device)  # the same fit as the run's (same seed, same pairs)
+    scores, _ = all_scores(pipe.rm, res.task, device)  # what ranks the draws: the reward the run optimises
+    assert (scores.argsort(-1) != gold.argsort(-1)).any()  # a 3-step reward model orders unlike the gold reward
+    q = _brute_force(logp, scores, n)  # the best of n draws by the proxy's score
+    q_gold = _brute_force(logp, gold, n)
+    p = logp.double().exp()
+    proxy_units = (
+        pipe.scores
+    )  # the proxy's score of every completion in the units the run reports (gold with calibration)
+    for row in rows:
+        assert row["reward/exact"] == pytest.approx((q * gold.double()).sum(-1).mean().item(), abs=1e-5)
+        assert row["reward/gold_gain"] == pytest.approx(((q - p) * gold.double()).sum(-1).mean().item(), abs=1e-5)
+        assert row["reward/proxy_gain"] == pytest.approx(
+            ((q - p) * proxy_units.double()).sum(-1).mean().item(), abs=1e-5
+        )
+        kl = (q * (q.log() - logp.double())).sum(-1).mean().item()
+        assert row["kl/exact"] == pytest.approx(kl, abs=1e-5)
+    assert not np.allclose(q.numpy(), q_gold.numpy(), atol=1e-3)  # ranking by the proxy is not ranking by gold
+    assert np.allclose(np.exp(np.load(out / "policy.npy")), q.numpy(), atol=1e-5)

@@ -298,6 +298,36 @@ def test_colour_table_covers_every_registered_algorithm_and_plugins_get_a_stable
     assert colours.titled("kl/exact") == "kl/exact (nats)" and colours.titled("reward/exact") == "reward/exact"
 
 
+def test_the_sample_viewer_sets_observation_and_scratch_tokens_apart():
+    import torch
+
+    from workbench.config import resolve
+
+    board()
+    from board import samples
+
+    # a tool-use episode as the task renders it: the observation the environment wrote in brackets
+    res = resolve({"task": {"name": "tool_use", "n_keys": 2, "n_values": 3}, "algo": "sft"})
+    task = res.task
+    prompt = task.eval_prompts()[0]
+    call, key = task.action_words.index("call"), task.action_words.index("k0")
+    obs, answer = task.action_words.index("v2"), task.action_words.index("v1")
+    end = task.action_words.index("<end>")
+    text = task.render(prompt, torch.tensor([call, key, obs, answer, end]))
+    kind = samples.span_kind("tool_use")
+    parts = samples.segments(text, kind)
+    assert kind == "observation" and [p for p, _ in parts] == ["prompt", "arrow", "policy", "observation", "policy"]
+    assert parts[2:] == [("policy", "call k0"), ("observation", "v2"), ("policy", "v1 <end>")]
+    html = samples.sample_html(text, 1.0, kind)
+    assert html.count('class="wb-observation"') == 1 and "&lt;end&gt;" in html and "<end>" not in html
+    assert "(reward 1)" in html
+    # the scratch-addition task brackets the scratch; a task without brackets has no set-apart span
+    parts = samples.segments("1 2 + 9 -> [1 2 1] = 2 1 <end>", samples.span_kind("scratch_add"))
+    assert parts[2:] == [("scratch", "1 2 1"), ("policy", "= 2 1 <end>")]
+    assert [p for p, _ in samples.segments("ctx0 -> arm3", "bracketed")] == ["prompt", "arrow", "policy"]
+    assert samples.segments("a b", "bracketed") == [("policy", "a b")]  # no prompt part
+
+
 def test_smoothing_log_scales_and_the_heatmap_colour_top():
     b = board()
     # EMA with the start-up bias removed, by hand: w = 0.5, x = [1, 3]: s = 0.5 -> 0.5 / 0.5 = 1;
@@ -348,6 +378,13 @@ def test_studies_page_lists_runs_with_status_and_budget_and_opens_a_run(results,
     at.multiselect(key="run_metrics").set_value(["kl/exact"]).run()
     assert list(table(at, "kl/exact").columns) == ["kl/exact"]
     assert len(charts(at)) == 1
+    # the sample viewer: the completions of the last evaluation step, one line each, any step on a slider
+    logged = pd.read_json(Path(store.load_run(results, ppo)["path"]) / "samples.jsonl", lines=True)
+    shown = [h for h in at.get("html") if "wb-policy" in h.proto.body]
+    assert len(shown) == 1 and shown[0].proto.body.count('class="wb-policy"') == (logged["step"] == 10).sum()
+    at.select_slider(key="sample_step").set_value(0).run()
+    shown = [h for h in at.get("html") if "wb-policy" in h.proto.body]
+    assert shown[0].proto.body.count('class="wb-policy"') == (logged["step"] == 0).sum()
 
 
 def test_compare_page_mean_band_filters_and_scales(results, monkeypatch):

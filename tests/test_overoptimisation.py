@@ -165,3 +165,39 @@ def test_points_fits_and_section(tmp_path):
     assert (tmp_path / "tables" / "overoptimisation_fits.csv").exists()
     unmeasured = overoptimisation_section(metrics, runs, tmp_path / "figures", tmp_path / "tables", seeds=[7])
     assert unmeasured["seeds"] == [0, 1, 100]  # no point of the deciding seeds yet: every seed
+
+
+def test_best_of_n_runs_pool_into_one_curve_over_n(tmp_path):
+    """Each bon run (one n) measures one policy, logged at its first and last step: it gives one point, and the runs
+    of every n pool into one group whose R_bon fit recovers a curve made by the best-of-n form."""
+    ns = [2, 4, 16, 64, 256]
+    kl = {n: math.log(n) - (n - 1) / n for n in ns}  # best-of-n's KL for distinct rewards
+    runs, rows = [], []
+    for seed in (0, 100):
+        for n in ns:
+            rid = f"bon{n}-{seed}"
+            runs.append({"run_id": rid, "seed": seed, "algo_label": "bon", "group": f"bon [algo.n={n}]"})
+            d = math.sqrt(kl[n])
+            gold = float(predict("bon", 0.5, 0.3, [d])[0])
+            for step in (0, 150):  # the same policy twice
+                rows.append(
+                    {
+                        "run_id": rid,
+                        "step": step,
+                        "kl/exact": kl[n],
+                        "reward/gold_gain": gold,
+                        "reward/proxy_gain": 0.4 * d,
+                        "bon/n": n,
+                    }
+                )
+    runs, metrics = pd.DataFrame(runs), pd.DataFrame(rows)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "tables").mkdir()
+    sec = overoptimisation_section(metrics, runs, tmp_path / "figures", tmp_path / "tables")
+    fits = sec["fits"].set_index(["group", "reward", "form"])
+    assert fits.index.get_level_values("group").unique().tolist() == ["bon"]  # one group over every n
+    assert fits.loc[("bon", "gold", "bon"), "n"] == len(ns) * 2  # one point per run, not one per row
+    assert fits.loc[("bon", "gold", "bon"), ["alpha", "beta", "r2"]].to_numpy(float) == pytest.approx([0.5, 0.3, 1.0])
+    peaks = sec["peaks"]
+    best = max(ns, key=lambda n: predict("bon", 0.5, 0.3, [math.sqrt(kl[n])])[0])
+    assert peaks["peak_step"].tolist() == [best, best]  # the n at which the gold gain peaks

@@ -434,10 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train one run and write its folder")
-    t.add_argument("--task", required=True, help="task name (bandit, sequence, arithmetic)")
-    t.add_argument(
-        "--algo", required=True, help="algorithm name (sft, rm, reinforce, rloo, ppo, grpo, dpo, ipo, online_dpo)"
-    )
+    from .registry import ALGORITHMS, TASKS  # the built-in names (a plugin's are added by --plugin)
+
+    t.add_argument("--task", required=True, help=f"task name ({', '.join(TASKS)})")
+    t.add_argument("--algo", required=True, help=f"algorithm name ({', '.join(ALGORITHMS)})")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, default=None, help="override the default step budget")
     t.add_argument("--out", required=True, help="run folder to write")

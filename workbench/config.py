@@ -312,10 +312,10 @@ def resolve(raw: dict, overrides: dict[str, Any] | None = None) -> Resolved:
             f"rm_pairs_from and rm_calibrate set up the reward model the run fits: set reward_model = 'fit'; "
             f"got reward_model {run.reward_model!r}"
         )
-    if spec.best_of is not None and (run.reward_model or run.sft_warmup_steps or run.backend != "workbench"):
+    if spec.best_of is not None and run.backend != "workbench":
         raise ConfigError(
-            f"{algo_name!r} ranks the starting policy's samples by the gold reward on the workbench backend: "
-            f"reward_model, sft_warmup_steps and backend {run.backend!r} are not supported for it"
+            f"{algo_name!r} ranks the starting policy's samples (by the gold reward, or by reward_model) on the "
+            f"workbench backend; backend {run.backend!r} is not supported for it"
         )
     if run.precision != "fp32" and run.backend != "workbench":
         raise ConfigError(

@@ -4,7 +4,7 @@ import json
 
 import pandas as pd
 import streamlit as st
-from board import charts, data, ui
+from board import charts, data, samples, ui
 
 from workbench.results import STATUSES
 
@@ -141,6 +141,26 @@ rid = st.selectbox(
 )
 
 
+def sample_viewer(frame: pd.DataFrame, task: str | None) -> None:
+    """The completions (episodes) the run rendered at one evaluation step, observation or scratch tokens set apart
+    (``board.samples``); the whole table below it."""
+    kind = samples.span_kind(task)
+    st.markdown("**Samples** rendered at an evaluation step")
+    steps = sorted(frame["step"].dropna().astype(int).unique().tolist())
+    step = st.select_slider("Step", steps, value=steps[-1], key="sample_step") if len(steps) > 1 else steps[0]
+    shown = frame[frame["step"] == step]
+    if any(k == kind for t in shown["text"] for k, _ in samples.segments(str(t), kind)):
+        st.html(samples.legend_html(kind))
+    st.html(
+        "".join(
+            samples.sample_html(str(t), rw, kind)
+            for t, rw in zip(shown["text"], shown.get("reward", [None] * len(shown)))
+        )
+    )
+    with st.expander("Every sample (table)"):
+        st.dataframe(frame, hide_index=True)
+
+
 def run_view(rid: str, live: bool) -> None:
     """One run: status, error, metrics, samples, config; a fragment refreshed every ``LIVE_S`` while it runs."""
     sig = data.signature(ctx.root)
@@ -172,9 +192,8 @@ def run_view(rid: str, live: bool) -> None:
             st.dataframe(pd.DataFrame([last]), hide_index=True, key="run_last")
     else:
         st.info("No metrics logged yet.")
-    if files["samples"] is not None:
-        with st.expander("Samples (completions rendered at each evaluation)"):
-            st.dataframe(files["samples"], hide_index=True)
+    if files["samples"] is not None and len(files["samples"]):
+        sample_viewer(files["samples"], r.get("task"))
     with st.expander("Config"):
         cfg = files["config"] or {"config": json.loads(r["config"]) if isinstance(r["config"], str) else None}
         st.json(cfg.get("config", cfg), expanded=1)

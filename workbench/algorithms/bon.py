@@ -8,11 +8,15 @@ is trained: a ``bon`` run measures the policy
     F(y) = sum_{y': r(y') <= r(y)} pi(y'|x),   F(y-) = sum_{y': r(y') < r(y)} pi(y'|x),   m(y) = F(y) - F(y-)
 
 of its starting policy pi (= pi_ref: the run's initial policy), ranking by the gold reward r
-(ties broken without looking at y). On an enumerable task the evaluation computes P_bon exactly
+(ties broken without looking at y), or, with ``reward_model`` (``"fit"``: the reward model the run
+fits itself, ``workbench.training.pipeline``; or a saved one), by that proxy's score: the reward the
+run optimises, calibrated when ``rm_calibrate = "optimise"``, the gold reward then only measured
+(Gao et al.'s best-of-n; its gold and proxy gains over pi are ``reward/gold_gain`` and
+``reward/proxy_gain``). On an enumerable task the evaluation computes P_bon exactly
 (``workbench.analysis.exact.best_of_n_logprobs``) and logs its ``reward/exact``, ``kl/exact`` =
 KL(P_bon || pi_ref), ``objective/exact``, ``kl/exact_to_optimal``, ...: the names every run logs,
 so a bon point sits on the same (KL, reward) axes as a trained policy. Everywhere it also samples:
-n draws per eval prompt, the best kept (the first among ties), its gold reward averaged into
+n draws per eval prompt, the best by the ranking reward kept (the first among ties), its gold reward averaged into
 ``reward/eval``. It logs ``bon/n`` and ``bon/kl_bound`` = log n - (n - 1)/n, the KL of best-of-n
 for a continuous reward distribution and an upper bound otherwise (the exact KL is ``kl/exact``
 where the task is enumerable).

@@ -35,6 +35,20 @@ class Evaluator:
         self.prompts = task.eval_prompts().to(device)
         self.device = device
         self.n = res.spec.best_of(res.algo_cfg) if res.spec.best_of is not None else None  # bon: the measured policy
+        self.rm = None  # bon: the reward that ranks the draws; None: the gold reward (``rank_by``)
+        self.rank_scores = self.exact.rewards if self.exact is not None else None  # (P, N) the exact ranking
+
+    @torch.no_grad()
+    def rank_by(self, rm) -> None:
+        """Best-of-n ranks by ``rm(prompts, completions)`` (a reward model, or its calibrated score: the reward the
+        run optimises) instead of the gold reward; on an enumerable task it scores every completion once."""
+        self.rm = rm
+        if self.exact is not None:
+            prompts, comps = self.exact.prompts.to(self.device), self.res.task.all_completions().to(self.device)
+            P, N = len(prompts), len(comps)
+            px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
+            scores = [rm(px[i : i + 4096], cx[i : i + 4096]).float().cpu() for i in range(0, P * N, 4096)]
+            self.rank_scores = torch.cat(scores).view(P, N)
 
     @torch.no_grad()
     def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:
@@ -50,7 +64,7 @@ class Evaluator:
             out.update(self.exact.metrics(self.exact_policy(model)) if self.n else self.exact.measure(model))
             if step == 0:
                 out.update(self.exact.optimum())
-        if self.n:  # best-of-n (workbench.algorithms.bon): n draws per prompt, the best by the gold reward kept
+        if self.n:  # best-of-n (workbench.algorithms.bon): n draws per prompt, the best by the ranking reward kept
             comps, gold = self._best_of_n(model, gen)
             out.update({"bon/n": self.n, "bon/kl_bound": best_of_n_kl_bound(self.n)})
         else:
@@ -71,16 +85,18 @@ class Evaluator:
         logp = exact_logprobs(model, self.res.task, self.exact.prompts).cpu()
         if not self.n:
             return logp
-        logq = best_of_n_logprobs(logp, self.exact.rewards, self.n)  # float64, -inf where never kept
+        logq = best_of_n_logprobs(logp, self.rank_scores, self.n)  # float64, -inf where never kept
         return logq.clamp(min=-1e30).float()  # finite: 0 * (log q - log pi_ref) stays 0 in the KL sums
 
     def _best_of_n(self, model, gen) -> tuple[torch.Tensor, torch.Tensor]:
-        """n samples per eval prompt, the first of the best by the gold reward kept: ``(P, T)`` and their rewards."""
+        """n samples per eval prompt, the first of the best by the ranking reward (gold, or ``self.rm``) kept:
+        ``(P, T)`` and their gold rewards."""
         P, n = len(self.prompts), self.n
         prompts = self.prompts.repeat_interleave(n, 0)  # (P n, Tp)
         comps, _ = model.sample(prompts, gen)  # (P n, T)
         gold = self.res.task.reward(prompts, comps).float().view(P, n)
-        best = gold.argmax(dim=1)  # the first maximal draw: a tie is broken without looking at y
+        rank = gold if self.rm is None else self.rm(prompts, comps).float().view(P, n).to(gold.device)
+        best = rank.argmax(dim=1)  # the first maximal draw: a tie is broken without looking at y
         rows = torch.arange(P, device=best.device)
         return comps.view(P, n, -1)[rows, best.to(comps.device)], gold[rows, best]
 

@@ -16,7 +16,7 @@ squares without intercept (R(0) = 0 by construction) on the columns
 
 Here R is ``reward/gold_gain`` (or ``reward/proxy_gain``, the calibrated reward model's gain in gold
 units) and d = sqrt(``kl/exact``), the KL from the RL phase's start, one point per run and
-measurement step (RL), or per n (best-of-n).
+measurement step (RL), or per n (best-of-n: ``pool_best_of_n``, its draws ranked by the same proxy).
 
 ``overoptimisation_points`` turns a study's long metrics frame into those points;
 ``fit_table`` fits both forms per method and reward; ``overoptimisation_figure`` draws gold and
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 FORMS = ("rl", "bon")
-GOLD, PROXY, KL = "reward/gold_gain", "reward/proxy_gain", "kl/exact"
+GOLD, PROXY, KL, BON_N = "reward/gold_gain", "reward/proxy_gain", "kl/exact", "bon/n"
 
 
 @dataclass(frozen=True)
@@ -100,10 +100,11 @@ def overoptimisation_points(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.Dat
     ``metrics``: the long frame of ``workbench.results.load_metrics``; ``runs``: one row per run with ``run_id``,
     ``group`` and ``seed``. A best-of-n run (``bon/*`` metrics, one row per n) gives its own points the same way.
     """
-    cols = ["group", "run_id", "seed", "step", "d", "gold", "proxy"]
+    cols = ["group", "run_id", "seed", "step", "d", "gold", "proxy", "n"]
     if not len(metrics) or KL not in metrics or GOLD not in metrics:
         return pd.DataFrame(columns=cols)
-    df = metrics[["run_id", "step", KL, GOLD] + ([PROXY] if PROXY in metrics else [])].dropna(subset=[KL, GOLD])
+    extra = [c for c in (PROXY, BON_N) if c in metrics]
+    df = metrics[["run_id", "step", KL, GOLD] + extra].dropna(subset=[KL, GOLD])
     info = runs.drop_duplicates("run_id").set_index("run_id")
     df = df[df["run_id"].isin(info.index)]
     out = pd.DataFrame(
@@ -115,9 +116,26 @@ def overoptimisation_points(metrics: pd.DataFrame, runs: pd.DataFrame) -> pd.Dat
             "d": np.sqrt(np.clip(df[KL].to_numpy(float), 0.0, None)),  # exact KL >= 0 up to rounding
             "gold": df[GOLD].to_numpy(float),
             "proxy": df[PROXY].to_numpy(float) if PROXY in df else np.nan,
+            "n": df[BON_N].to_numpy(float) if BON_N in df else np.nan,  # best-of-n's n (nan for trained runs)
         }
     )
     return out.sort_values(["group", "seed", "step"]).reset_index(drop=True)[cols]
+
+
+def pool_best_of_n(points: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Best-of-n's points pooled over n, as Gao et al. draw them: a bon run measures one policy (the same at its
+    first and last row), so it gives one point, d = sqrt(KL(P_bon || pi)) and P_bon's gains over pi; every n of
+    one algorithm table becomes one group (its ``algo_label``), with ``step`` = n so that a seed's points join in
+    order of n. Trained runs' points are returned as they are."""
+    is_bon = points["n"].notna()
+    if not is_bon.any():
+        return points
+    label = runs.drop_duplicates("run_id").set_index("run_id")
+    label = label["algo_label"] if "algo_label" in label else label["group"]
+    bon = points[is_bon].sort_values("step").drop_duplicates("run_id", keep="last")
+    bon = bon.assign(group=bon["run_id"].map(label).astype(str), step=bon["n"].astype(int))
+    out = pd.concat([points[~is_bon], bon], ignore_index=True)
+    return out.sort_values(["group", "seed", "step"]).reset_index(drop=True)
 
 
 def fit_table(points: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +230,7 @@ def overoptimisation_section(
     """The report's over-optimisation section: points (``seeds`` only, when given and measured), both fits per group and
     reward, each run's peak, the figure. Writes ``tables/overoptimisation_fits.csv`` and
     ``tables/overoptimisation_peaks.csv``; returns ``{"fits", "peaks", "figure", "seeds"}`` or None without points."""
-    points = overoptimisation_points(metrics, runs)
+    points = pool_best_of_n(overoptimisation_points(metrics, runs), runs)
     if seeds is not None:  # the deciding seeds; every seed while none of them has finished
         chosen = points[points["seed"].isin(set(seeds))]
         points = chosen if len(chosen) else points
@@ -221,7 +239,7 @@ def overoptimisation_section(
     fits, peaks = fit_table(points), peak_summary(points)
     fits.to_csv(tabdir / "overoptimisation_fits.csv", index=False, float_format="%.6g")
     peaks.to_csv(tabdir / "overoptimisation_peaks.csv", index=False, float_format="%.6g")
-    bon = set(runs.loc[runs["algo"] == "bon", "group"]) if "algo" in runs else set()
+    bon = set(points.loc[points["n"].notna(), "group"])
     figure = overoptimisation_figure(points, fits, figdir, lambda group: "bon" if group in bon else "rl")
     return {"fits": fits, "peaks": peaks, "figure": figure, "seeds": sorted(points["seed"].unique().tolist())}
 

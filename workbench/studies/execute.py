@@ -221,7 +221,7 @@ def _run(
     attempts = {rid: row["attempts"] for rid, row in store.states(p.run_id for p in plan).items()}
     todo = {p.run_id: p for p in plan}
     in_flight: dict[Future, list[PlannedRun]] = {}
-    keys = {p.run_id: (training.stack_key(p.res) if stack > 1 else None) for p in plan}
+    keys = {p.run_id: _unit_key(p, cfg.confirm_seeds) if stack > 1 else None for p in plan}
     owner = Owner.current()
     bars = _Bars(study.name, len(plan), executor.max_workers, progress, quiet)
     try:
@@ -273,6 +273,16 @@ def _run(
     finally:
         bars.close()
     return outcome
+
+
+def _unit_key(p: PlannedRun, confirm_seeds) -> tuple | None:
+    """The runs that may share a stack: same ``training.stack_key`` and the same kind of seed. A stacked run's
+    numbers equal its lone twin's only up to float rounding, which an RL trajectory can amplify (issue 15's
+    tool_use: one PPO seed ended at exact reward 0.001 in a stack of 5 seeds, 0.40 in a stack of 8), so a
+    confirmation seed never stacks with an exploration seed: its numbers are the same whether the study runs
+    ``--seeds confirm`` or all its seeds (the stack's seeds are in each run's ``config.json``, ``batched_seeds``)."""
+    key = training.stack_key(p.res)
+    return None if key is None else (key, p.seed in set(confirm_seeds))
 
 
 def _submit(executor, store: Store, unit: list[PlannedRun], in_flight: dict) -> None:

@@ -84,6 +84,8 @@ class Pipeline(Measure):
             if run.rm_calibrate == "optimise":
                 self.rm = Calibrated(self.rm, slope, intercept)
         self.start: dict[str, float] = {}
+        self.gold = gold if self.scores is not None else None  # (P, N) the gold reward of every completion
+        self.measured = None  # best-of-n: model -> (P, N) log-probabilities of the policy it measures (``measures``)
 
     def due(self, step: int, last: bool) -> bool:
         return step % self.res.run.eval_every == 0 or last
@@ -98,6 +100,12 @@ class Pipeline(Measure):
         if self.scores is None or "reward/exact" not in row:
             return out
         p = exact_logprobs(policy, self.task, self.task.eval_prompts()).cpu().exp()  # (P, N)
+        if self.measured is not None:  # best-of-n: the gains are those of P_bon over its starting policy pi
+            if not self.start:
+                self.start = {
+                    k: (p * v).sum(-1).mean().item() for k, v in (("proxy", self.scores), ("gold", self.gold))
+                }
+            p = self.measured(policy).double().exp()
         now = {"proxy": (p * self.scores).sum(-1).mean().item(), "gold": row["reward/exact"]}
         if not self.start:
             self.start = now

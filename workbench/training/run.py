@@ -42,22 +42,27 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
     if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first
         pipe = Pipeline(res, model, device)
         ref = pipe.ref  # the SFT policy
-    ctx = RunContext(res, out, device)
-    ctx.write_config(describe(model) if ref is not None else {})
-    ctx.add(*measures(ctx, ref, pipe))
-    if run.pretrain_steps and ref is not None:
-        ctx.add(PretrainStats(base_loss))
     rm = pipe.rm if pipe is not None else None
     if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
         rm = build_reward_model(task, run.model, run.seed, path=run.reward_model).to(device).requires_grad_(False)
+    ctx = RunContext(res, out, device)
+    ctx.write_config(describe(model) if ref is not None else {})
+    ctx.add(*measures(ctx, ref, pipe, rm))
+    if run.pretrain_steps and ref is not None:
+        ctx.add(PretrainStats(base_loss))
     return run_loop(ctx, model, ref, rm, progress)
 
 
-def measures(ctx: RunContext, ref, pipe: Pipeline | None = None) -> list[Measure | None]:
+def measures(ctx: RunContext, ref, pipe: Pipeline | None = None, rm=None) -> list[Measure | None]:
     """A run's measurement hooks, in the order they fill a row: evaluation, the RLHF pipeline's, probes, and on a
-    task with a scratch the scratch ablation (``reasoning/*``)."""
+    task with a scratch the scratch ablation (``reasoning/*``). Best-of-n with a reward model ``rm`` ranks its
+    draws by it (the proxy), and the pipeline's proxy and gold gains are then those of P_bon over its start."""
     res = ctx.res
     evaluation = Evaluation(res, ref, ctx.device, ctx.writer)
+    if res.spec.best_of is not None and rm is not None:
+        evaluation.evaluator.rank_by(rm)
+        if pipe is not None:
+            pipe.measured = evaluation.evaluator.exact_policy
     probe = res.run.probe_every and ref is not None and res.spec.best_of is None  # best-of-n has no loss to probe
     ablation = ScratchAblation(res, ctx.device) if ref is not None and res.task.sep_action is not None else None
     return [
