@@ -296,6 +296,10 @@ def test_colour_table_covers_every_registered_algorithm_and_plugins_get_a_stable
         "samples: completions (ppo); preference pairs (dpo)"
     )
     assert colours.titled("kl/exact") == "kl/exact (nats)" and colours.titled("reward/exact") == "reward/exact"
+    # the tool-use study's measures get their units (docs/metrics.md): rates of episodes, calls per episode
+    assert colours.unit_of("tool/exact_success_when_needed") == colours.unit_of("tool/success_rate")
+    assert colours.unit_of("tool/exact_calls_when_not_needed") == colours.unit_of("tool/calls_mean")
+    assert colours.unit_of("episode/exact_turns_mean") == "turns per episode"
 
 
 def test_the_sample_viewer_sets_observation_and_scratch_tokens_apart():

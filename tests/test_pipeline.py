@@ -91,3 +91,46 @@ def test_pipeline_needs_an_online_workbench_run():
     assert (
         plain.config_hash == resolve({"task": {"name": "bandit"}, "algo": {"name": "ppo"}, "rm_steps": 200}).config_hash
     )
+
+
+def test_runs_of_one_seed_in_a_results_folder_share_the_fitted_reward_model_bit_for_bit(tmp_path, monkeypatch):
+    """Inside a results folder the first run that fits a reward model saves it; a run whose fit reads the same
+    settings (another algorithm, another step budget) loads it instead of fitting, and every number it logs is
+    the one a fresh fit gives. A fit that reads other settings (another seed, other pairs) is not shared."""
+    from workbench.results import Store
+    from workbench.training import pipeline
+
+    task = {"name": "sequence", "vocab_size": 2, "length": 3, "n_prompts": 1}
+    common = {"task": task, "model": TINY, "reward_model": "fit", "rm_steps": 6, "rm_pairs": 64, "seed": 4}
+    common |= {"rm_calibrate": "optimise", "batch_size": 8, "eval_every": 2}
+    ppo = resolve({**common, "algo": "ppo", "steps": 2})
+    bon = resolve({**common, "algo": {"name": "bon", "n": 3}, "steps": 5})
+    other_seed = resolve({**common, "algo": "ppo", "steps": 2, "seed": 5})
+    assert pipeline.fit_key(ppo) == pipeline.fit_key(bon) != pipeline.fit_key(other_seed)
+    assert pipeline.fit_key(ppo) != pipeline.fit_key(resolve({**common, "algo": "ppo", "rm_pairs": 32}))
+
+    fresh = {}  # outside a results folder: no cache, every run fits
+    for name, res in (("ppo", ppo), ("bon", bon)):
+        train(res, tmp_path / "alone" / name, progress=False)
+        fresh[name] = [json.loads(x) for x in (tmp_path / "alone" / name / "metrics.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "alone" / "cache").exists()
+
+    root = tmp_path / "results"
+    Store(root).close()  # a results folder (its index)
+    fits = []
+    real = pipeline.fit_reward_model
+    monkeypatch.setattr(pipeline, "fit_reward_model", lambda *a, **k: fits.append(1) or real(*a, **k))
+    for name, res in (("ppo", ppo), ("bon", bon), ("ppo_s5", other_seed)):
+        train(res, root / "runs" / name, progress=False)
+    assert len(fits) == 2  # ppo's fit, then the other seed's: bon loaded ppo's
+    assert len(list((root / "cache" / "reward_models").glob("*.pt"))) == 2
+    for name in ("ppo", "bon"):
+        rows = [json.loads(x) for x in (root / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        skip = ("time/",)
+        strip = [{k: v for k, v in r.items() if not k.startswith(skip)} for r in rows]
+        assert strip == [{k: v for k, v in r.items() if not k.startswith(skip)} for r in fresh[name]], name
+    # a damaged cache file is fitted again, not trusted
+    for f in (root / "cache" / "reward_models").glob("*.pt"):
+        f.write_bytes(b"not a checkpoint")
+    train(bon, root / "runs" / "bon_again", progress=False)
+    assert len(fits) == 3

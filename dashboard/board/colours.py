@@ -88,6 +88,13 @@ PREFIX_UNITS = {
     "grad/cos": "cosine",
     "credit/corr": "correlation",
     "reasoning/accuracy": "accuracy",
+    "tool/exact_success": "share of episodes",
+    "tool/optimal_success": "share of episodes",
+    "tool/success_when": "share of episodes",
+    "tool/exact_calls": "calls per episode",
+    "tool/optimal_calls": "calls per episode",
+    "tool/calls_when": "calls per episode",
+    "episode/": "turns per episode",
 }
 SAMPLE_UNITS = {"completions": "completions", "demos": "demonstrations", "pairs": "preference pairs"}
 

@@ -5,7 +5,15 @@ from board import charts, colours, data, stats, ui
 
 MAX_POINTS = 400  # per line; longer curves keep every k-th logged step
 PREFERRED = ("reward/exact", "reward/mean", "objective/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval")
-HEADLINE = ("reasoning/scratch_use", "tool/success_rate", "tool/calls_mean")  # a button each, where logged
+HEADLINE = (  # the scratch-task and tool-use studies' headline measures: a button each, where logged
+    "reasoning/scratch_use",
+    "reasoning/accuracy",
+    "tool/exact_success_when_needed",
+    "tool/exact_calls_when_needed",
+    "tool/exact_calls_when_not_needed",
+    "tool/success_rate",
+    "tool/calls_mean",
+)
 
 ctx = ui.current()
 st.title("Compare")

@@ -25,6 +25,7 @@ from .files import (
     read_status,
     results_dir,
     storage_fault,
+    store_root,
 )
 from .index import (
     HEARTBEAT_S,
@@ -103,4 +104,5 @@ __all__ = [
     "results_dir",
     "spec_hash",
     "storage_fault",
+    "store_root",
 ]

@@ -12,6 +12,8 @@ Layout::
       index.sqlite                  studies, runs, study_runs, events (WAL mode)
       studies/<study>.toml          the study file as last run
       studies/<study>.plan.json     the study as registered: its expanded runs (rebuilds the index)
+      cache/reward_models/<key>.pt  reward models fitted inside runs (reward_model = "fit"), shared by the runs
+                                    whose fit reads the same settings (workbench.training.pipeline)
       runs/<run_id>/                run_id = config hash of the resolved run config
         config.json                 written by train(): config, config_hash, model summary
         metrics.jsonl               appended line by line while the run trains
@@ -192,6 +194,14 @@ def publish(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def store_root(run_dir: str | os.PathLike) -> Path | None:
+    """The results folder that holds ``run_dir`` (``<results>/runs/<run_id>``), or None for a run folder outside
+    a results folder (``workbench train --out DIR``)."""
+    run_dir = Path(run_dir)
+    root = run_dir.parent.parent
+    return root if run_dir.parent.name == "runs" and (root / INDEX).exists() else None
 
 
 def publish_text(path: str | os.PathLike, text: str) -> Path:

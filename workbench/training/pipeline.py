@@ -38,14 +38,17 @@ and ``rm/calibration_r2`` (on the held-out pairs, any task).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..algorithms import dpo, sft
 from ..algorithms import reward_model as rm_algo
 from ..analysis.exact import exact_logprobs
-from ..config import Resolved
+from ..config import Resolved, config_hash
 from ..core.seeds import PIPELINE_OFFSET
 from ..models.policy import build_reward_model
+from ..results import publish
 from ..runtime.context import Measure
 from ..runtime.update import make_optimizer, update
 
@@ -57,7 +60,7 @@ def wanted(run) -> bool:
 class Pipeline(Measure):
     """Runs phases 1 and 2 on construction; ``ref`` and ``rm`` then serve phase 3; as a measure, logs proxy vs gold."""
 
-    def __init__(self, res: Resolved, policy, device):
+    def __init__(self, res: Resolved, policy, device, cache: Path | None = None):
         self.res, self.task = res, res.task
         run = res.run
         self.stats: dict[str, float] = {}
@@ -67,7 +70,7 @@ class Pipeline(Measure):
         self.rm = None  # what phase 3 optimises: the reward model, or its calibrated score
         self.scores = None  # (P, N) the proxy's score of every completion (enumerable tasks)
         if run.reward_model == "fit":
-            self.rm, loss = fit_reward_model(res, device, self.ref)
+            self.rm, loss = cached_fit(res, device, self.ref, cache)
             self.stats["pipeline/rm_loss"] = loss
             slope, intercept = 1.0, 0.0
             if run.rm_calibrate != "off":
@@ -164,6 +167,54 @@ def fit_reward_model(res: Resolved, device, sft=None):
         loss, _, _ = rm_algo.step(rm, None, batch, cfg, run.beta)
         update(rm, opt, loss, run.max_grad_norm)
     return rm.eval().requires_grad_(False), loss.item()
+
+
+# run settings the reward model's fit never reads (``fit_reward_model``): runs that differ only in these share a fit
+NOT_READ_BY_FIT = (
+    "algo",
+    "steps",
+    "eval_every",
+    "probe_every",
+    "probe_minibatches",
+    "report_to",
+    "n_logged_samples",
+    "save_checkpoint",
+    "rm_calibrate",
+    "group_size",
+    "lr_schedule",
+)
+
+
+def fit_key(res: Resolved) -> str:
+    """The hash of every setting phase 2 can read: the run's config without ``NOT_READ_BY_FIT``. Pairs sampled
+    from the SFT policy (``rm_pairs_from = "sft"``) or an SFT phase keep everything (the policy they come from
+    is built for the run's algorithm), so such runs share a fit only with themselves."""
+    d = res.to_dict()
+    if res.run.rm_pairs_from == "uniform" and not res.run.sft_warmup_steps:
+        d = {k: v for k, v in d.items() if k not in NOT_READ_BY_FIT and k != "batch_size"}
+    return config_hash(d)
+
+
+def cached_fit(res: Resolved, device, sft, cache: Path | None):
+    """``fit_reward_model``, or the same fit from ``cache`` (``<results>/cache/reward_models``, None: no cache):
+    the PPO, GRPO and best-of-n runs of one seed of ``studies/overoptimisation.toml`` read the same settings, so
+    the first fits and saves its weights (published atomically), the others load them, bit for bit the model a fit
+    would give (``tests/test_pipeline.py``). A file that cannot be read is fitted again."""
+    if cache is None:
+        return fit_reward_model(res, device, sft)
+    path = cache / f"{fit_key(res)}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location=device, weights_only=True)
+            rm = build_reward_model(res.task, res.run.model, res.run.seed).to(device)
+            rm.load_state_dict(blob["state"])
+            return rm.eval().requires_grad_(False), float(blob["loss"])
+        except Exception:  # a file from another version, or damaged: fit again and replace it
+            pass
+    rm, loss = fit_reward_model(res, device, sft)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    publish(path, lambda f: torch.save({"state": rm.state_dict(), "loss": loss}, f))
+    return rm, loss
 
 
 class Calibrated(torch.nn.Module):

@@ -17,6 +17,7 @@ from ..analysis.probe import Prober
 from ..analysis.reasoning import ScratchAblation
 from ..config import Resolved, load_backend
 from ..models.policy import build_policy, build_reward_model, describe
+from ..results import store_root
 from ..runtime.context import Measure, RunContext, setup_device
 from .loop import run_loop
 from .pipeline import Pipeline
@@ -40,7 +41,8 @@ def train(res: Resolved, out: str | Path, progress: bool = True) -> dict:
         ref = model.frozen_copy()
     pipe = None
     if ref is not None and (run.reward_model == "fit" or run.sft_warmup_steps):  # RLHF phases 1-2 first
-        pipe = Pipeline(res, model, device)
+        root = store_root(out)  # inside a results folder, a fitted reward model is shared (Pipeline's cache)
+        pipe = Pipeline(res, model, device, cache=root / "cache" / "reward_models" if root else None)
         ref = pipe.ref  # the SFT policy
     rm = pipe.rm if pipe is not None else None
     if run.reward_model and run.reward_model != "fit" and spec.kind == "online":
