@@ -148,8 +148,8 @@ def _group_label(df: pd.DataFrame) -> pd.Series:
     """``algo_label`` plus the grid point and task when the study has several of them."""
     label = df["algo_label"].astype(str)
     grid = df["grid"].map(lambda g: ", ".join(f"{k}={v}" for k, v in sorted(g.items())) if isinstance(g, dict) else "")
-    if grid.nunique() > 1:
-        label = label + " [" + grid + "]"
+    if grid.nunique() > 1:  # a group without a grid point keeps its bare label
+        label = label + grid.map(lambda g: f" [{g}]" if g else "")
     if df["task_label"].nunique() > 1:
         label = df["task_label"].astype(str) + ": " + label
     return label

@@ -10,7 +10,8 @@ Set on an online run with ``sft_warmup_steps`` and/or ``reward_model = "fit"``:
              ``run.lr``) on ``rm_pairs`` preference pairs of uniformly drawn completions
              (``rm_pairs_from = "sft"``: two samples of phase 1's policy, pi_ref, as in InstructGPT),
              each labelled once by sampling P(a > b) = sigmoid(r(a) - r(b)) (finite, noisy
-             preferences, as from people). The model is then frozen. With ``rm_calibrate``
+             preferences, as from people). The model is then frozen. Inside a results folder the fit
+             is cached (``cached_fit``): runs that read the same settings share it. With ``rm_calibrate``
              it is then calibrated to gold units on ``rm_pairs`` held-out pairs drawn the same
              way (``calibration``); ``rm_calibrate = "optimise"``: phase 3 optimises the calibrated score.
     phase 3  the run's own algorithm against the reward model's score (``reward/mean``),
