@@ -110,6 +110,29 @@ def timed_visit(browser, url: str, ready: str, context=None) -> tuple[float, lis
     t0 = time.perf_counter()
     page.goto(url)
     page.get_by_text(ready).first.wait_for()
+    elapsed, marks = settled(page, t0)
+    failed = page.locator('[data-testid="stException"]').count() > 0
+    page.close()
+    if context is None:
+        ctx.close()
+    return elapsed, marks, failed
+
+
+TRIVIAL_APP = 'import streamlit as st\nst.title("Trivial")\nst.write("hello there")\n'
+NAV = {  # sidebar link -> a text its page shows when complete (Studies last: the way back)
+    "Compare": "at the last logged step",
+    "Frontier": "Where each method ends",
+    "Gradients": "Over training",
+    "Credit": "Over training",
+    "Convergence map": "vs each method",
+    "Claims": "Study bench",
+    "Studies": "Open a run",
+}
+
+
+def settled(page, t0: float) -> tuple[float, list[int]]:
+    """Seconds from ``t0`` to the first look at the final page (script done, every chart drawn, the same over
+    three looks 150 ms apart) and the marks per chart."""
     last, since, t_final = None, 0, None
     while since < 3:
         page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for()
@@ -119,11 +142,58 @@ def timed_visit(browser, url: str, ready: str, context=None) -> tuple[float, lis
         else:
             last, since, t_final = now, 0, time.perf_counter()
         page.wait_for_timeout(150)
-    failed = page.locator('[data-testid="stException"]').count() > 0
-    page.close()
-    if context is None:
+    return t_final - t0, last[1]
+
+
+def floor_bench(browser, visits: int = 4) -> list[float]:
+    """A three-line Streamlit app opened in a browser that has loaded it before: what any page costs on this
+    machine before the dashboard does anything (Streamlit's frontend starting, its websocket, one script run)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_floor_"))
+    (tmp / "app.py").write_text(TRIVIAL_APP)
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(tmp / "app.py"), "--server.port", str(port)]
+    cmd += ["--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        ctx = browser.new_context(viewport={"width": 1400, "height": 2200})
+        times = [timed_visit(browser, url, "hello there", ctx)[0] for _ in range(visits + 1)][1:]
         ctx.close()
-    return t_final - t0, last[1], failed
+        return times
+    finally:
+        stop(proc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def navigation_bench(browser, results: Path, rounds: int = 2) -> dict[str, list[float]]:
+    """Pages reached by the sidebar's links after the dashboard has loaded once (no page reload: how a researcher
+    moves between pages), on a fresh server: round 0 is each page's first render (the server's caches empty,
+    the first chart of the session included), later rounds with the caches full."""
+    proc, url = serve(results)
+    out: dict[str, list[float]] = {name: [] for name in NAV}
+    try:
+        ctx = browser.new_context(viewport={"width": 1400, "height": 2200})
+        page = ctx.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(f"{url}/?study={STUDY}")
+        page.get_by_text(NAV["Studies"]).first.wait_for()
+        for _ in range(rounds):
+            for name, ready in NAV.items():
+                t0 = time.perf_counter()
+                page.locator('[data-testid="stSidebarNav"] a', has_text=name).first.click()
+                page.get_by_text(ready).first.wait_for()
+                out[name].append(settled(page, t0)[0])
+        ctx.close()
+    finally:
+        stop(proc)
+    return out
 
 
 def browser_bench(results: Path, repeat: int, chromium: str) -> int:
@@ -153,6 +223,8 @@ def browser_bench(results: Path, repeat: int, chromium: str) -> int:
                 warm.close()
             finally:
                 stop(proc)
+        floor = floor_bench(browser)
+        nav = navigation_bench(browser, results)
         browser.close()
     print(
         f"headless Chromium, a fresh server per repetition ({repeat}); 'first' and 'again': a new tab of a browser "
@@ -172,6 +244,15 @@ def browser_bench(results: Path, repeat: int, chromium: str) -> int:
             f"{name:<26} {best:>10.2f} {median:>8.2f} {min(again[name]):>10.2f} {min(cold[name]):>13.2f}"
             f"  {marks[name]}{flag}"
         )
+    print(
+        f"\nthe floor: a three-line Streamlit app, the same browser, {len(floor)} visits: "
+        f"{min(floor):.2f}-{max(floor):.2f} s (any page opened by its URL costs this here before the dashboard's own work)"
+    )
+    print("moving by the sidebar's links (no reload), a fresh server: first visit, then with the server's caches full")
+    print(f"{'page':<26} {'first (s)':>10} {'again (s)':>10}")
+    for name, t in nav.items():
+        flag = "" if t[0] < LIMIT_S else "  OVER"
+        print(f"{name:<26} {t[0]:>10.2f} {min(t[1:]) if len(t) > 1 else float('nan'):>10.2f}{flag}")
     return 1 if over else 0
 
 
