@@ -246,7 +246,8 @@ def browser_bench(results: Path, repeat: int, chromium: str) -> int:
         )
     print(
         f"\nthe floor: a three-line Streamlit app, the same browser, {len(floor)} visits: "
-        f"{min(floor):.2f}-{max(floor):.2f} s (any page opened by its URL costs this here before the dashboard's own work)"
+        f"{min(floor):.2f}-{max(floor):.2f} s (what any page opened by its URL costs here before the dashboard's "
+        "own work)"
     )
     print("moving by the sidebar's links (no reload), a fresh server: first visit, then with the server's caches full")
     print(f"{'page':<26} {'first (s)':>10} {'again (s)':>10}")
