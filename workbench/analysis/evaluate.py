@@ -22,7 +22,7 @@ from ..models.precision import full_precision
 from ..results import publish_policy
 from ..results.run_writer import RunWriter
 from ..runtime.context import Measure
-from .exact import ExactEvaluator, best_of_n_kl_bound, best_of_n_logprobs, exact_logprobs
+from .exact import ExactEvaluator, all_scores, best_of_n_kl_bound, best_of_n_logprobs, exact_logprobs
 
 
 class Evaluator:
@@ -44,11 +44,7 @@ class Evaluator:
         run optimises) instead of the gold reward; on an enumerable task it scores every completion once."""
         self.rm = rm
         if self.exact is not None:
-            prompts, comps = self.exact.prompts.to(self.device), self.res.task.all_completions().to(self.device)
-            P, N = len(prompts), len(comps)
-            px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
-            scores = [rm(px[i : i + 4096], cx[i : i + 4096]).float().cpu() for i in range(0, P * N, 4096)]
-            self.rank_scores = torch.cat(scores).view(P, N)
+            self.rank_scores = all_scores(rm, self.res.task, self.device)[0]
 
     @torch.no_grad()
     def __call__(self, model, step: int, writer: RunWriter, gen) -> dict:

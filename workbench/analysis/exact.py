@@ -391,3 +391,15 @@ def pairwise_optimum(p: float, beta: float, loss: str, eps: float = 0.0, gamma: 
         x = (-b + math.sqrt(b * b - 4 * a * c)) / (2 * a)
         return math.log(x)
     raise ValueError(f"loss must be 'dpo', 'cdpo', 'rdpo' or 'simpo', got {loss!r}")
+
+
+@torch.no_grad()
+def all_scores(rm, task, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores, gold)``, each ``(P, N)``: the reward model's and the gold reward of every completion."""
+    prompts, comps = task.eval_prompts(), task.all_completions()
+    P, N = len(prompts), len(comps)
+    px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
+    scores = torch.cat(
+        [rm(px[i : i + 4096].to(device), cx[i : i + 4096].to(device)).cpu() for i in range(0, P * N, 4096)]
+    )
+    return scores.view(P, N), task.reward(px, cx).float().view(P, N)

@@ -45,7 +45,7 @@ import torch
 
 from ..algorithms import dpo, sft
 from ..algorithms import reward_model as rm_algo
-from ..analysis.exact import exact_logprobs
+from ..analysis.exact import all_scores, exact_logprobs
 from ..config import Resolved, config_hash
 from ..core.seeds import PIPELINE_OFFSET
 from ..models.policy import build_reward_model
@@ -273,18 +273,6 @@ def pair_accuracy(score_diff: torch.Tensor, gold_diff: torch.Tensor) -> float:
     if not differ.any():
         return float("nan")
     return (torch.sign(score_diff[differ]) == torch.sign(gold_diff[differ])).double().mean().item()
-
-
-@torch.no_grad()
-def all_scores(rm, task, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scores, gold)``, each ``(P, N)``: the reward model's and the gold reward of every completion."""
-    prompts, comps = task.eval_prompts(), task.all_completions()
-    P, N = len(prompts), len(comps)
-    px, cx = prompts.repeat_interleave(N, 0), comps.repeat(P, 1)
-    scores = torch.cat(
-        [rm(px[i : i + 4096].to(device), cx[i : i + 4096].to(device)).cpu() for i in range(0, P * N, 4096)]
-    )
-    return scores.view(P, N), task.reward(px, cx).float().view(P, N)
 
 
 def rm_quality(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
