@@ -156,3 +156,32 @@ def test_a_bad_grid_value_is_a_message_not_a_traceback(tmp_path):
         timeout=120,
     )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "k9" in out.stderr, out.stderr
+
+
+def test_an_algorithm_with_tasks_runs_on_those_tasks_only_and_a_rule_must_name_one_of_them(tmp_path):
+    """``tasks = [...]`` on an algorithm entry drops its runs on the other tasks; the verdict rule checks it."""
+    from workbench.studies import expand
+
+    two_tasks = STUDY.replace(
+        '[[tasks]]\nname = "bandit"\nn_arms = 4\n',
+        '[[tasks]]\nname = "bandit"\nn_arms = 4\nlabel = "b4"\n\n'
+        '[[tasks]]\nname = "bandit"\nn_arms = 3\nlabel = "b3"\n',
+    ).replace('b = "ppo"', 'b = "ppo_k3loss"\nwhere = { task = "b4" }')
+    full = expand(load_study(write(tmp_path, two_tasks)))
+    assert len(full) == 2 * 3 * 8  # tasks x algorithms x (3 + 5 seeds)
+    only = two_tasks.replace('[[algorithms]]\nname = "grpo"\n', '[[algorithms]]\nname = "grpo"\ntasks = ["b4"]\n')
+    plan = expand(load_study(write(tmp_path, only)))
+    assert len(plan) == 2 * 3 * 8 - 8
+    assert {(p.task_label, p.algo_label) for p in plan} == {
+        ("b4", "ppo"),
+        ("b3", "ppo"),
+        ("b4", "grpo"),
+        ("b4", "ppo_k3loss"),
+        ("b3", "ppo_k3loss"),
+    }
+    # a run kept is the same run (same id) as without the restriction
+    assert {p.run_id for p in plan} <= {p.run_id for p in full}
+    with pytest.raises(StudyError, match=r"verdicts\[0\]\.a: 'grpo' does not run on task 'b3'"):
+        load_study(write(tmp_path, only.replace('where = { task = "b4" }', 'where = { task = "b3" }')))
+    with pytest.raises(StudyError, match=r"algorithms\[1\]\.tasks: unknown task label 'b5'; allowed: b4, b3"):
+        load_study(write(tmp_path, only.replace('tasks = ["b4"]', 'tasks = ["b5"]')))

@@ -291,7 +291,14 @@ def _check(cfg: StudyConfig) -> list[str]:
         try:
             spec.Config(**params)
         except ValidationError as e:
-            problems += _extra_lines(e, where, spec.Config, {"name", "label", "settings", "grid"})
+            problems += _extra_lines(e, where, spec.Config, {"name", "label", "tasks", "settings", "grid"})
+        if a.tasks is not None:
+            task_labels = [t.label or t.name for t in cfg.tasks]
+            if not a.tasks:
+                problems.append(f"{where}.tasks: empty; list task labels ({', '.join(task_labels)}) or leave it out")
+            for lab in a.tasks:
+                if lab not in task_labels:
+                    problems.append(f"{where}.tasks: unknown task label {lab!r}; allowed: {', '.join(task_labels)}")
         algo_keys = {f"algo.{k}" for k in spec.Config.model_fields if k != "batch_size"}
         problems += _grid_lines(f"{where}.grid", a.grid, set(AlgorithmSettings.model_fields) | algo_keys)
     _check_labels(problems, "algorithms", [a.label or a.name for a in cfg.algorithms])
@@ -460,8 +467,16 @@ def _span_lines(cfg: StudyConfig) -> list[str]:
                 continue
             entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
             tasks = [
-                t.label or t.name for t in cfg.tasks if where.get("task", t.label or t.name) == (t.label or t.name)
+                t.label or t.name
+                for t in _tasks_of(cfg, entry)
+                if where.get("task", t.label or t.name) == (t.label or t.name)
             ]
+            if not tasks:
+                lines.append(
+                    f"verdicts[{i}].{side}: {label!r} does not run on task {where.get('task')!r} (its tasks: "
+                    f"{', '.join(t.label or t.name for t in _tasks_of(cfg, entry))}): the rule would have no runs"
+                )
+                continue
             points = _side_points(cfg, entry, where)
             if len(tasks) * len(points) > 1:
                 varying = sorted({k for p in points for k in p} | ({"task"} if len(tasks) > 1 else set()))
@@ -470,6 +485,11 @@ def _span_lines(cfg: StudyConfig) -> list[str]:
                     f"compares seeds of one condition: pin {', '.join(varying)} with where / {side}_where"
                 )
     return lines
+
+
+def _tasks_of(cfg: StudyConfig, algo) -> list:
+    """The study's task entries that the algorithm entry ``algo`` runs on (its ``tasks``, else all)."""
+    return [t for t in cfg.tasks if algo.tasks is None or (t.label or t.name) in algo.tasks]
 
 
 def _confound_lines(cfg: StudyConfig) -> list[str]:
@@ -598,7 +618,10 @@ def _points(grid: dict[str, list]) -> list[dict]:
 
 
 def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
-    """Every run of the study: tasks x algorithms x study grid x algorithm grid x seeds."""
+    """Every run of the study: tasks x algorithms x study grid x algorithm grid x seeds.
+
+    An algorithm entry with ``tasks = [...]`` runs on those task labels only.
+    """
 
     cfg = study.config
     shared = cfg.settings.model_dump(exclude_unset=True)
@@ -606,6 +629,8 @@ def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
     seen: dict[str, str] = {}
     for t_i, task in enumerate(cfg.tasks):
         for a_i, algo in enumerate(cfg.algorithms):
+            if algo.tasks is not None and (task.label or task.name) not in algo.tasks:
+                continue
             spec = ALGORITHMS[algo.name]
             params = dict(algo.model_extra or {})
             if "batch_size" in spec.Config.model_fields:  # offline: demos / pairs per step

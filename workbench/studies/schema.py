@@ -205,6 +205,9 @@ class AlgorithmEntry(BaseModel):
 
     name: str
     label: str | None = Field(None, description="name in tables; defaults to the algorithm name")
+    tasks: list[str] | None = Field(
+        None, description="the task labels this algorithm runs on (default: every task of the study)"
+    )
     settings: AlgorithmSettings = Field(default_factory=AlgorithmSettings)  # type: ignore[valid-type]
     grid: dict[str, GridValues] = Field(
         default_factory=dict, description="dotted key -> values: algo.<param> or a run setting"
