@@ -23,21 +23,26 @@ STUDIES = sorted(Path(__file__).resolve().parents[1].joinpath("studies").glob("*
 CLAIMS_TESTED = {f"C{i}" for i in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)}
 DECIDED = {"supported", "contradicted", "inconclusive", "unstable"}
 TINY_MODEL = {"n_layer": 1, "n_embd": 16, "n_head": 2}
+SMALL_TASKS = {"tool_use": {"n_keys": 1, "n_values": 2}}  # the episode space every exact measure enumerates
 
 
 def shrink(raw: dict, steps: int = 4) -> dict:
     """The same study at test size: 1 exploration and 3 confirmation seeds (min_seeds = 3), a few steps, a tiny
-    model, the grid values its rules name."""
+    model, a small episode space where the task has one (``SMALL_TASKS``), the grid values its rules name."""
     raw = json.loads(json.dumps(raw))
     raw["seeds"] = raw["seeds"][:1]
     raw["confirm_seeds"] = raw["confirm_seeds"][:3]
     raw["statistics"] = {**raw.get("statistics", {}), "min_seeds": 3}
     raw["budget"] = {"steps": steps, "batch_size": 16}
+    for task in raw["tasks"]:
+        task.update(SMALL_TASKS.get(task["name"], {}))
     s = raw.setdefault("settings", {})
     s["model"] = {**s.get("model", {}), **TINY_MODEL}
-    s["eval_every"] = 2
-    if s.get("probe_every", 100):  # keep probes on where the study has them: step 0, 2, 4
-        s["probe_every"], s["probe_minibatches"] = 2, 2
+    # measured at steps 0 and `steps`, and at steps // 2 too where a rule reads a mid-run step
+    every = 2 if any(v.get("step") for v in raw.get("verdicts", [])) else steps
+    s["eval_every"] = every
+    if s.get("probe_every", 100):  # keep probes on where the study has them
+        s["probe_every"], s["probe_minibatches"] = every, 2
     for key, small in (("rm_steps", 5), ("rm_pairs", 32), ("sft_warmup_steps", 2), ("pretrain_steps", 2)):
         for settings in [s] + [a.get("settings", {}) for a in raw["algorithms"]]:
             if key in settings:
@@ -126,7 +131,7 @@ def test_study_runs_small_and_its_report_decides_every_claim(path, tmp_path):
     study = load_study(small)
     outcome = run_study(study, tmp_path / "results", InlineExecutor(), progress=False, quiet=True)
     assert outcome.count("failed") == 0, outcome.statuses
-    out = build_report(study.name, tmp_path / "results", tmp_path / "report")
+    out = build_report(study.name, tmp_path / "results", tmp_path / "report", pdf=False)  # the PDF: test_report
     doc = json.loads((out / "verdicts.json").read_text())
     assert set(doc["verdicts"]) == set(study.config.claims)
     assert doc["confirmation_seeds"] == raw["confirm_seeds"] and doc["exploration"]["seeds"] == raw["seeds"]

@@ -127,3 +127,31 @@ def test_reference_prior_puts_mass_far_from_the_peak(tiny_model_cfg):
     assert probs[-1] < 0.01  # the paying arm starts nearly unseen
     again = build_policy(task, tiny_model_cfg, 0, value_head=True, device=CPU)
     torch.testing.assert_close(exact_logprobs(again, task), exact_logprobs(pol, task))  # deterministic
+
+
+def test_a_prior_fit_is_done_once_per_process_and_a_kept_one_is_the_same_bit_for_bit(tiny_model_cfg, monkeypatch):
+    """fit_prior draws no random numbers, so its result is kept by a digest of its inputs: a second policy of the
+    same seed gets the weights a fit computes (bitwise) without fitting; another seed fits its own."""
+    import workbench.models.policy as policy_mod
+
+    task = Bandit(BanditConfig(n_arms=6, reward_shape="far_peak", prior="low_arms", prior_scale=1.0))
+    monkeypatch.setattr(policy_mod, "_PRIOR_FITS", type(policy_mod._PRIOR_FITS)())
+    calls = []
+    forward = Policy.forward
+    monkeypatch.setattr(Policy, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+
+    def weights(p):
+        return {n: t.detach().clone() for n, t in p.named_parameters() if not n.startswith("value_head")}
+
+    rng = torch.get_rng_state()
+    fitted = weights(build_policy(task, tiny_model_cfg, 0, value_head=False, device=CPU))
+    assert len(calls) == 300 and torch.equal(rng, torch.get_rng_state())  # 300 Adam steps, no random draw
+    kept = build_policy(task, tiny_model_cfg, 0, value_head=True, device=CPU)
+    assert len(calls) == 300 and all(p.grad is None for p in kept.parameters())  # not fitted again
+    assert all(torch.equal(fitted[n], t) for n, t in weights(kept).items())
+    other = weights(build_policy(task, tiny_model_cfg, 1, value_head=False, device=CPU))
+    assert len(calls) == 600 and len(policy_mod._PRIOR_FITS) == 2
+    assert not torch.equal(other["model.transformer.wte.weight"], fitted["model.transformer.wte.weight"])
+    policy_mod._PRIOR_FITS.clear()  # a fresh fit of seed 0 equals what was kept
+    again = weights(build_policy(task, tiny_model_cfg, 0, value_head=False, device=CPU))
+    assert len(calls) == 900 and all(torch.equal(fitted[n], t) for n, t in again.items())

@@ -196,9 +196,16 @@ def test_report_is_reproducible(report_dir, tmp_path):
         files = sorted(list((folder / "tables").glob("*.csv")) + list((folder / "figures").glob("*")))
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
 
-    again = build_report("tiny_report", report_dir / "results", tmp_path / "again")
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "report.pdf").write_bytes(b"an earlier report's PDF")
+    again = tmp_path / "again"  # --no-pdf: the same report less its PDF, and no stale PDF left beside it
+    args = ["report", "tiny_report", "--results", str(report_dir / "results"), "--out", str(again), "--no-pdf"]
+    assert main(args) == 0
     assert digest(again) == digest(report_dir / "out")
     assert (again / "report.bib").read_text() == (report_dir / "out" / "report.bib").read_text()
+    assert not (again / "report.pdf").exists() and (again / "report.html").exists()
+    first, second = (json.loads((d / "verdicts.json").read_text()) for d in (report_dir / "out", again))
+    assert first.pop("report") == {**second.pop("report"), "pdf": "report.pdf"} and first == second
 
 
 def test_report_of_unknown_study_exits_2(report_dir, capsys):

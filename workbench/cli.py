@@ -556,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("study", help="study name (as in `workbench list`) or its study file")
     rp.add_argument("--results", default=None, help=results_help)
     rp.add_argument("--out", default=None, help="output folder (default: <results>/reports/<study>)")
+    rp.add_argument("--no-pdf", action="store_true", help="skip report.pdf (the slowest part: WeasyPrint)")
     rp.set_defaults(func=cmd_report)
 
     ex = sub.add_parser(
@@ -604,12 +605,13 @@ def cmd_report(args) -> int:
         )
         return 2
     try:
-        out = build_report(study, root, args.out, command=["workbench", *sys.argv[1:]])
+        out = build_report(study, root, args.out, command=["workbench", *sys.argv[1:]], pdf=not args.no_pdf)
     except ValueError as e:
         print(f"workbench report: {e}", file=sys.stderr)
         return 2
     verdicts = json.loads((out / "verdicts.json").read_text())["verdicts"]
-    print(f"report written to {out}/ (report.md, report.html, report.pdf, report.bib, figures/, tables/)")
+    pdf = "" if args.no_pdf else " report.pdf,"
+    print(f"report written to {out}/ (report.md, report.html,{pdf} report.bib, figures/, tables/)")
     for claim, v in verdicts.items():
         print(f"  {claim}: {v}")
     return 0

@@ -28,9 +28,11 @@ A run's ``precision = "bf16"`` runs the policy's passes under autocast (``Policy
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
@@ -473,18 +475,45 @@ def build_policy(
     return policy
 
 
+_PRIOR_FITS: OrderedDict[str, tuple[dict[str, torch.Tensor], float]] = OrderedDict()
+PRIOR_FITS_KEPT = 16  # fitted weights kept per process (a study's runs of one seed share them)
+
+
+def _fit_key(params: dict[str, torch.Tensor], *inputs) -> str:
+    """A digest of everything the fit depends on: the initial weights (bit for bit), the prior, the prompts,
+    the fit's settings, and the thread count and device (which can change float rounding)."""
+    h = hashlib.sha256(repr((torch.get_num_threads(), [str(x) for x in inputs if not torch.is_tensor(x)])).encode())
+    for name, t in list(params.items()) + [(f"input{i}", x) for i, x in enumerate(inputs) if torch.is_tensor(x)]:
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}{t.device}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def fit_prior(policy: Policy, task: Task, seed: int, steps: int = 300, lr: float = 1e-2) -> float:
     """Fit a fresh tiny model to the task's reference prior, so pi_ref puts its mass where the task says.
 
     Minimises E_x KL(prior(.|x) || pi(.|x)) over the first completion token (full-batch
     Adam, deterministic); returns the final KL. Used by tasks whose question needs a
     reference policy with a known shape, e.g. a reward peak far from the reference's mass.
+
+    The fit is a pure function of its inputs (it draws no random numbers), so its result is kept
+    per process, keyed by a digest of the initial weights, the prior, the prompts and the settings:
+    the runs of one seed in a study (every algorithm) start from the same fitted weights, bit for bit,
+    and fit them once (``PRIOR_FITS_KEPT`` kept).
     """
     prior = task.reference_prior().to(policy.device)  # (P, A) log-probs of the first token
     prompts = task.eval_prompts().to(policy.device)
     first = torch.zeros(len(prompts), 1, dtype=torch.long, device=policy.device)
-    params = [p for n, p in policy.named_parameters() if not n.startswith("value_head")]
-    opt = torch.optim.Adam(params, lr=lr)
+    named = {n: p for n, p in policy.named_parameters() if not n.startswith("value_head")}
+    key = _fit_key(named, prior, prompts, steps, lr)
+    if key in _PRIOR_FITS:
+        weights, kl = _PRIOR_FITS[key]
+        _PRIOR_FITS.move_to_end(key)
+        with torch.no_grad():
+            for n, p in named.items():
+                p.copy_(weights[n])
+        return kl
+    opt = torch.optim.Adam(list(named.values()), lr=lr)
     with full_precision(policy.device):  # the initial weights: the same whatever the run's precision
         for _ in range(steps):
             logq = policy(prompts, first, values=False).logits[:, 0]  # (P, A)
@@ -492,6 +521,10 @@ def fit_prior(policy: Policy, task: Task, seed: int, steps: int = 300, lr: float
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+    opt.zero_grad(set_to_none=True)  # no gradient left behind: a cached fit leaves none either
+    _PRIOR_FITS[key] = ({n: p.detach().clone() for n, p in named.items()}, loss.item())
+    while len(_PRIOR_FITS) > PRIOR_FITS_KEPT:
+        _PRIOR_FITS.popitem(last=False)
     return loss.item()
 
 

@@ -330,8 +330,15 @@ def _rule_text(r: dict) -> str:
     return core + where + at
 
 
-def build_report(study: str, results=None, out: str | Path | None = None, command: list[str] | None = None) -> Path:
-    """Write the report of ``study``; returns the output folder."""
+def build_report(
+    study: str,
+    results=None,
+    out: str | Path | None = None,
+    command: list[str] | None = None,
+    pdf: bool = True,
+) -> Path:
+    """Write the report of ``study``; returns the output folder. ``pdf=False`` (``workbench report --no-pdf``)
+    skips report.pdf, the slowest part (WeasyPrint), and removes one left there by an earlier report."""
 
     root = results_dir(results)
     studies = load_studies(root)
@@ -452,7 +459,7 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
         "deviations": deviations,
         "study_file_sha256": prov["study_file_sha256"],
         "claims_doc": {c: claim_link(c) for c in spec.claims},
-        "report": {"md": "report.md", "html": "report.html", "pdf": "report.pdf"},
+        "report": {"md": "report.md", "html": "report.html", **({"pdf": "report.pdf"} if pdf else {})},
         "bibtex_id": bib_id,
     }
     (out / "verdicts.json").write_text(json.dumps(verdict_doc, indent=2, sort_keys=True, default=str))
@@ -478,7 +485,10 @@ def build_report(study: str, results=None, out: str | Path | None = None, comman
     (out / "report.md").write_text(doc.markdown())
     page = doc.html(out)
     (out / "report.html").write_text(page)
-    _pdf(page, out / "report.pdf")
+    if pdf:
+        _pdf(page, out / "report.pdf")
+    else:
+        (out / "report.pdf").unlink(missing_ok=True)  # an earlier report's PDF would not match this one
     return out
 
 
