@@ -24,6 +24,7 @@ import streamlit as st  # noqa: E402
 from board import ui  # noqa: E402
 
 st.set_page_config(page_title="workbench", page_icon="⚖️", layout="wide")
+ui.prewarm()  # once per server: the chart stack (altair) imported in the background while the first page shows
 
 PAGES = [
     st.Page("views/studies.py", title="Studies", icon=":material/table_view:", default=True),
