@@ -391,6 +391,35 @@ def test_studies_page_lists_runs_with_status_and_budget_and_opens_a_run(results,
     assert shown[0].proto.body.count('class="wb-policy"') == (logged["step"] == 0).sum()
 
 
+def test_a_finished_study_is_read_in_the_background_and_its_pages_open_from_the_cache(results, monkeypatch):
+    """The first page (Studies) starts a thread that reads what Compare, Frontier, Gradients and the Convergence
+    map open with, through the pages' own cached functions and arguments (board.defaults): opening them then
+    reads no metrics file again."""
+    import threading
+
+    import streamlit as st
+
+    import workbench.results as store
+
+    reads = []
+    for name in ("load_metrics", "load_final"):
+        real = getattr(store, name)
+        monkeypatch.setattr(store, name, lambda *a, _real=real, _n=name, **k: reads.append(_n) or _real(*a, **k))
+    st.cache_data.clear()
+    st.cache_resource.clear()
+    at = app(results, None, monkeypatch)
+    for t in threading.enumerate():
+        if t.name == "workbench-prewarm-study":
+            t.join(timeout=120)
+    warmed = list(reads)
+    assert warmed.count("load_metrics") == 2 and warmed.count("load_final") == 2, warmed  # both metrics, both finals
+    for page in ("compare", "frontier", "gradients", "convergence"):
+        at.switch_page(f"views/{page}.py")
+        at.run()
+        assert not at.exception, (page, [e.message for e in at.exception])
+    assert reads == warmed, reads[len(warmed) :]  # every page opened from what the thread read
+
+
 def test_compare_page_mean_band_filters_and_scales(results, monkeypatch):
     at = app(results, "compare", monkeypatch)
     assert at.selectbox(key="compare_metric").value == "reward/exact"

@@ -25,6 +25,24 @@ class Context:
         return data.runs(self.root, self.study, self.sig)
 
 
+def _start(work, name: str) -> None:
+    """``work`` in a daemon thread that carries this script run's context (Streamlit's caches then log no
+    'missing ScriptRunContext' warning for it); an exception there only costs the warm cache."""
+    import threading
+
+    from streamlit.runtime.scriptrunner import add_script_run_ctx, get_script_run_ctx
+
+    def guarded():
+        try:
+            work()
+        except Exception:  # noqa: BLE001 - a page reads the same data again and shows the error itself
+            pass
+
+    thread = threading.Thread(target=guarded, name=name, daemon=True)
+    add_script_run_ctx(thread, get_script_run_ctx())
+    thread.start()
+
+
 @st.cache_resource(show_spinner=False)
 def prewarm() -> None:
     """Import the chart and statistics modules in a background thread, once per server process.
@@ -34,7 +52,6 @@ def prewarm() -> None:
     first validation against the Vega-Lite schema (0.1-0.2 s) before it drew.
     """
     import importlib
-    import threading
 
     def work():
         for name in ("board.stats", "board.colours"):
@@ -43,7 +60,39 @@ def prewarm() -> None:
         tiny = pd.DataFrame({"step": [0, 1], "line": "a", "mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 1})
         charts.lines(tiny, "step", "y").to_dict()  # altair's first chart loads and compiles the Vega-Lite schema
 
-    threading.Thread(target=work, name="workbench-prewarm", daemon=True).start()
+    _start(work, "workbench-prewarm")
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def prewarm_study(root: Path, study: str, sig: tuple) -> None:
+    """Read what each page of a finished study opens with, in a background thread, once per study and index
+    state: the metric names, Compare's metric and the Frontier's final values, the credit records, the
+    gradient probes and measurement, the Convergence map's distances (through the same cached functions,
+    with the arguments the pages pass at first; ``board.defaults``). A page then opens from the cache as on
+    a second visit. Skipped while runs are queued or running (the index changes with every heartbeat)."""
+    from . import defaults
+
+    def work():
+        runs = data.runs(root, study, sig)
+        if runs["status"].isin(["queued", "running"]).any():
+            return
+        names = data.metric_names(root, study, sig)
+        if not names:
+            return
+        data.final(root, study, (defaults.CONVERGENCE_DIST,), sig)
+        xs, ys, x, y = defaults.frontier_axes(names)
+        if xs and ys:
+            data.final(root, study, defaults.frontier_columns(xs[x], ys[y]), sig)
+        data.credit(root, study, sig)
+        data.probes(root, "gradients", study, sig)
+        one = runs.drop_duplicates("run_id")
+        shown = tuple(sorted(set(picked(one, default_picks(one))["run_id"])))
+        data.metrics(root, study, (defaults.compare_metric(names),), sig, shown)
+        over = defaults.gradient_measurements(names)
+        if over:
+            data.metrics(root, study, (over[0],), sig, shown)
+
+    _start(work, "workbench-prewarm-study")
 
 
 def sidebar() -> Context | None:
@@ -60,6 +109,7 @@ def sidebar() -> Context | None:
     study = st.sidebar.selectbox("Study", names, key="study", bind=URL, help="the study every page shows")
     st.sidebar.button("Reload", key="reload", help="read the store again (pages also reload when runs finish)")
     _forget_the_last_study(study)
+    prewarm_study(root, study, sig)
     return Context(root, sig, study, studies)
 
 
@@ -113,25 +163,45 @@ def filters(runs: pd.DataFrame, prefix: str, first_only: bool = True) -> pd.Data
     comparable setting per algorithm), else at all values. A run without a grid key (another
     algorithm's parameter) is not filtered by it.
     """
-    out = runs
+    defaults = default_picks(runs, first_only)
     cols = st.columns(2)
-    tasks = sorted(runs["task_label"].dropna().unique())
-    pick = cols[0].multiselect("Task", tasks, default=tasks, key=f"{prefix}_task", bind=URL)
-    out = out[out["task_label"].isin(pick)]
-    algos = list(dict.fromkeys(runs["algo_label"].dropna()))
-    pick = cols[1].multiselect("Algorithm", algos, default=algos, key=f"{prefix}_algo", bind=URL)
-    out = out[out["algo_label"].isin(pick)]
+    picks = {
+        "task": cols[0].multiselect("Task", defaults["task"], default=defaults["task"], key=f"{prefix}_task", bind=URL),
+        "algo": cols[1].multiselect(
+            "Algorithm", defaults["algo"], default=defaults["algo"], key=f"{prefix}_algo", bind=URL
+        ),
+    }
     keys = grid_keys(runs)
     if keys:
         gcols = st.columns(min(len(keys), 4))
         for i, k in enumerate(keys):
-            values = grid_values(runs, k)
-            default = values[:1] if first_only and len(values) > 1 else values
-            pick = gcols[i % len(gcols)].multiselect(
-                k, values, default=default, key=f"{prefix}_grid_{k}", format_func=str, bind=URL
+            picks[k] = gcols[i % len(gcols)].multiselect(
+                k, grid_values(runs, k), default=defaults[k], key=f"{prefix}_grid_{k}", format_func=str, bind=URL
             )
-            has = out["grid"].map(lambda g, k=k: k in g)
-            out = out[~has | out["grid"].map(lambda g, k=k, pick=pick: g.get(k) in pick)]
+    return picked(runs, picks)
+
+
+def default_picks(runs: pd.DataFrame, first_only: bool = True) -> dict[str, list]:
+    """What ``filters`` starts at: every task and algorithm; each grid key's first value when ``first_only``
+    and it has several, else all its values."""
+    out: dict[str, list] = {
+        "task": sorted(runs["task_label"].dropna().unique()),
+        "algo": list(dict.fromkeys(runs["algo_label"].dropna())),
+    }
+    for k in grid_keys(runs):
+        values = grid_values(runs, k)
+        out[k] = values[:1] if first_only and len(values) > 1 else values
+    return out
+
+
+def picked(runs: pd.DataFrame, picks: dict[str, list]) -> pd.DataFrame:
+    """The runs whose task, algorithm and grid values are among ``picks`` (a run without a grid key passes it)."""
+    out = runs[runs["task_label"].isin(picks["task"]) & runs["algo_label"].isin(picks["algo"])]
+    for k, pick in picks.items():
+        if k in ("task", "algo"):
+            continue
+        has = out["grid"].map(lambda g, k=k: k in g)
+        out = out[~has | out["grid"].map(lambda g, k=k, pick=pick: g.get(k) in pick)]
     return out
 
 

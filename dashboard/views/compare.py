@@ -1,10 +1,9 @@
 """Compare: any metric over steps or samples, per algorithm, mean and 95% band over seeds."""
 
 import streamlit as st
-from board import charts, colours, data, stats, ui
+from board import charts, colours, data, defaults, stats, ui
 
 MAX_POINTS = 400  # per line; longer curves keep every k-th logged step
-PREFERRED = ("reward/exact", "reward/mean", "objective/exact", "kl/exact", "kl/exact_to_optimal", "reward/eval")
 HEADLINE = (  # the scratch-task and tool-use studies' headline measures: a button each, where logged
     "reasoning/scratch_use",
     "reasoning/accuracy",
@@ -31,7 +30,7 @@ if not names:
 runs = ctx.runs()
 
 c1, c2, c3, c4, c5 = st.columns([3, 1, 1, 1, 2])
-default = next((n for n in PREFERRED if n in names), names[0])
+default = defaults.compare_metric(names)
 wanted = st.session_state.pop("compare_goto", None)  # set by the Claims page's "open in Compare"
 if wanted in names:
     st.session_state["compare_metric"] = wanted

@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 import streamlit as st
-from board import charts, data, stats, ui
+from board import charts, data, defaults, stats, ui
 
-DIST = "kl/exact_to_optimal"
+DIST = defaults.CONVERGENCE_DIST
 HOW = (
     "The map needs exact distances: an enumerable task (bandit, short sequences) and beta > 0, where every "
     "measurement logs `kl/exact_to_optimal` = E_x KL(pi || pi*). Vary `beta` and the supervised methods' data "

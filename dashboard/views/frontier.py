@@ -3,7 +3,7 @@
 import altair as alt
 import pandas as pd
 import streamlit as st
-from board import charts, colours, data, stats, ui
+from board import charts, colours, data, defaults, stats, ui
 
 ctx = ui.current()
 st.title("Frontier")
@@ -17,16 +17,13 @@ st.caption(
 
 names = data.metric_names(ctx.root, ctx.study, ctx.sig)
 exact = "reward/exact" in names and "kl/exact" in names
-xs = [n for n in names if n.startswith("kl/") and not n.endswith("to_optimal")]
-ys = [n for n in names if n.startswith(("reward/", "objective/"))]
+xs, ys, x_at, y_at = defaults.frontier_axes(names)
 if not xs or not ys:
     ui.no_data(f"Study {ctx.study} logged no reward or KL metric yet.")
     st.stop()
 c1, c2, c3, c4 = st.columns([2, 2, 1, 1])
-x = c1.selectbox("KL (x)", xs, index=xs.index("kl/exact") if "kl/exact" in xs else 0, key="frontier_x", bind=ui.URL)
-y = c2.selectbox(
-    "Reward (y)", ys, index=ys.index("reward/exact") if "reward/exact" in ys else 0, key="frontier_y", bind=ui.URL
-)
+x = c1.selectbox("KL (x)", xs, index=x_at, key="frontier_x", bind=ui.URL)
+y = c2.selectbox("Reward (y)", ys, index=y_at, key="frontier_y", bind=ui.URL)
 log_x = c3.checkbox("log x", key="frontier_log_x", bind=ui.URL)
 paths = c4.checkbox(
     "training paths", key="frontier_paths", bind=ui.URL, help="the mean (KL, reward) at each evaluation"
@@ -37,10 +34,7 @@ if not exact:
         "`kl/k*_monitor` estimators)."
     )
 
-cols = tuple(
-    dict.fromkeys([x, y, "optimal/kl", "optimal/reward", "optimal/objective", "objective/exact", "kl/exact_to_optimal"])
-)
-final, issues = data.final(ctx.root, ctx.study, cols, ctx.sig)
+final, issues = data.final(ctx.root, ctx.study, defaults.frontier_columns(x, y), ctx.sig)
 ui.show_issues(issues)
 final = final.drop_duplicates("run_id")
 tasks = sorted(final["task_label"].dropna().unique())

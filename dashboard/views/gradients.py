@@ -3,7 +3,7 @@
 import numpy as np
 import pandas as pd
 import streamlit as st
-from board import charts, colours, data, stats, ui
+from board import charts, colours, data, defaults, stats, ui
 
 STATS = {  # statistic -> (in-training metric, probe column, log scale by default)
     "SNR  ||E g||^2 / tr Cov(g)": ("grad/snr", "snr", True),
@@ -107,9 +107,7 @@ else:
     st.info(f"No run logged `{metric}`.")
 
 st.subheader("Over training")
-over = [n for n in grad_metrics if n.startswith("grad/cos_")] + [
-    n for n in grad_metrics if not n.startswith("grad/cos_")
-]
+over = defaults.gradient_measurements(names)
 if not over:
     st.info("No in-training gradient probes in these runs (`probe_every` = 0).")
     st.stop()
