@@ -351,7 +351,7 @@ def test_report_of_a_study_file_uses_the_name_inside_it(tmp_path, capsys, monkey
     path = study(tmp_path, GOOD, "file_stem_differs.toml")
     asked = []
 
-    def fake_build_report(name, root, out, command=None):
+    def fake_build_report(name, root, out, command=None, pdf=True):
         asked.append(name)
         out = Path(out or root / "reports" / name)
         out.mkdir(parents=True)

@@ -51,12 +51,10 @@ def prewarm() -> None:
     chart paid for importing altair and its dependencies (about 1 s of a 2-core machine) and for altair's
     first validation against the Vega-Lite schema (0.1-0.2 s) before it drew.
     """
-    import importlib
 
     def work():
-        for name in ("board.stats", "board.colours"):
-            importlib.import_module(name)
-        charts = importlib.import_module("board.charts")
+        from . import charts, stats  # noqa: F401 - imported for the pages: altair, its schema, numpy's paths
+
         tiny = pd.DataFrame({"step": [0, 1], "line": "a", "mean": 0.0, "lo": 0.0, "hi": 0.0, "n": 1})
         charts.lines(tiny, "step", "y").to_dict()  # altair's first chart loads and compiles the Vega-Lite schema
 
