@@ -77,18 +77,18 @@ def prewarm_study(root: Path, study: str, sig: tuple) -> None:
         names = data.metric_names(root, study, sig)
         if not names:
             return
-        data.final(root, study, (defaults.CONVERGENCE_DIST,), sig)
+        one = runs.drop_duplicates("run_id")  # in the sidebar's order: the page opened next is read first
+        shown = tuple(sorted(set(picked(one, default_picks(one))["run_id"])))
+        data.metrics(root, study, (defaults.compare_metric(names),), sig, shown)
         xs, ys, x, y = defaults.frontier_axes(names)
         if xs and ys:
             data.final(root, study, defaults.frontier_columns(xs[x], ys[y]), sig)
-        data.credit(root, study, sig)
         data.probes(root, "gradients", study, sig)
-        one = runs.drop_duplicates("run_id")
-        shown = tuple(sorted(set(picked(one, default_picks(one))["run_id"])))
-        data.metrics(root, study, (defaults.compare_metric(names),), sig, shown)
         over = defaults.gradient_measurements(names)
         if over:
             data.metrics(root, study, (over[0],), sig, shown)
+        data.credit(root, study, sig)
+        data.final(root, study, (defaults.CONVERGENCE_DIST,), sig)
 
     _start(work, "workbench-prewarm-study")
 
