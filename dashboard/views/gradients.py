@@ -30,9 +30,9 @@ st.caption(
 )
 
 names = data.metric_names(ctx.root, ctx.study, ctx.sig)
-grad_metrics = [n for n in names if n.startswith("grad/") and n != "grad/norm"]
+over = defaults.gradient_measurements(names)  # the grad/* metrics over training but grad/norm, cosines first
 probe, probe_issues = data.probes(ctx.root, "gradients", ctx.study, ctx.sig)
-if not grad_metrics and not len(probe):
+if not over and not len(probe):
     ui.no_data(f"No gradient measurements in the runs of study {ctx.study} (only `grad/norm`, the update's norm).", HOW)
     st.stop()
 runs = ctx.runs().drop_duplicates("run_id")
@@ -107,7 +107,6 @@ else:
     st.info(f"No run logged `{metric}`.")
 
 st.subheader("Over training")
-over = defaults.gradient_measurements(names)
 if not over:
     st.info("No in-training gradient probes in these runs (`probe_every` = 0).")
     st.stop()

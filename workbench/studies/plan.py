@@ -466,15 +466,12 @@ def _span_lines(cfg: StudyConfig) -> list[str]:
             if label is None:
                 continue
             entry = next(a for a in cfg.algorithms if (a.label or a.name) == label)
-            tasks = [
-                t.label or t.name
-                for t in _tasks_of(cfg, entry)
-                if where.get("task", t.label or t.name) == (t.label or t.name)
-            ]
+            own = [t.label or t.name for t in cfg.tasks if _runs_on(entry, t)]
+            tasks = [lab for lab in own if where.get("task", lab) == lab]
             if not tasks:
                 lines.append(
                     f"verdicts[{i}].{side}: {label!r} does not run on task {where.get('task')!r} (its tasks: "
-                    f"{', '.join(t.label or t.name for t in _tasks_of(cfg, entry))}): the rule would have no runs"
+                    f"{', '.join(own)}): the rule would have no runs"
                 )
                 continue
             points = _side_points(cfg, entry, where)
@@ -487,9 +484,9 @@ def _span_lines(cfg: StudyConfig) -> list[str]:
     return lines
 
 
-def _tasks_of(cfg: StudyConfig, algo) -> list:
-    """The study's task entries that the algorithm entry ``algo`` runs on (its ``tasks``, else all)."""
-    return [t for t in cfg.tasks if algo.tasks is None or (t.label or t.name) in algo.tasks]
+def _runs_on(algo: AlgorithmEntry, task) -> bool:
+    """Whether the algorithm entry runs on the task entry: its ``tasks`` names the task's label, or is unset."""
+    return algo.tasks is None or (task.label or task.name) in algo.tasks
 
 
 def _confound_lines(cfg: StudyConfig) -> list[str]:
@@ -629,7 +626,7 @@ def expand(study: Study, device: str = "auto") -> list[PlannedRun]:
     seen: dict[str, str] = {}
     for t_i, task in enumerate(cfg.tasks):
         for a_i, algo in enumerate(cfg.algorithms):
-            if algo.tasks is not None and (task.label or task.name) not in algo.tasks:
+            if not _runs_on(algo, task):
                 continue
             spec = ALGORITHMS[algo.name]
             params = dict(algo.model_extra or {})
