@@ -401,6 +401,12 @@ def test_a_finished_study_is_read_in_the_background_and_its_pages_open_from_the_
 
     import workbench.results as store
 
+    def join_prewarm():
+        for t in threading.enumerate():
+            if t.name == "workbench-prewarm-study":
+                t.join(timeout=120)
+
+    join_prewarm()  # an earlier test's background reads must not land in this test's count or caches
     reads = []
     for name in ("load_metrics", "load_final"):
         real = getattr(store, name)
@@ -408,9 +414,7 @@ def test_a_finished_study_is_read_in_the_background_and_its_pages_open_from_the_
     st.cache_data.clear()
     st.cache_resource.clear()
     at = app(results, None, monkeypatch)
-    for t in threading.enumerate():
-        if t.name == "workbench-prewarm-study":
-            t.join(timeout=120)
+    join_prewarm()
     warmed = list(reads)
     assert warmed.count("load_metrics") == 2 and warmed.count("load_final") == 2, warmed  # both metrics, both finals
     for page in ("compare", "frontier", "gradients", "convergence"):
