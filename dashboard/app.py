@@ -41,4 +41,5 @@ if ctx is None:
     ui.empty_store(ui.data.results())
     st.stop()
 st.session_state["ctx"] = ctx
+ui.preload_frontend()
 nav.run()

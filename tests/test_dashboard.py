@@ -349,6 +349,34 @@ def test_smoothing_log_scales_and_the_heatmap_colour_top():
     assert b.stats.colour_top([0.3, 0.2, 0.1]) == (0.3, 0)
 
 
+def test_the_browser_warm_up_chart_is_the_compare_chart_drawn_small():
+    """The browser draws ``warm_up_chart.json`` off screen to compile Vega's code before the first real chart
+    (``ui.preload_frontend``); it must stay the spec ``charts.lines`` makes (with its hover layers), or it warms
+    code paths the pages no longer use. Regenerate: ``json.dump(charts.warm_up_spec(), f, sort_keys=True,
+    separators=(",", ":"))``."""
+    import importlib
+
+    import streamlit as st
+
+    b = board()
+    ui = importlib.import_module("board.ui")
+    text = (ROOT / "dashboard" / "board" / "warm_up_chart.json").read_text()
+    spec = json.loads(text)
+    assert spec == json.loads(json.dumps(b.charts.warm_up_spec()))
+    assert [layer["mark"]["type"] for layer in spec["layer"]] == ["area", "line", "rule", "point"]
+    near = spec["params"][0]
+    assert near["select"]["nearest"] and spec["layer"][3]["transform"] == [
+        {"filter": {"param": near["name"], "empty": False}}
+    ]
+    assert spec["usermeta"] == b.charts.SVG  # drawn as the pages draw (SVG)
+    # the page script carries the spec as written and names only files this Streamlit has
+    html = ui._preload_html()
+    files = json.loads(re.search(r"files = (\[.*?\])", html).group(1))
+    js = Path(st.__file__).parent / "static" / "static" / "js"
+    assert files and all((js / f).exists() for f in files)
+    assert text in html
+
+
 # -- every page ----------------------------------------------------------------------------------
 
 
@@ -910,6 +938,7 @@ def chromium() -> str:
 
 
 def test_browser_every_page(chromium, server, results, tmp_path):
+    import streamlit as st
     from playwright.sync_api import expect, sync_playwright
 
     url, port = server
@@ -923,7 +952,8 @@ def test_browser_every_page(chromium, server, results, tmp_path):
     shots = screenshots("every_page")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})  # tall: Streamlit scrolls an inner container
+        # tall: Streamlit scrolls an inner container
+        page = browser.new_page(viewport={"width": 1400, "height": 2200}, accept_downloads=True)
         page.set_default_timeout(30_000)
         page.goto(url)
 
@@ -960,6 +990,28 @@ def test_browser_every_page(chromium, server, results, tmp_path):
         expect(page.get_by_text("kl/exact at the last logged step")).to_be_visible()
         expect(page.locator("canvas, svg").first).to_be_visible()
         shoot("compare")
+        # the frontend warm-up (ui.preload_frontend) ran once in this tab, drew its chart off screen, left nothing
+        page.wait_for_function("typeof window.__workbenchPreloaded === 'number'", timeout=60_000)
+        if list((Path(st.__file__).parent / "static" / "static" / "js").glob("loadVegaEmbed.*.js")):
+            assert page.evaluate("window.__workbenchWarmMarks") > 0
+        assert page.locator("div[style*='-10000px']").count() == 0
+        # hover: no dot until the pointer is over the chart, then one per line at the nearest step
+        dots = ".mark-symbol.role-mark > path"
+        assert drawn(page, dots) == [0]
+        n_lines = int(re.search(r"runs, (\d+) lines", page.locator('[data-testid="stMain"]').inner_text()).group(1))
+        box = page.locator('[data-testid="stVegaLiteChart"] svg').first.bounding_box()
+        page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] * 0.3)
+        page.wait_for_function(f"() => ({DRAWN_JS})({json.dumps(dots)})[0] > 0")
+        assert 1 <= drawn(page, dots)[0] <= n_lines
+        page.mouse.move(0, 0)
+        # the CSV is made when the button is clicked (a deferred download): the data shown, as logged
+        with page.expect_download() as download:
+            page.get_by_role("button", name="Download the data shown (CSV)").click()
+        csv = pd.read_csv(download.value.path())
+        assert (
+            list(csv.columns[:6]) == ["line", "step", "samples", "mean", "lo", "hi"]
+            and csv["line"].nunique() == n_lines
+        )
 
         go("Frontier")
         expect(page.get_by_text("The exact frontier")).to_be_visible()

@@ -123,15 +123,31 @@ def _hover(df: pd.DataFrame, x: str, X: alt.X, log_y: bool) -> list:
     )
     dots = (
         alt.Chart(df)
-        .mark_point(filled=True, size=36)
-        .encode(
-            x=X,
-            y=alt.Y("mean:Q", scale=_scale(log_y)),
-            color=algo_colour(df["algorithm"], legend=False),
-            opacity=alt.condition(near, alt.value(1), alt.value(0)),
-        )
+        .mark_point(filled=True, size=36, opacity=1)
+        .encode(x=X, y=alt.Y("mean:Q", scale=_scale(log_y)), color=algo_colour(df["algorithm"], legend=False))
+        .transform_filter(near)
     )
     return [rule, dots]
+
+
+def warm_up_spec() -> dict:
+    """The Vega-Lite spec (data inline) of a tiny chart drawn like Compare's: lines, bands, the hover rule and
+    dots. The browser draws it off screen once per tab while idle (``ui.preload_frontend``) so that the first
+    chart a researcher opens is not the one that pays for compiling Vega's code (~0.5 s of a 2-core machine).
+    Kept in ``warm_up_chart.json`` beside this module (the dashboard's first page should not wait for altair);
+    a test checks the file is this spec."""
+    steps = [0, 1, 2, 3]
+    tiny = pd.DataFrame(
+        [
+            {"step": s, "line": f"{a} beta={b}", "algorithm": a, "variant": f"beta={b}", "mean": m, "lo": m - 0.1,
+             "hi": m + 0.1, "n": 3}
+            for a, b, k in (("sft", 0.1, 1.0), ("ppo", 0.1, 0.5), ("ppo", 0.3, 0.2))
+            for s in steps
+            for m in [k * (1 - 0.5**s)]
+        ]
+    )  # fmt: skip
+    chart = lines(tiny, "step", "reward/exact (nats)", x_title="step (update rounds)")
+    return chart.properties(usermeta=SVG).to_dict()  # as ``draw`` gives it to Streamlit, the data inline
 
 
 def small_multiples(long: pd.DataFrame, x: str, algo: str, columns: int = 3, height: int = 220) -> alt.ConcatChart:

@@ -61,6 +61,76 @@ def prewarm() -> None:
     _start(work, "workbench-prewarm")
 
 
+# Streamlit's frontend fetches and compiles the code of most elements (charts, multiselects, sliders, tables,
+# download buttons) the first time a page shows one, and Vega compiles its own code on the first chart: on a 2-core
+# machine that put the first page with a chart ~1 s behind its second visit. These are the chunks the pages use
+# (Streamlit's names; the hash after the dot varies by version). ``loadVegaEmbed`` exports the one function that
+# returns Vega-Embed and the expression interpreter Streamlit draws with.
+FRONTEND_CHUNKS = (
+    "ArrowVegaLiteChart", "loadVegaEmbed", "embed", "vega-interpreter", "Multiselect", "Slider", "Radio", "Checkbox",
+    "Selectbox", "DownloadButton", "DataFrame", "Table", "StreamlitSyntaxHighlighter", "Metric",
+)  # fmt: skip
+PRELOAD_JS = """<script>(() => {
+  if (window.__workbenchPreloaded) return;
+  window.__workbenchPreloaded = true;
+  const entry = document.querySelector('script[type="module"][src*="static/js/index."]');
+  if (!entry) return;
+  const base = new URL(".", entry.src).href, files = __FILES__, spec = __SPEC__;
+  const warm = async () => {
+    const mods = await Promise.all(files.map((f) => import(base + f).catch(() => null)));
+    const vega = mods[files.findIndex((f) => f.startsWith("loadVegaEmbed."))];
+    const load = vega && Object.values(vega).find((f) => typeof f === "function");
+    if (!load || !spec) return;
+    const {embed, expressionInterpreter} = await load();
+    const box = document.createElement("div");
+    box.style.cssText = "position:absolute;left:-10000px;top:0;width:800px;visibility:hidden";
+    document.body.appendChild(box);
+    try {
+      const opts = {renderer: "svg", actions: false, ast: true, expr: expressionInterpreter};
+      const view = await embed(box, spec, opts);
+      window.__workbenchWarmMarks = box.querySelectorAll(".role-mark > *").length;
+      view.finalize();
+    } finally {
+      box.remove();
+    }
+  };
+  const done = () => { window.__workbenchPreloaded = performance.now(); };
+  const idle = window.requestIdleCallback || ((f) => setTimeout(f, 300));
+  const running = '[data-testid="stApp"][data-test-script-state="running"]';
+  const start = () => {  // after the page's own script run, when the browser has nothing else to do
+    if (document.querySelector(running)) return setTimeout(start, 200);
+    idle(() => warm().catch(() => null).then(done), {timeout: 3000});
+  };
+  setTimeout(start, 200);
+})();</script>"""
+WARM_UP_CHART = Path(__file__).with_name("warm_up_chart.json")
+
+
+@st.cache_resource(show_spinner=False)
+def _preload_html() -> str | None:
+    import json
+
+    js = Path(st.__file__).parent / "static" / "static" / "js"
+    found = [sorted(js.glob(f"{name}.*.js")) for name in FRONTEND_CHUNKS]
+    files = [f[0].name for f in found if len(f) == 1]
+    if not files:
+        return None
+    spec = WARM_UP_CHART.read_text() if WARM_UP_CHART.exists() else "null"
+    return PRELOAD_JS.replace("__FILES__", json.dumps(files)).replace("__SPEC__", spec)
+
+
+def preload_frontend() -> None:
+    """Have the browser, once per tab and when it is idle, load the frontend code the pages use and draw one
+    small chart off screen (``charts.warm_up_spec``), so that a page's first visit waits for its data, not for
+    Streamlit's lazily loaded element code or Vega's first compile. Nothing is shown; a failure costs only time."""
+    if st.session_state.get("_frontend_preloaded"):
+        return  # sent with a session's first script run only (a reload starts a new session)
+    st.session_state["_frontend_preloaded"] = True
+    html = _preload_html()
+    if html:
+        st.sidebar.html(html, unsafe_allow_javascript=True)
+
+
 @st.cache_resource(show_spinner=False, max_entries=8)
 def prewarm_study(root: Path, study: str, sig: tuple) -> None:
     """Read what each page of a finished study opens with, in a background thread, once per study and index

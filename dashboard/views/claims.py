@@ -70,7 +70,7 @@ st.table(overview.set_index("claim"))  # a static table wraps the statements (a 
 if len(verdicts):
     st.download_button(
         "Download all verdicts (CSV)",
-        verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
+        lambda verdicts=verdicts: verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
         file_name="verdicts.csv",
         mime="text/csv",
         key="claims_download_csv",
@@ -94,7 +94,7 @@ if len(report) and Path(report.iloc[0]).exists():
     )
     st.download_button(
         f"Download the report ({path.name})",
-        path.read_bytes(),
+        path.read_bytes,  # read when clicked: a PDF is not sent with every visit
         file_name=f"{ctx.study}_{path.name}",
         mime=mime,
         key="claims_download_report",

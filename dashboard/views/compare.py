@@ -118,7 +118,7 @@ st.dataframe(
 )
 st.download_button(
     "Download the data shown (CSV)",
-    curve.to_csv(index=False).encode(),
+    lambda shown=curve: shown.to_csv(index=False).encode(),  # made when clicked, not on every run
     key="compare_download",
     file_name=f"{ctx.study}_{metric.replace('/', '_')}.csv",
     mime="text/csv",

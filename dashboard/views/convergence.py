@@ -166,7 +166,7 @@ st.dataframe(
 )
 st.download_button(
     "Download the pairs (CSV)",
-    pairs.drop(columns=[c for c in pairs if c.startswith("grid")]).to_csv(index=False).encode(),
+    lambda pairs=pairs: pairs.drop(columns=[c for c in pairs if c.startswith("grid")]).to_csv(index=False).encode(),
     file_name=f"{ctx.study}_convergence.csv",
     mime="text/csv",
     key="conv_download",
