@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -319,6 +320,9 @@ def measure(results: Path, page: str, warm_store: Path) -> dict:
     st.cache_data.clear()
     st.cache_resource.clear()
     cold, errors = render(results, page)
+    for thread in threading.enumerate():  # the study's background reads (ui.prewarm_study) started after it
+        if thread.name.startswith("workbench-prewarm"):
+            thread.join(timeout=120)
     warm, _ = render(results, page)  # a new session: Streamlit's caches now hold this store
     return {"page": page, "first_s": cold, "again_s": warm, "errors": errors}
 

@@ -42,4 +42,7 @@ if ctx is None:
     st.stop()
 st.session_state["ctx"] = ctx
 ui.preload_frontend()
-nav.run()
+try:
+    nav.run()
+finally:
+    ui.run_over()  # the background reads of the study start now (ui.prewarm_study)
