@@ -974,6 +974,12 @@ def test_browser_every_page(chromium, server, results, tmp_path):
 
         heading("Studies")
         expect(page.get_by_text("Study dash")).to_be_visible()
+        # the frontend warm-up (ui.preload_frontend): once the page (no chart) is at rest, Streamlit's element code
+        # loaded and one chart drawn off screen, then removed
+        page.wait_for_function("typeof window.__workbenchPreloaded === 'number'", timeout=60_000)
+        if list((Path(st.__file__).parent / "static" / "static" / "js").glob("loadVegaEmbed.*.js")):
+            assert page.evaluate("window.__workbenchWarmMarks") > 0
+        assert page.locator("div[style*='-10000px']").count() == 0
         expect(combo("Study")).to_have_value(STUDY)  # the sidebar's selectbox is a combobox
         expect(page.get_by_text("160 completions per run")).to_be_visible()
         combo("Run").click()
@@ -990,11 +996,6 @@ def test_browser_every_page(chromium, server, results, tmp_path):
         expect(page.get_by_text("kl/exact at the last logged step")).to_be_visible()
         expect(page.locator("canvas, svg").first).to_be_visible()
         shoot("compare")
-        # the frontend warm-up (ui.preload_frontend) ran once in this tab, drew its chart off screen, left nothing
-        page.wait_for_function("typeof window.__workbenchPreloaded === 'number'", timeout=60_000)
-        if list((Path(st.__file__).parent / "static" / "static" / "js").glob("loadVegaEmbed.*.js")):
-            assert page.evaluate("window.__workbenchWarmMarks") > 0
-        assert page.locator("div[style*='-10000px']").count() == 0
         # hover: no dot until the pointer is over the chart, then one per line at the nearest step
         dots = ".mark-symbol.role-mark > path"
         assert drawn(page, dots) == [0]

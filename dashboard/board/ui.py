@@ -73,13 +73,16 @@ PRELOAD_JS = """<script>(() => {
   if (window.__workbenchPreloaded) return;
   window.__workbenchPreloaded = true;
   const entry = document.querySelector('script[type="module"][src*="static/js/index."]');
-  if (!entry) return;
+  const app = document.querySelector('[data-testid="stApp"]');
+  if (!entry || !app) return;
   const base = new URL(".", entry.src).href, files = __FILES__, spec = __SPEC__;
-  const warm = async () => {
+  const times = window.__workbenchWarmTimes = {};
+  const warm = async (chart) => {
     const mods = await Promise.all(files.map((f) => import(base + f).catch(() => null)));
+    times.loaded = performance.now();
     const vega = mods[files.findIndex((f) => f.startsWith("loadVegaEmbed."))];
     const load = vega && Object.values(vega).find((f) => typeof f === "function");
-    if (!load || !spec) return;
+    if (chart || !load || !spec) return;  // a chart on the page has already compiled Vega's code
     const {embed, expressionInterpreter} = await load();
     const box = document.createElement("div");
     box.style.cssText = "position:absolute;left:-10000px;top:0;width:800px;visibility:hidden";
@@ -93,14 +96,19 @@ PRELOAD_JS = """<script>(() => {
       box.remove();
     }
   };
-  const done = () => { window.__workbenchPreloaded = performance.now(); };
-  const idle = window.requestIdleCallback || ((f) => setTimeout(f, 300));
+  // start once the page is at rest (its script run over, nothing changed for 1 s): never beside its own drawing
+  let changed = performance.now();
+  const watch = new MutationObserver(() => { changed = performance.now(); });
+  watch.observe(app, {subtree: true, childList: true, attributes: true, characterData: true});
   const running = '[data-testid="stApp"][data-test-script-state="running"]';
-  const start = () => {  // after the page's own script run, when the browser has nothing else to do
-    if (document.querySelector(running)) return setTimeout(start, 200);
-    idle(() => warm().catch(() => null).then(done), {timeout: 3000});
-  };
-  setTimeout(start, 200);
+  const poll = setInterval(() => {
+    if (document.querySelector(running) || performance.now() - changed < 1000) return;
+    clearInterval(poll);
+    watch.disconnect();
+    times.rest = performance.now();
+    const chart = !!app.querySelector('[data-testid="stVegaLiteChart"]');
+    warm(chart).catch(() => null).then(() => { window.__workbenchPreloaded = times.done = performance.now(); });
+  }, 250);
 })();</script>"""
 WARM_UP_CHART = Path(__file__).with_name("warm_up_chart.json")
 
@@ -119,9 +127,10 @@ def _preload_html() -> str | None:
 
 
 def preload_frontend() -> None:
-    """Have the browser, once per tab and when it is idle, load the frontend code the pages use and draw one
-    small chart off screen (``charts.warm_up_spec``), so that a page's first visit waits for its data, not for
-    Streamlit's lazily loaded element code or Vega's first compile. Nothing is shown; a failure costs only time."""
+    """Have the browser, once per tab and once the page is at rest, load the frontend code the pages use and,
+    where the page drew no chart, draw one small chart off screen (``charts.warm_up_spec``), so that a page's
+    first visit waits for its data, not for Streamlit's lazily loaded element code or Vega's first compile.
+    Nothing is shown; a failure costs only time."""
     if st.session_state.get("_frontend_preloaded"):
         return  # sent with a session's first script run only (a reload starts a new session)
     st.session_state["_frontend_preloaded"] = True
