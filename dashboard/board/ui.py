@@ -76,10 +76,8 @@ PRELOAD_JS = """<script>(() => {
   const app = document.querySelector('[data-testid="stApp"]');
   if (!entry || !app) return;
   const base = new URL(".", entry.src).href, files = __FILES__, spec = __SPEC__;
-  const times = window.__workbenchWarmTimes = {};
   const warm = async (chart) => {
     const mods = await Promise.all(files.map((f) => import(base + f).catch(() => null)));
-    times.loaded = performance.now();
     const vega = mods[files.findIndex((f) => f.startsWith("loadVegaEmbed."))];
     const load = vega && Object.values(vega).find((f) => typeof f === "function");
     if (chart || !load || !spec) return;  // a chart on the page has already compiled Vega's code
@@ -105,9 +103,8 @@ PRELOAD_JS = """<script>(() => {
     if (document.querySelector(running) || performance.now() - changed < 1000) return;
     clearInterval(poll);
     watch.disconnect();
-    times.rest = performance.now();
     const chart = !!app.querySelector('[data-testid="stVegaLiteChart"]');
-    warm(chart).catch(() => null).then(() => { window.__workbenchPreloaded = times.done = performance.now(); });
+    warm(chart).catch(() => null).then(() => { window.__workbenchPreloaded = performance.now(); });
   }, 250);
 })();</script>"""
 WARM_UP_CHART = Path(__file__).with_name("warm_up_chart.json")
@@ -374,6 +371,12 @@ def smoothing(prefix: str, container=None) -> float:
 def varying(runs: pd.DataFrame) -> list[str]:
     """Grid keys with more than one value among ``runs``."""
     return [k for k in grid_keys(runs) if len(grid_values(runs, k)) > 1]
+
+
+def csv_of(frame: pd.DataFrame):
+    """A download button's data: ``frame`` as CSV, made when the button is clicked (Streamlit's deferred
+    download), not with every script run."""
+    return lambda: frame.to_csv(index=False).encode()
 
 
 def no_data(message: str, how: str | None = None) -> None:

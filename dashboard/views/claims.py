@@ -70,7 +70,7 @@ st.table(overview.set_index("claim"))  # a static table wraps the statements (a 
 if len(verdicts):
     st.download_button(
         "Download all verdicts (CSV)",
-        lambda verdicts=verdicts: verdicts.drop(columns=["path", "rules"]).to_csv(index=False).encode(),
+        ui.csv_of(verdicts.drop(columns=["path", "rules"])),
         file_name="verdicts.csv",
         mime="text/csv",
         key="claims_download_csv",

@@ -118,7 +118,7 @@ st.dataframe(
 )
 st.download_button(
     "Download the data shown (CSV)",
-    lambda shown=curve: shown.to_csv(index=False).encode(),  # made when clicked, not on every run
+    ui.csv_of(curve),
     key="compare_download",
     file_name=f"{ctx.study}_{metric.replace('/', '_')}.csv",
     mime="text/csv",

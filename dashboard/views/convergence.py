@@ -166,7 +166,7 @@ st.dataframe(
 )
 st.download_button(
     "Download the pairs (CSV)",
-    lambda pairs=pairs: pairs.drop(columns=[c for c in pairs if c.startswith("grid")]).to_csv(index=False).encode(),
+    ui.csv_of(pairs.drop(columns=[c for c in pairs if c.startswith("grid")])),
     file_name=f"{ctx.study}_convergence.csv",
     mime="text/csv",
     key="conv_download",

@@ -149,7 +149,7 @@ st.dataframe(
 )
 st.download_button(
     "Download (CSV)",
-    lambda show=show: show.to_csv(index=False).encode(),  # made when clicked, not on every run
+    ui.csv_of(show),
     file_name=f"{ctx.study}_frontier.csv",
     mime="text/csv",
     key="frontier_download",
