@@ -21,9 +21,9 @@ import json
 import os
 import sys
 import tempfile
+import tomllib
 from pathlib import Path
 
-import tomllib
 from study_timing import ROOT, timed_run  # benchmarks/study_timing.py, beside this file
 
 

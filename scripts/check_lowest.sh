@@ -14,7 +14,7 @@ PY=${PYTHON:-python3}
 [ -x "$venv/bin/python" ] || "$PY" -m venv "$venv"
 # pandas 2.0.0 and scipy 1.11.1 have wheels up to Python 3.11 only (3.12 would build them from source)
 "$venv/bin/python" -c "import sys; sys.exit(sys.version_info[:2] > (3, 11))" \
-  || { echo "check_lowest.sh: $venv has Python > 3.11; the lowest pins need 3.10 or 3.11 (set PYTHON, remove $venv)" >&2; exit 2; }
+  || { echo "check_lowest.sh: $venv has Python > 3.11; the lowest pins and the project need 3.11 (set PYTHON, remove $venv)" >&2; exit 2; }
 pip="$venv/bin/python -m pip"
 quiet() { grep -v "is ignored" || true; }  # this machine's pip config names local indexes that lack most packages
 

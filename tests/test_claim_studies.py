@@ -10,10 +10,10 @@ can test.
 import json
 import math
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from workbench.reporting.report import build_report
 from workbench.studies import load_study, run_study

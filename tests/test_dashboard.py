@@ -865,6 +865,28 @@ def _serve(results: Path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+def test_workbench_dashboard_passes_the_repository_settings_and_watches_no_files():
+    """``workbench dashboard`` starts Streamlit with every setting of ``.streamlit/config.toml`` as a flag (that file
+    is read only from the repository root), among them no file watching and no garbage collection after each run
+    (each held the messages of the page being drawn on 2 cores: docs/dashboard.md). The browser tests start the
+    server this way, so Streamlit accepting the flags is tested there."""
+    import tomllib
+
+    from workbench.cli import DASHBOARD_CONFIG, dashboard_command
+
+    cmd = dashboard_command(APP, 8765)
+    flags = dict(zip(cmd[5::2], cmd[6::2]))
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", str(APP)] and flags.pop("--server.port") == "8765"
+    settings = tomllib.loads(DASHBOARD_CONFIG.read_text())
+    assert flags == {
+        f"--{section}.{key}": str(v).lower() if isinstance(v, bool) else str(v)
+        for section, values in settings.items()
+        for key, v in values.items()
+    }
+    assert flags["--server.fileWatcherType"] == "none" and flags["--runner.postScriptGC"] == "false"
+    assert flags["--server.address"] == "127.0.0.1" and flags["--browser.gatherUsageStats"] == "false"
+
+
 def screenshots(name: str) -> Path:
     """Where a browser test keeps its screenshots: ``$WORKBENCH_SCREENSHOTS/NAME``, else ``test-artifacts/dashboard/
     NAME`` in the repository (ignored by git; kept after the run for CI to collect)."""

@@ -7,10 +7,10 @@ command line, with the inline executor, to show that it runs, registers and repo
 
 import json
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from workbench.cli import main
 from workbench.config import ConfigError

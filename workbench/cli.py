@@ -390,33 +390,31 @@ def cmd_probe(args) -> int:
     return 0
 
 
+DASHBOARD_CONFIG = Path(__file__).resolve().parent.parent / ".streamlit" / "config.toml"
+
+
+def dashboard_command(app: Path, port: int) -> list[str]:
+    """``streamlit run APP`` with every setting of the repository's ``.streamlit/config.toml`` as a flag (Streamlit
+    reads that file only when started from the repository root) and the port."""
+    import tomllib
+
+    flags = []
+    for section, settings in tomllib.loads(DASHBOARD_CONFIG.read_text()).items():
+        for key, value in settings.items():
+            flags += [f"--{section}.{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return [sys.executable, "-m", "streamlit", "run", str(app), *flags, "--server.port", str(port)]
+
+
 def cmd_dashboard(args) -> int:
-    """``streamlit run dashboard/app.py`` on 127.0.0.1 only, usage statistics off; this process becomes the server."""
+    """``streamlit run dashboard/app.py`` on 127.0.0.1 only, usage statistics off, no file watching
+    (``.streamlit/config.toml``); this process becomes the server."""
     from .results import results_dir  # per command: importing every layer doubles start-up
 
     app = Path(__file__).resolve().parent.parent / "dashboard" / "app.py"
     if not app.exists():
         raise ConfigError(f"no dashboard at {app}: it lives in the repository (dashboard/), run from a checkout")
     results = results_dir(args.results).resolve()
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(app),
-        "--server.address",
-        "127.0.0.1",
-        "--server.port",
-        str(args.port),
-        "--server.headless",
-        "true",
-        "--browser.gatherUsageStats",
-        "false",
-        "--browser.serverAddress",
-        "127.0.0.1",
-        "--client.toolbarMode",
-        "minimal",
-    ]
+    cmd = dashboard_command(app, args.port)
     print(f"workbench dashboard: http://127.0.0.1:{args.port} (results: {results})", flush=True)
     os.execve(sys.executable, cmd, {**os.environ, "WORKBENCH_RESULTS": str(results)})
 

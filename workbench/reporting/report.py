@@ -542,7 +542,7 @@ def _year(final: pd.DataFrame) -> int:
         else pd.Series([], dtype=float)
     )
     ts = t.max() if len(t) else 0
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).year if ts else datetime.date.today().year
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).year if ts else datetime.date.today().year
 
 
 def _verdict_rows(verdicts: dict, rule_results: list[dict], level: float) -> pd.DataFrame:

@@ -26,12 +26,12 @@ import copy
 import itertools
 import os
 import re
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from pydantic import BaseModel, ValidationError
 
 from ..config import ConfigError, Resolved, RunConfig, resolve
