@@ -39,8 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 
 INDEX = "index.sqlite"
 FINISHED = ("done", "diverged")  # a run in one of these is never run again

@@ -10,6 +10,7 @@ index is set aside and rebuilt first (``workbench.results.index.ensure_index``).
 
 from __future__ import annotations
 
+import datetime
 import json
 import sqlite3
 import time
@@ -17,12 +18,11 @@ import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .files import FINISHED, INDEX, POLICY, _metrics_frame, _read_jsonl, read_progress, read_status, results_dir
 from .index import STATUSES, _connect_reader, _ensure_index_warn, is_stale
-import numpy as np
-import datetime
 
 
 class LoadWarning(UserWarning):
@@ -366,7 +366,7 @@ def load_verdicts(results=None) -> pd.DataFrame:
             (here(files[k]) for k in ("pdf", "html", "md", "file") if files.get(k) and (f.parent / files[k]).exists()),
             None,
         )
-        when = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+        when = datetime.datetime.fromtimestamp(f.stat().st_mtime, datetime.UTC).isoformat(timespec="seconds")
         for claim, verdict in verdicts.items():
             mine = [{**r, "figure": here(r.get("figure"))} for r in rules if r.get("claim") == claim]
             decided = next((r for r in mine if r.get("verdict") == verdict), mine[0] if mine else {})
