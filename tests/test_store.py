@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from workbench.results import (
@@ -24,7 +25,8 @@ from workbench.results import (
 from workbench.studies.executors import InlineExecutor, LocalProcessExecutor, WorkerDied, WorkerError
 
 
-def add_run(store: Store, run_id="r1", study="s"):
+def add_run(store: Store, run_id="r1", study="s", *more: str):
+    """Register ``study`` with the run ``run_id`` (and the runs ``more``): one SFT seed on the bandit each."""
     store.register_study(
         study,
         f"{study}.toml",
@@ -33,7 +35,7 @@ def add_run(store: Store, run_id="r1", study="s"):
         "h",
         [
             {
-                "run_id": run_id,
+                "run_id": rid,
                 "task": "bandit",
                 "algo": "sft",
                 "seed": 0,
@@ -43,7 +45,8 @@ def add_run(store: Store, run_id="r1", study="s"):
                 "task_label": "bandit",
                 "algo_label": "sft",
                 "grid": {},
-            },
+            }
+            for rid in (run_id, *more)
         ],
     )
 
@@ -216,3 +219,55 @@ def test_register_study_writes_its_plan_and_the_index_is_rebuilt_from_it(tmp_pat
     done = rebuild_index(last, legacy=refuses, unit_of=lambda algo: "pairs")
     assert done["skipped"] == ["t.toml: algorithms: required key is missing"]
     assert load_runs(last).set_index("run_id").loc["r9", "unit"] == "pairs"  # a run of no study: unit_of
+
+
+def test_credit_records_of_many_runs_read_in_one_parse_equal_the_file_by_file_read(tmp_path, monkeypatch):
+    """``load_credit`` reads every run's ``credit.jsonl`` in one pyarrow parse; the frame must be the one the file
+    by file read gives (the path it falls back to: a run writing its file, a damaged file), which still drops a
+    running run's half-written line and reports a damaged file."""
+    import json
+
+    from workbench.results import loader
+
+    store = Store(tmp_path)
+    ids = ["r1", "r2", "r3"]
+    add_run(store, "r1", "s", "r2", "r3")
+    owner = Owner.current()
+    rows = {
+        rid: [
+            {"step": s, "method": f"m{i}", "position": t, "decisive": t == 1, "method_abs": 0.5 * t + s, "corr": None}
+            for s in (0, 5)
+            for t in range(2)
+        ]
+        for i, rid in enumerate(ids)
+    }
+    for rid in ids:
+        assert store.claim(rid, owner) == "claimed"
+        d = store.run_dir(rid)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "credit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[rid]))
+    store.finish("r1", owner, "done", 5, 10)
+    store.finish("r2", owner, "done", 5, 10)  # r3 still running
+
+    used = []
+    columnar = loader._jsonl_columnar
+    monkeypatch.setattr(loader, "_jsonl_columnar", lambda files: used.append(columnar(files)) or used[-1])
+    fast = loader.load_credit(tmp_path, "s")
+    assert used[-1] is not None and fast.attrs["issues"] == []
+    assert len(fast) == 12 and list(fast.columns[:3]) == ["run_id", "step", "method"]
+    assert fast.groupby("run_id")["method"].first().to_dict() == {"r1": "m0", "r2": "m1", "r3": "m2"}
+    assert fast["corr"].isna().all() and fast["decisive"].sum() == 6
+    monkeypatch.setattr(loader, "_jsonl_columnar", lambda files: None)
+    slow = loader.load_credit(tmp_path, "s")
+    pd.testing.assert_frame_equal(fast, slow)
+
+    monkeypatch.setattr(loader, "_jsonl_columnar", lambda files: used.append(columnar(files)) or used[-1])
+    with open(store.run_dir("r3") / "credit.jsonl", "a") as f:
+        f.write('{"step": 10, "meth')  # the running run is writing its next line
+    part = loader.load_credit(tmp_path, "s")
+    assert used[-1] is None and part.attrs["issues"] == []
+    pd.testing.assert_frame_equal(part, slow)
+    (store.run_dir("r1") / "credit.jsonl").write_text('{"step": 0}\nnot json\n')  # a finished run's damaged file
+    part = loader.load_credit(tmp_path, "s")
+    assert used[-1] is None and [i["run_id"] for i in part.attrs["issues"]] == ["r1"]
+    assert sorted(set(part["run_id"])) == ["r2", "r3"] and len(part) == 8
