@@ -448,7 +448,8 @@ def load_credit(results=None, study: str | None = None, run_ids: Iterable[str] |
 
 def _jsonl_columnar(files: list[tuple[str, Path]]) -> pd.DataFrame | None:
     """Many runs' JSON-lines files in one pyarrow parse, ``run_id`` first (the runs' ids by their line counts): the
-    same frame as reading them file by file, about 5x faster (credit records of 250 runs: 0.65 s file by file).
+    same frame as reading them file by file, in less than half the time (the credit records of 250 runs x 205
+    lines: 0.25 s against 0.55 s, 2 cores).
     None where that is not sure to be the same: no file, a file without its final newline (a run writing it), a
     blank line, or anything pyarrow does not read as one row a line; the caller then reads file by file and
     reports what is wrong."""
